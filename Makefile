@@ -1,0 +1,45 @@
+# diaglab: `make lab` opens the suite, `make test` runs every test.
+# Both create .venv on first use and install everything the project needs.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# CPU build by default (small, installs from a local wheel where one exists).
+# GPU users: make TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128" lab
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP  := $(VENV)/.diaglab-installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export KINETO_LOG_LEVEL := 6
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: lab test test-py test-nb install bench html clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	bash scripts/install_browser.sh
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider --nbval --nbval-sanitize-with notebooks/sanitize.cfg --nbval-cell-timeout=300 notebooks
+
+bench: $(STAMP)
+	$(PY) -m diaglab.bench --preset tiny --json bench-out/cpu_tiny.json
+
+html: $(STAMP)
+	$(VENV)/bin/jupyter nbconvert --to html --execute --output-dir build/html notebooks/*.ipynb
+
+clean:
+	rm -rf $(VENV) build bench-out test-output .pytest_cache

@@ -1,0 +1,182 @@
+"""Grouped execution of one diagonal step (SPEC §4): G consecutive layers lo..hi, each
+on its own segment, run as ONE call per operation.
+
+Per-layer weights are stacked once along a leading layer axis — q|k|v fused as
+(L, Dq + 2 Dkv, d), gate|up as (L, 2F, d), down, o, both norms, W_mq, W_mk|W_mv|W_mb —
+and a step uses the slice W[lo:hi+1], a view. Every projection is then one batched
+matmul X[g] @ W[lo + g]^T (torch.bmm / baddbmm); attention folds the group into the
+batch, so each element attends only within its own segment; RoPE tables are shared
+because positions restart at 0 in every segment.
+
+The naive twin is a loop over layers calling each nn.Linear: `grouped_linear_ref`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .memory import associative_read, associative_write, dpfp
+
+
+# ---- stacked weights -------------------------------------------------------------------
+def _param_groups(model) -> dict[str, list[list[torch.Tensor]]]:
+    """name -> per layer, the parameters concatenated (along dim 0) into that stack."""
+    layers, assoc = model.base.model.layers, model.assoc
+    groups = {
+        "qkv": [[b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight] for b in layers],
+        "o": [[b.self_attn.o_proj.weight] for b in layers],
+        "gate_up": [[b.mlp.gate_proj.weight, b.mlp.up_proj.weight] for b in layers],
+        "down": [[b.mlp.down_proj.weight] for b in layers],
+        "ln1": [[b.input_layernorm.weight] for b in layers],
+        "ln2": [[b.post_attention_layernorm.weight] for b in layers],
+        "mq": [[a.W_mq.weight] for a in assoc],
+        "kvb": [[a.W_mk.weight, a.W_mv.weight, a.W_mb.weight] for a in assoc],
+        "mb_bias": [[a.W_mb.bias] for a in assoc],
+    }
+    if layers[0].self_attn.q_proj.bias is not None:
+        groups["qkv_b"] = [[b.self_attn.q_proj.bias, b.self_attn.k_proj.bias, b.self_attn.v_proj.bias]
+                           for b in layers]
+        groups["o_b"] = [[b.self_attn.o_proj.bias] for b in layers]
+    if layers[0].mlp.gate_proj.bias is not None:
+        groups["gate_up_b"] = [[b.mlp.gate_proj.bias, b.mlp.up_proj.bias] for b in layers]
+        groups["down_b"] = [[b.mlp.down_proj.bias] for b in layers]
+    for name, per_layer in groups.items():
+        shapes = {tuple(tuple(p.shape) for p in ps) for ps in per_layer}
+        if len(shapes) != 1 or any(p is None for ps in per_layer for p in ps):
+            raise ValueError(f"cannot group layers of different shapes ({name}: {sorted(shapes)}); "
+                             "the diagonal executor needs identical decoder layers — run the model sequentially")
+    return groups
+
+
+def gather_stacks(model) -> dict[str, torch.Tensor]:
+    """Stack the current parameters with torch.stack/cat: differentiable, a copy per call.
+    Used when autograd must reach the per-layer parameters (training)."""
+    return {name: torch.stack([torch.cat(ps, 0) if len(ps) > 1 else ps[0] for ps in per_layer])
+            for name, per_layer in _param_groups(model).items()}
+
+
+class TiedStacks:
+    """Stacks that OWN the layer weights: each per-layer parameter's storage is re-pointed
+    to a view of its stack, so values stay the model's own (an optimiser step or
+    load_state_dict updates both at once) and nothing is copied per call. If the model
+    is moved or cast (new storages), `is_valid` turns False and the executor re-ties."""
+
+    def __init__(self, model):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._views: list[tuple[torch.Tensor, int]] = []
+        with torch.no_grad():
+            for name, per_layer in _param_groups(model).items():
+                first = per_layer[0]
+                rows = sum(p.shape[0] for p in first)
+                stack = torch.empty((len(per_layer), rows, *first[0].shape[1:]),
+                                    dtype=first[0].dtype, device=first[0].device)
+                for l, ps in enumerate(per_layer):
+                    r = 0
+                    for p in ps:
+                        view = stack[l, r:r + p.shape[0]]
+                        view.copy_(p)
+                        p.data = view
+                        self._views.append((p, view.data_ptr()))
+                        r += p.shape[0]
+                self.tensors[name] = stack
+
+    def is_valid(self, model) -> bool:
+        return all(p.data_ptr() == ptr for p, ptr in self._views) and len(self._views) == sum(
+            len(ps) for per_layer in _param_groups(model).values() for ps in per_layer)
+
+
+# ---- grouped operations (one call for the whole group) ----------------------------------
+def grouped_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x: (G, R, in); W: (G, out, in) stacked nn.Linear weights; b: (G, out) -> (G, R, out)."""
+    if b is None:
+        return torch.bmm(x, W.transpose(1, 2))
+    return torch.baddbmm(b.unsqueeze(1), x, W.transpose(1, 2))
+
+
+def grouped_linear_ref(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """The naive twin of grouped_linear: one F.linear per layer, then stacked."""
+    return torch.stack([F.linear(x[g], W[g], None if b is None else b[g]) for g in range(x.shape[0])])
+
+
+def grouped_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: (G, B, T, d); w: (G, d). LLaMA's RMSNorm (statistics in float32) per group element."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return w[:, None, None, :] * x32.to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: x (..., T, hd) rotated by angle tables cos/sin (..., T, hd) (halves convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass(frozen=True)
+class LayerDims:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float       # RMSNorm epsilon
+    d_mem: int
+    nu: int
+    correction: bool
+
+    @classmethod
+    def of(cls, model) -> "LayerDims":
+        c = model.base.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return cls(c.num_attention_heads, c.num_key_value_heads, head_dim, c.rms_norm_eps,
+                   model.config.d_mem, model.config.nu, model.config.correction)
+
+
+def grouped_layer(W: dict[str, torch.Tensor], lo: int, hi: int, X: torch.Tensor, n_text: int,
+                  cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None,
+                  W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor,
+                  write_mask: torch.Tensor | None, dims: LayerDims):
+    """Read, decoder layer and write for the layers lo..hi at once (one diagonal step).
+
+    X: (G, B, T, d) inputs, element g = layer lo + g on its own segment; T = n_text + M.
+    cos, sin: (1 or G*B, T, hd); attn_mask: (G*B, 1, T, T) bool or None (plain causal).
+    W_mem: (G, B, dk, d); z: (G, B, dk); is_first, write_mask: (G, B) bool.
+    Returns Y (G, B, T, d) and the new W_mem, z.
+    """
+    G, B, T, d = X.shape
+    H, Hkv, hd = dims.heads, dims.kv_heads, dims.head_dim
+    w = {name: t[lo:hi + 1] for name, t in W.items()}                           # views, no copy
+    # 1. associative read into every row of the layer input (not on a layer's first segment)
+    if not bool(is_first.all()):
+        q = dpfp(grouped_linear(X.reshape(G, B * T, d), w["mq"]), dims.nu)        # (G, B*T, dk)
+        A = associative_read(q.view(G, B, T, -1), W_mem, z).to(X.dtype)           # (G, B, T, d)
+        X = X + torch.where(is_first[:, :, None, None], torch.zeros_like(A), A)
+    # 2. self-attention block (LLaMA), the group folded into the batch
+    h = grouped_rms_norm(X, w["ln1"], dims.eps).reshape(G, B * T, d)
+    qkv = grouped_linear(h, w["qkv"], w.get("qkv_b"))                             # (G, B*T, (H+2Hkv) hd)
+    q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+    q = q.reshape(G * B, T, H, hd).transpose(1, 2)                                 # (G*B, H, T, hd)
+    k = k.reshape(G * B, T, Hkv, hd).transpose(1, 2)                               # (G*B, Hkv, T, hd)
+    v = v.reshape(G * B, T, Hkv, hd).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                                  # (., 1, T, hd)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                         scale=hd ** -0.5, enable_gqa=H != Hkv)   # (G*B, H, T, hd)
+    att = att.transpose(1, 2).reshape(G, B * T, H * hd)
+    X = X + grouped_linear(att, w["o"], w.get("o_b")).view(G, B, T, d)
+    # 3. SwiGLU MLP
+    h = grouped_rms_norm(X, w["ln2"], dims.eps).reshape(G, B * T, d)
+    gate, up = grouped_linear(h, w["gate_up"], w.get("gate_up_b")).chunk(2, dim=-1)  # (G, B*T, F) each
+    X = X + grouped_linear(F.silu(gate) * up, w["down"], w.get("down_b")).view(G, B, T, d)
+    # 4. associative write from the memory rows of the output
+    m = X[:, :, n_text:].reshape(G, -1, d)                                         # (G, B*M, d)
+    kvb = grouped_linear(m, w["kvb"])                                              # (G, B*M, d_mem + d + 1)
+    k_raw, v_mem, b = kvb.split([dims.d_mem, d, 1], dim=-1)
+    M = T - n_text
+    k_feat = dpfp(k_raw, dims.nu).view(G, B, M, -1)                                # (G, B, M, dk)
+    beta = torch.sigmoid(b + w["mb_bias"][:, None, :]).view(G, B, M, 1)
+    W_mem, z = associative_write(k_feat, v_mem.view(G, B, M, d), beta, W_mem, z, is_first,
+                                 dims.correction, write_mask)
+    return X, W_mem, z

@@ -1,0 +1,66 @@
+"""Named model sizes and the offline builders that use them.
+
+`tiny` is the CPU teaching size (the benchmarks' default); `llama_1b` has the shape of
+LLaMA-3.2-1B (random init: latency needs no trained weights) with the paper's segment
+1024 + 128 memory tokens. Everything is built from configs: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .armt import ARMT, _seeded
+from .config import ARMTConfig
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(layers=8, hidden=128, heads=4, kv_heads=2, vocab=256, intermediate=344,
+                 segment_size=32, num_mem_tokens=8, d_mem=16),
+    "small": dict(layers=12, hidden=256, heads=8, kv_heads=4, vocab=512, intermediate=688,
+                  segment_size=64, num_mem_tokens=16, d_mem=32),
+    "llama_1b": dict(layers=16, hidden=2048, heads=32, kv_heads=8, vocab=128256, intermediate=8192,
+                     segment_size=1024, num_mem_tokens=128, d_mem=64, rope_theta=500000.0,
+                     tie_word_embeddings=True, llama3_rope=True),
+}
+
+
+def llama_config(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int,
+                 intermediate: int | None = None, rope_theta: float = 10000.0,
+                 tie_word_embeddings: bool = False, llama3_rope: bool = False, max_positions: int = 4096):
+    """A transformers LlamaConfig of the given shape (SDPA attention)."""
+    from transformers import LlamaConfig
+    if hidden % heads or heads % kv_heads:
+        raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads}), "
+                         f"and heads by kv_heads ({kv_heads})")
+    rope = {"rope_type": "default", "rope_theta": rope_theta}
+    if llama3_rope:  # LLaMA-3.2's frequency scaling
+        rope = {"rope_type": "llama3", "rope_theta": rope_theta, "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=max_positions, rope_parameters=rope,
+                      tie_word_embeddings=tie_word_embeddings, bos_token_id=None, eos_token_id=None,
+                      pad_token_id=None)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def tiny_armt(layers: int = 4, hidden: int = 128, heads: int = 4, kv_heads: int = 2, vocab: int = 256,
+              segment_size: int = 32, num_mem_tokens: int = 8, d_mem: int = 16, seed: int = 0,
+              intermediate: int | None = None, correction: bool = True, dtype: torch.dtype = torch.float32,
+              memory_dtype: torch.dtype = torch.float32, device=None, **llama_kw) -> ARMT:
+    """A randomly initialised ARMT over a small LLaMA, built offline and reproducibly from seed."""
+    cfg = ARMTConfig(segment_size=segment_size, num_mem_tokens=num_mem_tokens, d_mem=d_mem,
+                     correction=correction, memory_dtype=memory_dtype)
+    from transformers import LlamaForCausalLM
+    with _seeded(seed):
+        base = LlamaForCausalLM(llama_config(layers, hidden, heads, kv_heads, vocab, intermediate, **llama_kw))
+        model = ARMT(base, cfg)
+    model = model.to(dtype=dtype)
+    return model.to(device) if device is not None else model
+
+
+def from_preset(name: str, seed: int = 0, **overrides) -> ARMT:
+    """Build the named preset (see PRESETS), with any field overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return tiny_armt(**{**PRESETS[name], **overrides}, seed=seed)

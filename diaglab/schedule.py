@@ -1,0 +1,192 @@
+"""The layer x segment grid and the orders in which its cells can run (pure Python).
+
+Cell (l, s) is decoder layer l processing segment s. It depends on (l-1, s) — the
+layer below, same segment (vertical edge) — and on (l, s-1) — the same layer's
+associative memory after the previous segment (horizontal edge). Both lie on
+anti-diagonal l + s - 1, so every anti-diagonal is a set of independent cells
+(SPEC §3). A *schedule* is a list of steps; each step is a list of cells that
+run together. No torch here: the executor, the figures and the tests share it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+Cell = tuple[int, int]  # (layer, segment)
+Schedule = list[list[Cell]]
+
+
+def _check_sizes(L: int, S: int) -> None:
+    for name, v in (("L (layers)", L), ("S (segments)", S)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+
+
+def dependencies(layer: int, segment: int) -> list[Cell]:
+    """Cells that must finish before (layer, segment): below and to the left."""
+    deps = []
+    if layer > 0:
+        deps.append((layer - 1, segment))  # vertical: same segment, layer below
+    if segment > 0:
+        deps.append((layer, segment - 1))  # horizontal: same layer's memory
+    return deps
+
+
+def sequential(L: int, S: int) -> Schedule:
+    """S * L steps of one cell each: segment by segment, layer by layer."""
+    _check_sizes(L, S)
+    return [[(l, s)] for s in range(S) for l in range(L)]
+
+
+def active_layers(t: int, L: int, S: int) -> tuple[int, int]:
+    """(lo, hi), inclusive, of the layers busy at diagonal step t; layer l holds segment t - l."""
+    _check_sizes(L, S)
+    if not 0 <= t < L + S - 1:
+        raise ValueError(f"step t must be in [0, {L + S - 2}] for L={L}, S={S}, got {t}")
+    return max(0, t - S + 1), min(t, L - 1)
+
+
+def diagonal(L: int, S: int) -> Schedule:
+    """L + S - 1 steps; step t holds the cells with layer + segment == t, by layer."""
+    _check_sizes(L, S)
+    steps = []
+    for t in range(L + S - 1):
+        lo, hi = active_layers(t, L, S)
+        steps.append([(l, t - l) for l in range(lo, hi + 1)])
+    return steps
+
+
+def validate(steps: Schedule, L: int, S: int) -> None:
+    """Raise ValueError unless every cell of the L x S grid runs exactly once and
+    after all of its dependencies (in a strictly earlier step)."""
+    _check_sizes(L, S)
+    when: dict[Cell, int] = {}
+    for t, step in enumerate(steps):
+        for cell in step:
+            l, s = cell
+            if not (0 <= l < L and 0 <= s < S):
+                raise ValueError(f"cell {cell} at step {t} is outside the {L} x {S} grid")
+            if cell in when:
+                raise ValueError(f"cell {cell} runs twice (steps {when[cell]} and {t})")
+            when[cell] = t
+    missing = [(l, s) for l in range(L) for s in range(S) if (l, s) not in when]
+    if missing:
+        raise ValueError(f"{len(missing)} cells never run, e.g. {missing[:3]}")
+    for cell, t in when.items():
+        for dep in dependencies(*cell):
+            if when[dep] >= t:
+                raise ValueError(f"cell {cell} at step {t} runs before its dependency {dep} (step {when[dep]})")
+
+
+# --- Several requests through one pipeline (the serving ring, SPEC §3) -------------
+
+RingCell = tuple[int, int, int]  # (layer, request, segment)
+RingSchedule = list[list[RingCell]]
+
+
+def _check_lengths(lengths: list[int]) -> None:
+    if len(lengths) == 0:
+        raise ValueError("lengths must name at least one request")
+    for r, n in enumerate(lengths):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"request {r} must have an int >= 1 segments, got {n!r}")
+
+
+def ring(L: int, lengths: list[int]) -> RingSchedule:
+    """Stream requests through L slots; slot k is always layer k.
+
+    The queue holds every request's segments in order, request after request. Each
+    step shifts the segments one slot down the pipeline and feeds the next queued
+    segment into slot 0, so queue item q sits in slot k at step q + k. Segment s of a
+    request enters one step after segment s-1, which keeps the horizontal edge; when
+    a new request reaches layer k, that layer's memory state starts fresh. The ramp
+    up and down is paid once for the whole queue: sum(lengths) + L - 1 steps.
+    """
+    _check_sizes(L, 1)
+    _check_lengths(lengths)
+    queue = [(r, s) for r, n in enumerate(lengths) for s in range(n)]
+    steps = []
+    for t in range(len(queue) + L - 1):
+        steps.append([(k, *queue[t - k]) for k in range(L) if 0 <= t - k < len(queue)])
+    return steps
+
+
+def back_to_back(L: int, lengths: list[int]) -> RingSchedule:
+    """The ring's baseline: each request's diagonal schedule, one request after another
+    (sum(lengths[r] + L - 1) steps, every ramp paid again)."""
+    _check_lengths(lengths)
+    return [[(l, r, s) for l, s in step] for r, n in enumerate(lengths) for step in diagonal(L, n)]
+
+
+def validate_ring(steps: RingSchedule, L: int, lengths: list[int]) -> None:
+    """Raise ValueError unless every (request, layer, segment) runs exactly once, after
+    its request's (l-1, s) and (l, s-1) in a strictly earlier step, and no layer (slot)
+    holds two cells in one step."""
+    _check_sizes(L, 1)
+    _check_lengths(lengths)
+    when: dict[RingCell, int] = {}
+    for t, step in enumerate(steps):
+        layers = [l for l, _, _ in step]
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"step {t} puts two cells on one layer: {step}")
+        for l, r, s in step:
+            if not (0 <= r < len(lengths) and 0 <= l < L and 0 <= s < lengths[r]):
+                raise ValueError(f"cell (layer {l}, request {r}, segment {s}) at step {t} is outside the grid")
+            if (r, l, s) in when:
+                raise ValueError(f"request {r} cell ({l}, {s}) runs twice (steps {when[(r, l, s)]} and {t})")
+            when[(r, l, s)] = t
+    n_cells = L * sum(lengths)
+    if len(when) != n_cells:
+        raise ValueError(f"{n_cells - len(when)} cells never run")
+    for (r, l, s), t in when.items():
+        for dl, ds in dependencies(l, s):
+            if when[(r, dl, ds)] >= t:
+                raise ValueError(
+                    f"request {r} cell ({l}, {s}) at step {t} runs before its dependency "
+                    f"({dl}, {ds}) (step {when[(r, dl, ds)]})"
+                )
+
+
+# --- What a schedule costs ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScheduleStats:
+    n_steps: int  # grouped calls (one per step)
+    n_cells: int  # layer calls in all, L * S for one request
+    group_sizes: tuple[int, ...]  # G of each step, in order
+    utilisation: float  # n_cells / (n_steps * L): share of layer slots busy
+    ideal_speedup: float  # time of n_cells single calls / time of the grouped steps
+
+
+def stats(steps: Schedule | RingSchedule, L: int, cost: Callable[[int], float] | None = None) -> ScheduleStats:
+    """Count a schedule (plain or ring) and its ideal speed-up over one-cell-at-a-time.
+
+    cost(G) is the time of one grouped call of G cells. The default cost(G) = 1 is the
+    overhead-bound limit (launches dominate), where the speed-up is n_cells / n_steps;
+    a cost that grows with G (compute-bound) shrinks it towards 1.
+    """
+    _check_sizes(L, 1)
+    if len(steps) == 0 or any(len(step) == 0 for step in steps):
+        raise ValueError("a schedule needs at least one step and no empty steps")
+    cost = cost or (lambda g: 1.0)
+    group_sizes = tuple(len(step) for step in steps)
+    n_cells = sum(group_sizes)
+    grouped_time = sum(cost(g) for g in group_sizes)
+    if cost(1) <= 0 or grouped_time <= 0:
+        raise ValueError("cost(G) must be positive")
+    return ScheduleStats(
+        n_steps=len(steps),
+        n_cells=n_cells,
+        group_sizes=group_sizes,
+        utilisation=n_cells / (len(steps) * L),
+        ideal_speedup=n_cells * cost(1) / grouped_time,
+    )
+
+
+def ideal_even_load(full_group_time: float, L: int, S: int) -> float:
+    """The paper's yardstick (SPEC §3): a full group of L cells costs full_group_time,
+    so one cell costs full_group_time / L under even load, and the grid has S * L cells."""
+    _check_sizes(L, S)
+    return full_group_time / L * S * L

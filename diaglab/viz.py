@@ -1,0 +1,328 @@
+"""Plotly figures of the layer x segment grid, its schedules and what they cost.
+
+Every function here is a pure builder: it takes sizes, a schedule (from
+`diaglab.schedule`) or measured records and returns a `go.Figure`; nothing is shown.
+The grid puts layer 0 at the bottom and segments left to right, so a diagonal step is
+an anti-diagonal (SPEC §3). Cell states use the Okabe-Ito colour-blind-safe palette,
+and each cell also carries a glyph (✓ done, ▶ running) so colour is never the only cue.
+Animations are plotly frames with Play/Pause and a step slider: they keep working in
+a static HTML export. Each frame carries only the small per-step arrays (state codes
+and labels), so a 32 x 128 diagonal animation (159 frames) builds in well under a second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from diaglab.schedule import Schedule, back_to_back, diagonal, ring, sequential, stats, validate
+
+WAITING, RUNNING, DONE = 0, 1, 2
+STATE_NAMES = ("waiting", "running", "done")
+STATE_COLOURS = ("#DDDDDD", "#E69F00", "#0072B2")  # light grey, Okabe-Ito orange and blue
+STATE_GLYPHS = np.array(["", "▶", "✓"], dtype=object)
+REQUEST_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
+ORDERS: dict[str, Callable[[int, int], Schedule]] = {"diagonal": diagonal, "sequential": sequential}
+MAX_LABELLED_CELLS = 600  # above this many cells the labels are unreadable: drop them
+_TEMPLATE = "plotly_white"
+
+
+# --- per-step arrays ------------------------------------------------------------------
+
+
+def cell_steps(L: int, S: int, steps: Schedule) -> np.ndarray:
+    """(L, S) array: the step in which each cell runs (checks the schedule first)."""
+    validate(steps, L, S)
+    step_of = np.empty((L, S), dtype=np.int32)
+    for t, step in enumerate(steps):
+        for l, s in step:
+            step_of[l, s] = t
+    return step_of
+
+
+def _states(step_of: np.ndarray, t: int | None) -> np.ndarray:
+    """(L, S) state codes at step t; t=None is before the first step."""
+    if t is None:
+        return np.zeros(step_of.shape, dtype=np.int8)
+    return np.where(step_of < t, DONE, np.where(step_of == t, RUNNING, WAITING)).astype(np.int8)
+
+
+def _labelled(n_cells: int) -> bool:
+    return n_cells <= MAX_LABELLED_CELLS
+
+
+def cell_arrays(step_of: np.ndarray, t: int | None) -> dict:
+    """The grid trace's attributes that change from step to step: z (state codes) and,
+    when the grid is small enough to label, text (glyph + step number)."""
+    z = _states(step_of, t)
+    arrays = {"z": z}
+    if _labelled(step_of.size):
+        arrays["text"] = STATE_GLYPHS[z] + step_of.astype(str).astype(object)
+    return arrays
+
+
+def _grid_trace(step_of: np.ndarray, t: int | None, name: str = "") -> go.Heatmap:
+    L, S = step_of.shape
+    return go.Heatmap(
+        x=np.arange(S),
+        y=np.arange(L),
+        customdata=step_of,
+        coloraxis="coloraxis",
+        xgap=1,
+        ygap=1,
+        name=name,
+        texttemplate="%{text}" if _labelled(step_of.size) else None,
+        hovertemplate="layer %{y}, segment %{x}<br>runs in step %{customdata}"
+        "<br>reads/writes memory of layer %{y}<extra>" + name + "</extra>",
+        **cell_arrays(step_of, t),
+    )
+
+
+def _state_coloraxis() -> dict:
+    scale = []
+    for code, colour in enumerate(STATE_COLOURS):
+        scale += [[code / 3, colour], [(code + 1) / 3, colour]]
+    colorbar = dict(tickvals=[0, 1, 2], ticktext=list(STATE_NAMES), title="cell", len=0.6)
+    return dict(colorscale=scale, cmin=-0.5, cmax=2.5, colorbar=colorbar)
+
+
+def _style_grid_axes(fig: go.Figure, L: int, S: int, row: int | None = None, col: int | None = None) -> None:
+    """Square cells, integer ticks, layer 0 at the bottom."""
+    fig.update_xaxes(title="segment s", range=[-0.5, S - 0.5], dtick=max(1, S // 16), showgrid=False,
+                     zeroline=False, row=row, col=col)
+    fig.update_yaxes(title="layer l", range=[-0.5, L - 0.5], dtick=max(1, L // 8), showgrid=False,
+                     zeroline=False, row=row, col=col)
+
+
+def _add_player(fig: go.Figure, n_frames: int, duration_ms: int) -> None:
+    """Play/Pause buttons and a step slider driving frames named "0".."n_frames-1"."""
+    still = {"frame": {"duration": 0, "redraw": True}, "mode": "immediate", "transition": {"duration": 0}}
+    play = {"frame": {"duration": duration_ms, "redraw": True}, "fromcurrent": True, "transition": {"duration": 0}}
+    fig.update_layout(
+        updatemenus=[dict(
+            type="buttons", direction="left", x=0, y=-0.12, xanchor="left", yanchor="top", showactive=False,
+            buttons=[dict(label="▶ Play", method="animate", args=[None, play]),
+                     dict(label="❚❚ Pause", method="animate", args=[[None], still])],
+        )],
+        sliders=[dict(
+            active=0, x=0.18, len=0.82, y=-0.08, yanchor="top", currentvalue={"prefix": "step "},
+            steps=[dict(label=str(t), method="animate", args=[[str(t)], still]) for t in range(n_frames)],
+        )],
+    )
+
+
+# --- the grid -------------------------------------------------------------------------
+
+
+def _dependency_arrows(L: int, S: int, cell: tuple[int, int]) -> list[dict]:
+    """Arrows into `cell` from (l-1, s) (output below) and (l, s-1) (memory on the left)."""
+    l, s = cell
+    if not (0 <= l < L and 0 <= s < S):
+        raise ValueError(f"selected cell {cell} is outside the {L} x {S} grid")
+    arrows = []
+    for (dl, ds), meaning in (((l - 1, s), f"output of layer {l - 1} for segment {s}"),
+                              ((l, s - 1), f"memory of layer {l} after segment {s - 1}")):
+        if dl < 0 or ds < 0:
+            continue
+        arrows.append(dict(
+            # tail 0.2 cell past the dependency's centre, head 0.35 cell short of the target's
+            ax=ds + 0.2 * (s - ds), ay=dl + 0.2 * (l - dl), x=s - 0.35 * (s - ds), y=l - 0.35 * (l - dl),
+            xref="x", yref="y", axref="x", ayref="y", text="", hovertext=meaning,
+            showarrow=True, arrowhead=2, arrowsize=1.2, arrowwidth=2.5, arrowcolor="black",
+        ))
+    return arrows
+
+
+def grid_title(L: int, S: int, n_steps: int, step: int | None) -> str:
+    return f"{L} layers × {S} segments, {n_steps} steps" + ("" if step is None else f" — step {step}")
+
+
+def grid_figure(L: int, S: int, steps: Schedule, step: int | None = None,
+                selected: tuple[int, int] | None = None) -> go.Figure:
+    """The L x S grid at `step` (None: before the first step): each cell coloured
+    waiting/running/done and labelled with the step it runs in. `selected=(l, s)`
+    outlines that cell and draws its two dependency arrows."""
+    step_of = cell_steps(L, S, steps)
+    if step is not None and not 0 <= step <= len(steps):
+        raise ValueError(f"step must be in [0, {len(steps)}], got {step}")
+    fig = go.Figure(_grid_trace(step_of, step))
+    fig.update_layout(template=_TEMPLATE, title=grid_title(L, S, len(steps), step), coloraxis=_state_coloraxis(),
+                      height=min(900, 160 + 40 * L), margin=dict(l=60, r=20, t=60, b=50))
+    _style_grid_axes(fig, L, S)
+    if selected is not None:
+        l, s = selected
+        fig.update_layout(annotations=_dependency_arrows(L, S, selected))
+        fig.add_shape(type="rect", x0=s - 0.5, x1=s + 0.5, y0=l - 0.5, y1=l + 0.5, line=dict(color="black", width=3))
+    return fig
+
+
+def schedule_animation(L: int, S: int, order: str = "diagonal", duration_ms: int = 400) -> go.Figure:
+    """One frame per step of the sequential (S * L steps) or diagonal (L + S - 1) order."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {sorted(ORDERS)}, got {order!r}")
+    steps = ORDERS[order](L, S)
+    step_of = cell_steps(L, S, steps)
+    fig = grid_figure(L, S, steps, step=0)
+    fig.frames = [go.Frame(name=str(t), traces=[0], data=[go.Heatmap(**cell_arrays(step_of, t))])
+                  for t in range(len(steps))]
+    count = f"S·L = {S * L}" if order == "sequential" else f"L + S − 1 = {L + S - 1}"
+    other = f"diagonal needs {L + S - 1}" if order == "sequential" else f"sequential needs {S * L}"
+    fig.update_layout(title=f"{order.capitalize()} order, L={L}, S={S}: {count} steps ({other})",
+                      height=min(900, 220 + 40 * L), margin=dict(b=110))
+    _add_player(fig, len(steps), duration_ms)
+    return fig
+
+
+def compare_animation(L: int, S: int, duration_ms: int = 300) -> go.Figure:
+    """Sequential (top) and diagonal (bottom) advancing together, one frame per
+    sequential step; the diagonal grid finishes after L + S - 1 frames and stays done."""
+    n_seq, n_diag = S * L, L + S - 1
+    orders = (("sequential", sequential(L, S)), ("diagonal", diagonal(L, S)))
+    step_ofs = [cell_steps(L, S, steps) for _, steps in orders]
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.18, subplot_titles=(
+        f"sequential: S·L = {n_seq} steps", f"diagonal: L + S − 1 = {n_diag} steps"))
+    for row, ((name, _), step_of) in enumerate(zip(orders, step_ofs), start=1):
+        fig.add_trace(_grid_trace(step_of, 0, name=name), row=row, col=1)
+        _style_grid_axes(fig, L, S, row=row, col=1)
+
+    def caption(t: int) -> str:
+        diag = "finished ✓" if t >= n_diag else f"{int((step_ofs[1] <= t).sum())}/{L * S} cells"
+        return f"step {t}: sequential {t + 1}/{L * S} cells, diagonal {diag}"
+
+    fig.frames = [go.Frame(name=str(t), traces=[0, 1], layout={"title": {"text": caption(t)}},
+                           data=[go.Heatmap(**cell_arrays(step_of, t)) for step_of in step_ofs])
+                  for t in range(n_seq)]
+    fig.update_layout(template=_TEMPLATE, title=caption(0), coloraxis=_state_coloraxis(),
+                      height=min(1200, 300 + 80 * L), margin=dict(l=60, r=20, t=80, b=110))
+    _add_player(fig, n_seq, duration_ms)
+    return fig
+
+
+# --- several requests through the ring ------------------------------------------------
+
+
+def _ring_arrays(L: int, steps: list, upto: int | None) -> dict:
+    """(L, n_steps) request index (NaN where the slot idles or the step is after `upto`)."""
+    z = np.full((L, len(steps)), np.nan)
+    text = np.full((L, len(steps)), "", dtype=object)
+    for t, step in enumerate(steps[: None if upto is None else upto + 1]):
+        for l, r, s in step:
+            z[l, t], text[l, t] = r, f"r{r}<br>s{s}"
+    return {"z": z, "text": text}
+
+
+def _ring_shapes(L: int, step: int | None) -> list[dict]:
+    if step is None:
+        return []
+    return [dict(type="rect", x0=step - 0.5, x1=step + 0.5, y0=-0.5, y1=L - 0.5, line=dict(color="black", width=3))]
+
+
+def ring_figure(L: int, lengths: Sequence[int], step: int | None = None) -> go.Figure:
+    """Slots (= layers) x time of the multi-request ring, each cell coloured by request
+    and labelled r (request) / s (segment). `step` shows only the cells run up to then.
+    The title compares the ring with running each request's diagonal back to back."""
+    steps = ring(L, list(lengths))
+    if step is not None and not 0 <= step < len(steps):
+        raise ValueError(f"step must be in [0, {len(steps) - 1}], got {step}")
+    R = len(lengths)
+    scale = []
+    for r in range(R):
+        scale += [[r / R, REQUEST_COLOURS[r % len(REQUEST_COLOURS)]], [(r + 1) / R, REQUEST_COLOURS[r % len(REQUEST_COLOURS)]]]
+    fig = go.Figure(go.Heatmap(
+        x=np.arange(len(steps)), y=np.arange(L), coloraxis="coloraxis", xgap=2, ygap=2, hoverongaps=False,
+        texttemplate="%{text}" if _labelled(L * len(steps)) else None,
+        hovertemplate="slot = layer %{y}, step %{x}<br>%{text}<extra></extra>", **_ring_arrays(L, steps, step),
+    ))
+    ringed, baseline = stats(steps, L), stats(back_to_back(L, list(lengths)), L)
+    fig.update_layout(
+        template=_TEMPLATE, height=min(900, 200 + 50 * L), shapes=_ring_shapes(L, step),
+        title=f"Ring of {L} slots, {R} requests: {ringed.n_steps} steps, {ringed.utilisation:.0%} busy "
+              f"(back-to-back diagonal: {baseline.n_steps} steps, {baseline.utilisation:.0%})",
+        coloraxis=dict(colorscale=scale, cmin=-0.5, cmax=R - 0.5, colorbar=dict(
+            title="request", tickvals=list(range(R)), ticktext=[f"r{r}" for r in range(R)], len=0.6)),
+    )
+    fig.update_xaxes(title="step", range=[-0.5, len(steps) - 0.5], showgrid=False, zeroline=False)
+    fig.update_yaxes(title="slot = layer", range=[-0.5, L - 0.5], dtick=1, showgrid=False, zeroline=False)
+    return fig
+
+
+def ring_animation(L: int, lengths: Sequence[int], duration_ms: int = 400) -> go.Figure:
+    """ring_figure with one frame per step, filling the time axis left to right."""
+    steps = ring(L, list(lengths))
+    fig = ring_figure(L, lengths, step=0)
+    fig.frames = [go.Frame(name=str(t), traces=[0], layout={"shapes": _ring_shapes(L, t)},
+                           data=[go.Heatmap(**_ring_arrays(L, steps, t))]) for t in range(len(steps))]
+    fig.update_layout(margin=dict(b=110))
+    _add_player(fig, len(steps), duration_ms)
+    return fig
+
+
+# --- what the schedules cost ----------------------------------------------------------
+
+
+def group_size_figure(steps: list, L: int) -> go.Figure:
+    """Bar per step: how many cells (G) run together; the dashed line is a full group."""
+    st = stats(steps, L)
+    fig = go.Figure(go.Bar(x=np.arange(st.n_steps), y=st.group_sizes, marker_color=STATE_COLOURS[DONE],
+                           hovertemplate="step %{x}: G = %{y}<extra></extra>"))
+    fig.add_hline(y=L, line_dash="dash", annotation_text=f"L = {L} (full group)")
+    fig.update_layout(template=_TEMPLATE, title=f"Group size per step: {st.n_steps} steps, {st.utilisation:.0%} busy",
+                      xaxis_title="step", yaxis_title="group size G", yaxis_range=[0, L * 1.15])
+    return fig
+
+
+def utilisation_figure(L: int, S_values: Sequence[int]) -> go.Figure:
+    """Share of the L layer slots busy per step, diagonal vs sequential, as S grows."""
+    diag = [stats(diagonal(L, S), L).utilisation for S in S_values]
+    fig = go.Figure([
+        go.Scatter(x=list(S_values), y=diag, mode="lines+markers", name="diagonal: S / (L + S − 1)",
+                   line_color=STATE_COLOURS[DONE]),
+        go.Scatter(x=list(S_values), y=[1 / L] * len(S_values), mode="lines", name="sequential: 1 / L",
+                   line=dict(color=STATE_COLOURS[RUNNING], dash="dash")),
+    ])
+    fig.update_layout(template=_TEMPLATE, title=f"Utilisation of {L} layer slots", xaxis_title="segments S",
+                      yaxis_title="busy share of slots", yaxis_range=[0, 1.05], yaxis_tickformat=".0%")
+    return fig
+
+
+def speedup_figure(L: int, S_values: Sequence[int], cost: Callable[[int], float] | None = None) -> go.Figure:
+    """Left: step counts S·L vs L + S − 1. Right: ideal speed-up of the diagonal order
+    for a grouped-call cost(G) (default 1: overhead-bound), with its S → ∞ limit."""
+    cost_fn = cost or (lambda g: 1.0)
+    S_list = list(S_values)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("grouped calls", "ideal speed-up over sequential"))
+    fig.add_trace(go.Scatter(x=S_list, y=[S * L for S in S_list], name="sequential S·L", mode="lines+markers",
+                             line_color=STATE_COLOURS[RUNNING]), row=1, col=1)
+    fig.add_trace(go.Scatter(x=S_list, y=[L + S - 1 for S in S_list], name="diagonal L + S − 1", mode="lines+markers",
+                             line_color=STATE_COLOURS[DONE]), row=1, col=1)
+    fig.add_trace(go.Scatter(x=S_list, y=[stats(diagonal(L, S), L, cost_fn).ideal_speedup for S in S_list],
+                             name="diagonal speed-up", mode="lines+markers", line_color="#009E73"), row=1, col=2)
+    limit = L * cost_fn(1) / cost_fn(L)
+    fig.add_hline(y=limit, line_dash="dot", row=1, col=2, annotation_text=f"S → ∞: {limit:.3g}×")
+    fig.update_xaxes(title="segments S")
+    fig.update_yaxes(title="steps", type="log", row=1, col=1)
+    fig.update_yaxes(title="× faster", rangemode="tozero", row=1, col=2)
+    fig.update_layout(template=_TEMPLATE, title=f"Sequential vs diagonal, L = {L}")
+    return fig
+
+
+def step_times_figure(records: Sequence[dict]) -> go.Figure:
+    """Measured time of each step (records with keys step, group_size, ms), bars
+    coloured by group size."""
+    if len(records) == 0:
+        raise ValueError("records is empty")
+    missing = {"step", "group_size", "ms"} - set(records[0])
+    if missing:
+        raise ValueError(f"records need keys step, group_size, ms; missing {sorted(missing)}")
+    fig = go.Figure(go.Bar(
+        x=[r["step"] for r in records], y=[r["ms"] for r in records],
+        customdata=[r["group_size"] for r in records],
+        marker=dict(color=[r["group_size"] for r in records], coloraxis="coloraxis"),
+        hovertemplate="step %{x}: %{y:.3f} ms, G = %{customdata}<extra></extra>",
+    ))
+    fig.update_layout(template=_TEMPLATE, title="Measured time per step", xaxis_title="step",
+                      yaxis_title="ms", coloraxis=dict(colorscale="Viridis", colorbar=dict(title="group size G")))
+    return fig

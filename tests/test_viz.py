@@ -1,0 +1,204 @@
+"""The figures and the explorer widget: frames match the schedule cell for cell, the
+HTML export keeps the animation, the widget patches its figure in place, and the
+largest grids build fast."""
+
+import time
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from diaglab.schedule import diagonal, ring, sequential
+from diaglab.viz import (
+    DONE,
+    RUNNING,
+    WAITING,
+    compare_animation,
+    grid_figure,
+    group_size_figure,
+    ring_animation,
+    ring_figure,
+    schedule_animation,
+    speedup_figure,
+    step_times_figure,
+    utilisation_figure,
+)
+from diaglab.widgets import schedule_explorer
+
+ORDERS = {"diagonal": diagonal, "sequential": sequential}
+
+
+def cells_in_state(z, state):
+    """Set of (layer, segment) whose code in the (L, S) array z equals state."""
+    return {(int(l), int(s)) for l, s in zip(*np.nonzero(np.asarray(z) == state))}
+
+
+def check_states(z, steps, t):
+    """Running == step t, done == every earlier step, waiting == every later step."""
+    assert cells_in_state(z, RUNNING) == set(steps[t])
+    assert cells_in_state(z, DONE) == {cell for step in steps[:t] for cell in step}
+    assert cells_in_state(z, WAITING) == {cell for step in steps[t + 1:] for cell in step}
+
+
+@pytest.mark.parametrize("order", ["diagonal", "sequential"])
+@pytest.mark.parametrize("L, S", [(1, 1), (3, 5), (5, 3), (4, 4)])
+def test_animation_frames_replay_the_schedule(order, L, S):
+    steps = ORDERS[order](L, S)
+    fig = schedule_animation(L, S, order)
+    assert len(fig.frames) == len(steps)
+    assert len(fig.layout.sliders[0].steps) == len(steps)
+    assert np.asarray(fig.data[0].z).shape == (L, S)
+    for t, frame in enumerate(fig.frames):
+        check_states(frame.data[0].z, steps, t)
+        labels = np.asarray(frame.data[0].text)
+        assert all(labels[l, s].startswith("▶") for l, s in steps[t])
+    assert str(len(steps)) in fig.layout.title.text
+
+
+def test_animation_rejects_unknown_order():
+    with pytest.raises(ValueError):
+        schedule_animation(2, 2, "zigzag")
+
+
+def test_html_export_keeps_frames_and_slider():
+    fig = schedule_animation(3, 4)
+    html = fig.to_html(include_plotlyjs=False)
+    assert '"frames"' in html and '"sliders"' in html
+    assert html.count('"name":"5"') >= 1 and '"method":"animate"' in html
+
+
+def test_compare_animation_diagonal_finishes_early_and_stays_done():
+    L, S = 3, 4
+    fig = compare_animation(L, S)
+    assert len(fig.frames) == S * L
+    seq, diag = sequential(L, S), diagonal(L, S)
+    for t, frame in enumerate(fig.frames):
+        z_seq, z_diag = (frame.data[i].z for i in (0, 1))
+        check_states(z_seq, seq, t)
+        if t < len(diag):
+            check_states(z_diag, diag, t)
+        else:
+            assert cells_in_state(z_diag, DONE) == {(l, s) for l in range(L) for s in range(S)}
+    assert "finished" in fig.frames[-1].layout.title.text
+
+
+def test_grid_hover_names_cell_step_and_memory():
+    fig = grid_figure(4, 8, diagonal(4, 8), step=2)
+    trace = fig.data[0]
+    assert "layer %{y}, segment %{x}" in trace.hovertemplate
+    assert "reads/writes memory of layer %{y}" in trace.hovertemplate
+    assert np.asarray(trace.customdata)[2, 5] == 7  # cell (2, 5) runs in diagonal step 7
+    check_states(trace.z, diagonal(4, 8), 2)
+
+
+def test_grid_layer_zero_is_at_the_bottom():
+    fig = grid_figure(3, 3, diagonal(3, 3))
+    assert list(fig.data[0].y) == [0, 1, 2]
+    assert fig.layout.yaxis.autorange != "reversed"
+    assert fig.layout.yaxis.range[0] < fig.layout.yaxis.range[1]
+
+
+def test_selected_cell_gets_both_dependency_arrows():
+    fig = grid_figure(4, 8, diagonal(4, 8), step=5, selected=(2, 3))
+    arrows = [a for a in fig.layout.annotations if a.showarrow]
+    assert len(arrows) == 2
+    tails = sorted((round(a.ay), round(a.ax)) for a in arrows)  # (layer, segment) each arrow starts from
+    assert tails == [(1, 3), (2, 2)]
+    assert all(abs(a.y - 2) < 0.5 and abs(a.x - 3) < 0.5 for a in arrows)  # both end in (2, 3)
+    corner = grid_figure(4, 8, diagonal(4, 8), selected=(0, 0))
+    assert not [a for a in corner.layout.annotations if a.showarrow]
+    with pytest.raises(ValueError):
+        grid_figure(4, 8, diagonal(4, 8), selected=(4, 0))
+
+
+def test_grid_rejects_an_invalid_schedule_and_step():
+    with pytest.raises(ValueError):
+        grid_figure(2, 2, [[(0, 0)], [(1, 1)], [(0, 1), (1, 0)]])
+    with pytest.raises(ValueError):
+        grid_figure(2, 2, diagonal(2, 2), step=4)
+
+
+def test_ring_figure_colours_cells_by_request():
+    L, lengths = 3, [2, 3]
+    steps = ring(L, lengths)
+    z = np.asarray(ring_figure(L, lengths).data[0].z)
+    assert z.shape == (L, len(steps))
+    for t, step in enumerate(steps):
+        assert {(l, int(z[l, t])) for l in range(L) if not np.isnan(z[l, t])} == {(l, r) for l, r, _ in step}
+    anim = ring_animation(L, lengths)
+    assert len(anim.frames) == len(steps)
+    first = np.asarray(anim.frames[0].data[0].z)
+    assert np.count_nonzero(~np.isnan(first)) == 1  # only (slot 0, request 0, segment 0) so far
+
+
+def test_cost_figures():
+    steps = diagonal(3, 5)
+    assert list(group_size_figure(steps, 3).data[0].y) == [1, 2, 3, 3, 3, 2, 1]
+    util = utilisation_figure(4, [1, 4, 16])
+    assert list(util.data[0].y) == pytest.approx([1 / 4, 16 / 28, 64 / 76])
+    speed = speedup_figure(4, [1, 8])
+    assert list(speed.data[0].y) == [4, 32] and list(speed.data[1].y) == [4, 11]
+    assert list(speed.data[2].y) == pytest.approx([1.0, 32 / 11])
+
+
+def test_step_times_figure():
+    records = [{"step": 0, "group_size": 1, "ms": 0.5}, {"step": 1, "group_size": 2, "ms": 0.7}]
+    fig = step_times_figure(records)
+    assert list(fig.data[0].y) == [0.5, 0.7]
+    assert list(fig.data[0].marker.color) == [1, 2]
+    with pytest.raises(ValueError):
+        step_times_figure([{"step": 0, "ms": 1.0}])
+
+
+def test_explorer_patches_the_same_figure_in_place():
+    explorer = schedule_explorer(4, 8)
+    figure, trace = explorer.figure, explorer.figure.data[0]
+    assert isinstance(figure, go.FigureWidget)
+    assert explorer.widget.children[-1] is figure
+    steps = diagonal(4, 8)
+    for k in (3, 7, 0):
+        explorer.step.value = k
+        check_states(figure.data[0].z, steps, k)
+    assert figure.data[0] is trace  # patched, not replaced
+    explorer.step.value = explorer.step.max  # one past the last step: all done
+    assert cells_in_state(figure.data[0].z, DONE) == {(l, s) for l in range(4) for s in range(8)}
+
+
+def test_explorer_follows_sizes_and_order():
+    explorer = schedule_explorer(4, 8)
+    figure = explorer.figure
+    explorer.layers.value = 6
+    explorer.segments.value = 10
+    assert figure is explorer.figure
+    assert np.asarray(figure.data[0].z).shape == (6, 10)
+    assert explorer.step.max == explorer.play.max == 6 + 10 - 1
+    explorer.order.value = "sequential"
+    assert explorer.step.max == 60
+    explorer.step.value = 13
+    check_states(figure.data[0].z, sequential(6, 10), 13)
+    assert "60 steps" in explorer.count.value
+    explorer.layers.value, explorer.segments.value = 32, 128  # too many cells to label
+    assert np.asarray(figure.data[0].z).shape == (32, 128)
+    assert figure.data[0].text is None and figure.data[0].texttemplate is None
+
+
+def test_explorer_selects_a_cell_and_displays():
+    explorer = schedule_explorer(4, 8)
+    explorer.select(2, 3)
+    assert len([a for a in explorer.figure.layout.annotations if a.showarrow]) == 2
+    explorer.layers.value = 2  # the selection falls off the grid and is dropped
+    assert explorer.selected is None and not explorer.figure.layout.annotations
+    bundle = explorer._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+
+
+@pytest.mark.parametrize("build", [
+    lambda: grid_figure(32, 128, diagonal(32, 128), step=60, selected=(5, 40)),
+    lambda: schedule_animation(32, 128),
+], ids=["grid_figure", "schedule_animation"])
+def test_largest_grid_builds_in_under_a_second(build):
+    build()  # warm plotly's validators once
+    start = time.perf_counter()
+    fig = build()
+    assert time.perf_counter() - start < 1.0
+    assert np.asarray(fig.data[0].z).shape == (32, 128)
