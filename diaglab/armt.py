@@ -263,11 +263,15 @@ def _seeded(seed: int | None):
     return _Ctx()
 
 
-def randomize_memory_(model: ARMT, seed: int = 0, scale: float = 1.0) -> ARMT:
-    """Give W_mv random non-zero weights and each layer a distinct W_mb bias, in place.
+def randomize_memory_(model: ARMT, seed: int = 0, scale: float = 0.25) -> ARMT:
+    """Give W_mv random non-zero weights (std scale / sqrt(d)) and each layer a distinct
+    W_mb bias, in place.
 
     An untrained ARMT has W_mv = 0, so W_mem stays 0 and the memory path does nothing
-    (SPEC §2, testing trap). Tests and demos call this to exercise it.
+    (SPEC §2, testing trap). Tests and demos call this to exercise it. The default scale
+    keeps the memory clearly live (logits of later segments move by ~15-40 %) yet stable;
+    at scale 1 a random ARMT is chaotic: a 1e-7 change in its inputs grows ~1e5-fold
+    over 128 segments, even in float64, and any two roundings of it drift apart.
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

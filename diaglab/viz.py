@@ -108,7 +108,10 @@ def _add_player(fig: go.Figure, n_frames: int, duration_ms: int) -> None:
                      dict(label="❚❚ Pause", method="animate", args=[[None], still])],
         )],
         sliders=[dict(
-            active=0, x=0.18, len=0.82, y=-0.08, yanchor="top", currentvalue={"prefix": "step "},
+            active=0, x=0.22, len=0.78, y=-0.08, yanchor="top",
+            currentvalue={"prefix": "step ", "xanchor": "right", "font": {"size": 14, "color": "#333"}},
+            # past ~25 steps the tick labels overlap: hide them, the current value still shows
+            font={"color": "#333" if n_frames <= 25 else "rgba(0,0,0,0)"},
             steps=[dict(label=str(t), method="animate", args=[[str(t)], still]) for t in range(n_frames)],
         )],
     )
@@ -303,7 +306,7 @@ def speedup_figure(L: int, S_values: Sequence[int], cost: Callable[[int], float]
     limit = L * cost_fn(1) / cost_fn(L)
     fig.add_hline(y=limit, line_dash="dot", row=1, col=2, annotation_text=f"S → ∞: {limit:.3g}×")
     fig.update_xaxes(title="segments S")
-    fig.update_yaxes(title="steps", type="log", row=1, col=1)
+    fig.update_yaxes(title="steps", type="log", dtick=1, row=1, col=1)
     fig.update_yaxes(title="× faster", rangemode="tozero", row=1, col=2)
     fig.update_layout(template=_TEMPLATE, title=f"Sequential vs diagonal, L = {L}")
     return fig

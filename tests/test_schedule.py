@@ -153,6 +153,8 @@ def test_validate_ring_rejects_bad_schedules():
     early = [steps[0], steps[2], steps[1], steps[3]]  # (1, 0, 1) before (0, 0, 1)
     with pytest.raises(ValueError, match="before its dependency"):
         validate_ring(early, 2, [2, 1])
+    with pytest.raises(ValueError, match="before its dependency"):  # same step is not early enough
+        validate_ring([[(0, 0, 0), (1, 0, 0)]], 2, [1])
     crowded = [steps[0] + [(0, 1, 0)], steps[1], [(1, 0, 1)], steps[3]]  # slot 0 twice in step 0
     with pytest.raises(ValueError, match="two cells on one layer"):
         validate_ring(crowded, 2, [2, 1])
