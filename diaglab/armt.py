@@ -145,6 +145,8 @@ class ARMT(nn.Module):
         write=False, with_memory=False is the decoding mode of SPEC §5 (reads only, no memory rows).
         Returns the final-norm text hidden states (B, n_s, d).
         """
+        if write and not with_memory:
+            raise ValueError("write=True needs with_memory=True: memory is written from the memory rows")
         B, n_s = ids.shape
         M = self.config.num_mem_tokens if with_memory else 0
         inner = self.base.model

@@ -72,7 +72,7 @@ class DiagonalExecutor:
         L, S = model.num_layers, seg.num_segments
         n, M = model.config.segment_size, model.config.num_mem_tokens
         W_mem, z, first = state.layers()
-        full = [bool((seg.nreal[s] == n).all()) for s in range(S)]   # needs neither padding nor mask
+        full = (seg.nreal == n).all(dim=1).tolist()                  # (S,) needs neither padding nor mask
         rope_full = model.base.model.rotary_emb(model.memory, torch.arange(n + M, device=model.device)[None])
         pending: dict[tuple[int, int], torch.Tensor] = {}            # (layer, segment) -> its input
         logits, loss_sum, count = [], 0.0, 0
