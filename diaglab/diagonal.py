@@ -31,11 +31,14 @@ StepHook = Callable[[int, list], None]
 class DiagonalExecutor:
     """Same call signature and outputs as ARMT.forward; built from any ARMT instance."""
 
-    def __init__(self, model: ARMT, order: str = "diagonal"):
+    def __init__(self, model: ARMT, order: str = "diagonal", kernel: str = "bmm"):
         if not isinstance(model, ARMT):
             raise TypeError(f"DiagonalExecutor needs a diaglab.ARMT, got {type(model).__name__}")
         if order not in ("diagonal", "sequential"):
             raise ValueError(f"order must be 'diagonal' or 'sequential', got {order!r}")
+        if kernel not in ("bmm", "grouped_mm") or (kernel == "grouped_mm" and not hasattr(torch, "_grouped_mm")):
+            raise ValueError(f"kernel must be 'bmm' or 'grouped_mm' (needs torch._grouped_mm), got {kernel!r}")
+        self.kernel = kernel
         _param_groups(model)  # raises a clear error when the layers cannot be stacked
         self.model = model
         self.order = order
@@ -68,7 +71,7 @@ class DiagonalExecutor:
                              "base.config.attention_dropout = 0 or call model.eval()")
         seg, state = model.prepare(input_ids, attention_mask, labels, state, keep_logits)
         W = self.stacked_weights()
-        dims = LayerDims.of(model)
+        dims = LayerDims.of(model, self.kernel)
         L, S = model.num_layers, seg.num_segments
         n, M = model.config.segment_size, model.config.num_mem_tokens
         W_mem, z, first = state.layers()

@@ -9,6 +9,10 @@ batch, so each element attends only within its own segment; RoPE tables are shar
 because positions restart at 0 in every segment.
 
 The naive twin is a loop over layers calling each nn.Linear: `grouped_linear_ref`.
+`torch._grouped_mm` (a grouped-GEMM kernel, CUTLASS on Hopper GPUs) sits behind the same
+interface (kernel="grouped_mm"). Measured on this CPU (torch 2.13, G=8, 40 rows, 128x384):
+bmm 329 us vs grouped_mm 377 us in fp32, 95 vs 117 us in bf16 — so "bmm" is the default;
+with equal-shape groups a strided batched GEMM is already what a grouped GEMM would do.
 """
 
 from __future__ import annotations
@@ -89,8 +93,12 @@ class TiedStacks:
 
 
 # ---- grouped operations (one call for the whole group) ----------------------------------
-def grouped_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None,
+                   kernel: str = "bmm") -> torch.Tensor:
     """x: (G, R, in); W: (G, out, in) stacked nn.Linear weights; b: (G, out) -> (G, R, out)."""
+    if kernel == "grouped_mm":
+        y = torch._grouped_mm(x, W.transpose(1, 2))
+        return y if b is None else y + b.unsqueeze(1)
     if b is None:
         return torch.bmm(x, W.transpose(1, 2))
     return torch.baddbmm(b.unsqueeze(1), x, W.transpose(1, 2))
@@ -125,13 +133,14 @@ class LayerDims:
     d_mem: int
     nu: int
     correction: bool
+    kernel: str = "bmm"  # grouped matmul: "bmm" or "grouped_mm" (torch._grouped_mm)
 
     @classmethod
-    def of(cls, model) -> "LayerDims":
+    def of(cls, model, kernel: str = "bmm") -> "LayerDims":
         c = model.base.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         return cls(c.num_attention_heads, c.num_key_value_heads, head_dim, c.rms_norm_eps,
-                   model.config.d_mem, model.config.nu, model.config.correction)
+                   model.config.d_mem, model.config.nu, model.config.correction, kernel)
 
 
 def grouped_layer(W: dict[str, torch.Tensor], lo: int, hi: int, X: torch.Tensor, n_text: int,
@@ -150,12 +159,13 @@ def grouped_layer(W: dict[str, torch.Tensor], lo: int, hi: int, X: torch.Tensor,
     w = {name: t[lo:hi + 1] for name, t in W.items()}                           # views, no copy
     # 1. associative read into every row of the layer input (not on a layer's first segment)
     if not bool(is_first.all()):
-        q = dpfp(grouped_linear(X.reshape(G, B * T, d), w["mq"]), dims.nu)        # (G, B*T, dk)
+        q = grouped_linear(X.reshape(G, B * T, d), w["mq"], kernel=dims.kernel)
+        q = dpfp(q, dims.nu)                                                       # (G, B*T, dk)
         A = associative_read(q.view(G, B, T, -1), W_mem, z).to(X.dtype)           # (G, B, T, d)
         X = X + torch.where(is_first[:, :, None, None], torch.zeros_like(A), A)
     # 2. self-attention block (LLaMA), the group folded into the batch
     h = grouped_rms_norm(X, w["ln1"], dims.eps).reshape(G, B * T, d)
-    qkv = grouped_linear(h, w["qkv"], w.get("qkv_b"))                             # (G, B*T, (H+2Hkv) hd)
+    qkv = grouped_linear(h, w["qkv"], w.get("qkv_b"), kernel=dims.kernel)         # (G, B*T, (H+2Hkv) hd)
     q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
     q = q.reshape(G * B, T, H, hd).transpose(1, 2)                                 # (G*B, H, T, hd)
     k = k.reshape(G * B, T, Hkv, hd).transpose(1, 2)                               # (G*B, Hkv, T, hd)
@@ -165,14 +175,15 @@ def grouped_layer(W: dict[str, torch.Tensor], lo: int, hi: int, X: torch.Tensor,
     att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                          scale=hd ** -0.5, enable_gqa=H != Hkv)   # (G*B, H, T, hd)
     att = att.transpose(1, 2).reshape(G, B * T, H * hd)
-    X = X + grouped_linear(att, w["o"], w.get("o_b")).view(G, B, T, d)
+    X = X + grouped_linear(att, w["o"], w.get("o_b"), kernel=dims.kernel).view(G, B, T, d)
     # 3. SwiGLU MLP
     h = grouped_rms_norm(X, w["ln2"], dims.eps).reshape(G, B * T, d)
-    gate, up = grouped_linear(h, w["gate_up"], w.get("gate_up_b")).chunk(2, dim=-1)  # (G, B*T, F) each
-    X = X + grouped_linear(F.silu(gate) * up, w["down"], w.get("down_b")).view(G, B, T, d)
+    gate_up = grouped_linear(h, w["gate_up"], w.get("gate_up_b"), kernel=dims.kernel)
+    gate, up = gate_up.chunk(2, dim=-1)                                            # (G, B*T, F) each
+    X = X + grouped_linear(F.silu(gate) * up, w["down"], w.get("down_b"), kernel=dims.kernel).view(G, B, T, d)
     # 4. associative write from the memory rows of the output
     m = X[:, :, n_text:].reshape(G, -1, d)                                         # (G, B*M, d)
-    kvb = grouped_linear(m, w["kvb"])                                              # (G, B*M, d_mem + d + 1)
+    kvb = grouped_linear(m, w["kvb"], kernel=dims.kernel)                          # (G, B*M, d_mem + d + 1)
     k_raw, v_mem, b = kvb.split([dims.d_mem, d, 1], dim=-1)
     M = T - n_text
     k_feat = dpfp(k_raw, dims.nu).view(G, B, M, -1)                                # (G, B, M, dk)

@@ -25,8 +25,10 @@ PRESETS: dict[str, dict] = {
 
 def llama_config(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int,
                  intermediate: int | None = None, rope_theta: float = 10000.0,
-                 tie_word_embeddings: bool = False, llama3_rope: bool = False, max_positions: int = 4096):
-    """A transformers LlamaConfig of the given shape (SDPA attention)."""
+                 tie_word_embeddings: bool = False, llama3_rope: bool = False, max_positions: int = 4096,
+                 **extra):
+    """A transformers LlamaConfig of the given shape (SDPA attention); extra: other LlamaConfig
+    fields (e.g. attention_bias=True, mlp_bias=True)."""
     from transformers import LlamaConfig
     if hidden % heads or heads % kv_heads:
         raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads}), "
@@ -39,7 +41,7 @@ def llama_config(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       max_position_embeddings=max_positions, rope_parameters=rope,
                       tie_word_embeddings=tie_word_embeddings, bos_token_id=None, eos_token_id=None,
-                      pad_token_id=None)
+                      pad_token_id=None, **extra)
     cfg._attn_implementation = "sdpa"
     return cfg
 

@@ -203,3 +203,36 @@ def test_property_equivalence(layers, n, M, B, heads, extra, pad, correction, se
     assert rel(diag.logits[real], seq.logits[real]) <= 1e-5
     assert rel(diag.state.W_mem, seq.state.W_mem) <= 1e-5
     assert rel(diag.state.z, seq.state.z) <= 1e-5
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_linear_equals_per_layer_loop(bias):
+    from diaglab.grouped import grouped_linear, grouped_linear_ref
+    g = torch.Generator().manual_seed(0)
+    x, W = torch.randn(5, 7, 16, generator=g), torch.randn(5, 24, 16, generator=g)
+    b = torch.randn(5, 24, generator=g) if bias else None
+    ref = grouped_linear_ref(x, W, b)
+    assert rel(grouped_linear(x, W, b), ref) <= 1e-6
+    if hasattr(torch, "_grouped_mm"):
+        assert rel(grouped_linear(x, W, b, kernel="grouped_mm"), ref) <= 1e-6
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm not in this torch")
+def test_grouped_mm_kernel_equivalence(model):
+    ids = random_ids(2, 30)
+    with torch.no_grad():
+        assert_same(model(ids), DiagonalExecutor(model, kernel="grouped_mm")(ids), 1e-5)
+    with pytest.raises(ValueError, match="kernel"):
+        DiagonalExecutor(model, kernel="cutlass")
+
+
+def test_attention_and_mlp_biases():
+    """LLaMA variants with attention_bias / mlp_bias are grouped too (biases stacked)."""
+    model = live_model(layers=2, attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        for p in model.base.parameters():
+            if p.ndim == 1:
+                p.add_(0.05 * torch.randn_like(p))
+    ids = random_ids(2, 21)
+    with torch.no_grad():
+        assert_same(model(ids), DiagonalExecutor(model)(ids), 1e-5)
