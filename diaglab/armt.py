@@ -137,16 +137,20 @@ class ARMT(nn.Module):
 
     # ---- one segment through all layers (SPEC §1-2) -----------------------------------
     def segment_step(self, ids: torch.Tensor, nreal: torch.Tensor | None, state: list,
-                     write: bool = True, with_memory: bool = True) -> torch.Tensor:
+                     write: bool = True, with_memory: bool = True, cache=None) -> torch.Tensor:
         """Run one segment through every layer; update the per-layer state lists in place.
 
         ids: (B, n_s); nreal: (B,) real tokens per row, or None when all n_s are real.
         state: [W_mem list, z list, is_first list] (per layer), replaced entry by entry.
-        write=False, with_memory=False is the decoding mode of SPEC §5 (reads only, no memory rows).
+        write=False, with_memory=False is the decoding mode of SPEC §5 (reads only, no memory
+        rows); there a transformers DynamicCache may carry the open segment's keys and values,
+        and ids are the tokens after those already cached (positions continue from the cache).
         Returns the final-norm text hidden states (B, n_s, d).
         """
         if write and not with_memory:
             raise ValueError("write=True needs with_memory=True: memory is written from the memory rows")
+        if cache is not None and (with_memory or nreal is not None):
+            raise ValueError("a KV cache is only for decoding: with_memory=False, write=False, no padding")
         B, n_s = ids.shape
         M = self.config.num_mem_tokens if with_memory else 0
         inner = self.base.model
@@ -154,6 +158,10 @@ class ARMT(nn.Module):
         if with_memory:
             h = torch.cat([h, self.memory.expand(B, M, -1)], dim=1)             # (B, T, d)
         pos, allowed = positions_and_mask(n_s, nreal, M, ids.device)
+        start = cache.get_seq_length() if cache is not None else 0
+        if start > 0:  # new rows attend to every cached row and causally among themselves
+            pos = pos + start
+            allowed = torch.ones(n_s, start + n_s, dtype=torch.bool, device=ids.device).tril(start)[None]
         if allowed is not None:
             mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device)
             mask = mask.masked_fill(~allowed, torch.finfo(h.dtype).min)[:, None]  # (B, 1, T, T) additive
@@ -170,7 +178,8 @@ class ARMT(nn.Module):
         for l, layer in enumerate(inner.layers):
             if not bool(first[l].all()):
                 h = self.assoc[l].read(h, W_mem[l], z[l], first[l])
-            h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+            h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin,
+                      cache=cache, use_cache=cache is not None)
             if write:
                 W_mem[l], z[l] = self.assoc[l].write(h[:, n_s:], W_mem[l], z[l], first[l],
                                                      self.config.correction, wmask)

@@ -4,7 +4,9 @@
    caller's execution order: sequential or diagonal) and leaves a MemoryState.
 2. Decode: the open (partial) segment and each new token run with reads on, writes off
    and no memory rows — exactly what the full forward computes for those text rows,
-   since text rows never see their own segment's memory rows.
+   since text rows never see their own segment's memory rows. The reads depend only on
+   the state, fixed while a segment is open, so a KV cache of the open segment is exact:
+   each new token costs one token's forward.
 3. When the open segment reaches segment_size tokens it is committed: it runs once as a
    full segment with memory rows and writes, and a new open segment starts. So greedy
    tokens equal the argmax of model(prompt + generated) at every step, for any length.
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 
 from .segments import validate_ids
 
@@ -64,10 +67,12 @@ def generate(model, prefill_fn, input_ids, max_new_tokens: int = 16, do_sample: 
         state, last_logits = out.state, out.logits[:, -1]
     lists = list(state.layers())
     open_seg = ids[:, n_full:]                                                # (B, r), r < n
+    cache = DynamicCache(config=model.base.config)                            # the open segment's K, V
     new = []
     for i in range(max_new_tokens):
-        if open_seg.shape[1] > 0:  # 2. decode: reads on, writes off, no memory rows
-            text = model.segment_step(open_seg, None, lists, write=False, with_memory=False)
+        todo = open_seg[:, cache.get_seq_length():]                           # rows not yet cached
+        if todo.shape[1] > 0:  # 2. decode: reads on, writes off, no memory rows
+            text = model.segment_step(todo, None, lists, write=False, with_memory=False, cache=cache)
             last_logits = model.base.lm_head(text[:, -1])
         tok = _pick(last_logits, do_sample, temperature, top_k, top_p, generator)
         new.append(tok)
@@ -76,4 +81,5 @@ def generate(model, prefill_fn, input_ids, max_new_tokens: int = 16, do_sample: 
             text = model.segment_step(open_seg, None, lists, write=True, with_memory=True)
             last_logits = model.base.lm_head(text[:, -1])
             open_seg = open_seg[:, :0]
+            cache = DynamicCache(config=model.base.config)
     return torch.cat([ids] + new, dim=1)
