@@ -16,7 +16,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export KINETO_LOG_LEVEL := 6
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: lab test test-py test-nb install bench html clean
+.PHONY: lab test install bench html clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,7 +39,7 @@ bench: $(STAMP)
 	$(PY) -m diaglab.bench --preset tiny --json bench-out/cpu_tiny.json
 
 html: $(STAMP)
-	$(VENV)/bin/jupyter nbconvert --to html --execute --output-dir build/html notebooks/*.ipynb
+	bash scripts/export_html.sh
 
 clean:
 	rm -rf $(VENV) build bench-out test-output .pytest_cache

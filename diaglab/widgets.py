@@ -28,8 +28,10 @@ class ScheduleExplorer:
     def __init__(self, L: int = 4, S: int = 8, order: str = "diagonal"):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {sorted(ORDERS)}, got {order!r}")
-        self.layers = widgets.IntSlider(value=L, min=1, max=32, description="L (layers)")
-        self.segments = widgets.IntSlider(value=S, min=1, max=128, description="S (segments)")
+        self.layers = widgets.IntSlider(value=L, min=1, max=32, description="L (layers)",
+                                         style={"description_width": "initial"})
+        self.segments = widgets.IntSlider(value=S, min=1, max=128, description="S (segments)",
+                                           style={"description_width": "initial"})
         self.order = widgets.Dropdown(options=list(ORDERS), value=order, description="schedule")
         self.step = widgets.IntSlider(value=0, min=0, max=1, description="step")
         self.play = widgets.Play(value=0, min=0, max=1, interval=400, description="play")
