@@ -97,8 +97,22 @@ def _style_grid_axes(fig: go.Figure, L: int, S: int, row: int | None = None, col
                      zeroline=False, row=row, col=col)
 
 
-def _add_player(fig: go.Figure, n_frames: int, duration_ms: int) -> None:
-    """Play/Pause buttons and a step slider driving frames named "0".."n_frames-1"."""
+def frame_steps(n_steps: int, max_frames: int) -> list[int]:
+    """The steps an animation shows: all of them, or every k-th (and the last) when there
+    are more than max_frames — a 32 x 128 sequential order has 4096 steps, which no one
+    watches frame by frame and which would take seconds to build and ~20 MB of HTML."""
+    if max_frames < 2:
+        raise ValueError(f"max_frames must be >= 2, got {max_frames}")
+    k = -(-n_steps // max_frames)
+    shown = list(range(0, n_steps, k))
+    return shown if shown[-1] == n_steps - 1 else shown + [n_steps - 1]
+
+
+def _add_player(fig: go.Figure, frames: int | list[int], duration_ms: int) -> None:
+    """Play/Pause buttons and a step slider driving frames named by their step numbers
+    (frames: the shown steps, or a count n for steps 0..n-1)."""
+    shown = list(range(frames)) if isinstance(frames, int) else frames
+    n_frames = len(shown)
     still = {"frame": {"duration": 0, "redraw": True}, "mode": "immediate", "transition": {"duration": 0}}
     play = {"frame": {"duration": duration_ms, "redraw": True}, "fromcurrent": True, "transition": {"duration": 0}}
     fig.update_layout(
@@ -112,7 +126,7 @@ def _add_player(fig: go.Figure, n_frames: int, duration_ms: int) -> None:
             currentvalue={"prefix": "step ", "xanchor": "right", "font": {"size": 14, "color": "#333"}},
             # past ~25 steps the tick labels overlap: hide them, the current value still shows
             font={"color": "#333" if n_frames <= 25 else "rgba(0,0,0,0)"},
-            steps=[dict(label=str(t), method="animate", args=[[str(t)], still]) for t in range(n_frames)],
+            steps=[dict(label=str(t), method="animate", args=[[str(t)], still]) for t in shown],
         )],
     )
 
@@ -162,27 +176,33 @@ def grid_figure(L: int, S: int, steps: Schedule, step: int | None = None,
     return fig
 
 
-def schedule_animation(L: int, S: int, order: str = "diagonal", duration_ms: int = 400) -> go.Figure:
-    """One frame per step of the sequential (S * L steps) or diagonal (L + S - 1) order."""
+def schedule_animation(L: int, S: int, order: str = "diagonal", duration_ms: int = 400,
+                       max_frames: int = 300) -> go.Figure:
+    """One frame per step of the sequential (S * L steps) or diagonal (L + S - 1) order
+    (every k-th step when there are more than max_frames; the title says so)."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {sorted(ORDERS)}, got {order!r}")
     steps = ORDERS[order](L, S)
     step_of = cell_steps(L, S, steps)
+    shown = frame_steps(len(steps), max_frames)
     fig = grid_figure(L, S, steps, step=0)
     fig.frames = [go.Frame(name=str(t), traces=[0], data=[go.Heatmap(**cell_arrays(step_of, t))])
-                  for t in range(len(steps))]
+                  for t in shown]
     count = f"S·L = {S * L}" if order == "sequential" else f"L + S − 1 = {L + S - 1}"
     other = f"diagonal needs {L + S - 1}" if order == "sequential" else f"sequential needs {S * L}"
-    fig.update_layout(title=f"{order.capitalize()} order, L={L}, S={S}: {count} steps ({other})",
+    stride = "" if len(shown) == len(steps) else f"; one frame every {shown[1]} steps"
+    fig.update_layout(title=f"{order.capitalize()} order, L={L}, S={S}: {count} steps ({other}{stride})",
                       height=min(900, 220 + 40 * L), margin=dict(b=110))
-    _add_player(fig, len(steps), duration_ms)
+    _add_player(fig, shown, duration_ms)
     return fig
 
 
-def compare_animation(L: int, S: int, duration_ms: int = 300) -> go.Figure:
+def compare_animation(L: int, S: int, duration_ms: int = 300, max_frames: int = 300) -> go.Figure:
     """Sequential (top) and diagonal (bottom) advancing together, one frame per
-    sequential step; the diagonal grid finishes after L + S - 1 frames and stays done."""
+    sequential step (every k-th beyond max_frames); the diagonal grid finishes after
+    L + S - 1 steps and stays done."""
     n_seq, n_diag = S * L, L + S - 1
+    shown = frame_steps(n_seq, max_frames)
     orders = (("sequential", sequential(L, S)), ("diagonal", diagonal(L, S)))
     step_ofs = [cell_steps(L, S, steps) for _, steps in orders]
     fig = make_subplots(rows=2, cols=1, vertical_spacing=0.18, subplot_titles=(
@@ -197,10 +217,10 @@ def compare_animation(L: int, S: int, duration_ms: int = 300) -> go.Figure:
 
     fig.frames = [go.Frame(name=str(t), traces=[0, 1], layout={"title": {"text": caption(t)}},
                            data=[go.Heatmap(**cell_arrays(step_of, t)) for step_of in step_ofs])
-                  for t in range(n_seq)]
+                  for t in shown]
     fig.update_layout(template=_TEMPLATE, title=caption(0), coloraxis=_state_coloraxis(),
                       height=min(1200, 300 + 80 * L), margin=dict(l=60, r=20, t=80, b=110))
-    _add_player(fig, n_seq, duration_ms)
+    _add_player(fig, shown, duration_ms)
     return fig
 
 

@@ -203,3 +203,19 @@ def test_largest_grid_builds_in_under_a_second(build):
     fig = build()
     assert time.perf_counter() - start < 1.0
     assert np.asarray(fig.data[0].z).shape == (32, 128)
+
+
+def test_long_orders_are_strided_and_fast():
+    import time
+
+    from diaglab import viz
+    t0 = time.perf_counter()
+    seq = viz.schedule_animation(32, 128, order="sequential")
+    both = viz.compare_animation(32, 128)
+    elapsed = time.perf_counter() - t0
+    assert len(seq.frames) <= 300 and len(both.frames) <= 300
+    assert seq.frames[-1].name == str(32 * 128 - 1)          # the finished grid is always shown
+    assert "one frame every" in seq.layout.title.text
+    assert elapsed < 2.0, elapsed
+    assert viz.frame_steps(10, 300) == list(range(10))
+    assert viz.frame_steps(10, 4) == [0, 3, 6, 9]
