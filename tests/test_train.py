@@ -1,0 +1,89 @@
+"""Training and evaluation (diaglab.train): the shipped recall checkpoint does better than
+chance only with its memory, a few training steps run end to end, and the CLI works.
+The full training run (about 25 min) is not run here."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import diaglab
+from diaglab import train
+from diaglab.tasks import VOCAB, TaskVocab, associative_recall
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "data" / "recall"
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """train() and the CLI set torch's thread count (--threads); leave the session's as it was."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_checkpoint_is_small_and_complete():
+    files = {p.name: p.stat().st_size for p in CKPT.iterdir()}
+    assert {"model.safetensors", "armt_config.json", "base_config.json", "train_log.json",
+            "eval.json", "samples.json"} <= set(files)
+    assert sum(files.values()) <= 10 * 2**20
+
+
+def test_checkpoint_recalls_with_memory_and_not_without():
+    torch.set_num_threads(1)   # tiny model: 1 thread takes 0.3 s here; 2 threads on a busy 2-core CPU took 35 s
+    model = diaglab.ARMT.from_pretrained(CKPT)
+    cfg = json.loads((CKPT / "train_log.json").read_text())["config"]
+    S, task = cfg["max_segments"], cfg["task"]
+    res = train.evaluate(model, num_segments=S, samples=32, pairs=cfg["pairs"], distances=[4, 6, S - 1],
+                         seed=123_456_789, tasks=(task,), vocab=TaskVocab(num_fillers=cfg["fillers"]))
+    acc = sum(r[task] for r in res["by_distance"]) / 3
+    zeroed = sum(r[task + "_zeroed"] for r in res["by_distance"]) / 3
+    assert acc > 3 * VOCAB.chance, res                        # far above chance, on seeds no run has seen
+    assert zeroed < 2.5 * VOCAB.chance, res                   # memory off: chance (1/16) within noise
+    assert res["diagonal_equals_sequential"] and res["predictions_compared"] == 96
+
+
+def test_stored_eval_json_is_consistent():
+    res = json.loads((CKPT / "eval.json").read_text())
+    rows = res["by_distance"]
+    assert [r["distance"] for r in rows] == list(range(1, res["num_segments"]))
+    for task in res["tasks"]:
+        far = [r[task] for r in rows if r["distance"] >= 4]
+        assert math.isclose(res[task + "_at_distance_ge_4"], sum(far) / len(far))
+    assert res["trained_on"] in res["tasks"]
+    assert res["diagonal_equals_sequential"] and res["chance"] == VOCAB.chance
+
+
+def _tiny_config(out) -> train.TrainConfig:
+    return train.TrainConfig(out=str(out), layers=1, hidden=32, heads=2, kv_heads=1, segment_size=8,
+                             mem_tokens=2, d_mem=8, max_segments=3, steps=8, batch=4, warmup=2,
+                             eval_every=4, eval_samples=4, progress=False)
+
+
+def test_training_smoke(tmp_path):
+    cfg = _tiny_config(tmp_path / "ckpt")
+    before = train.build_model(cfg).assoc[0].W_mv.weight.detach().clone()
+    model, log = train.train(cfg)
+    assert [e["step"] for e in log] == [4, 8]
+    assert all(math.isfinite(e["loss"]) for e in log)
+    assert not torch.equal(model.assoc[0].W_mv.weight, before)          # the memory's value map learned
+    loaded = diaglab.ARMT.from_pretrained(cfg.out)
+    batch = associative_recall(4, 3, 8, seed=5)
+    assert torch.equal(train.predict(model, batch), train.predict(loaded, batch))
+    res = train.run_eval(cfg.out, samples=4)
+    assert (Path(cfg.out) / "eval.json").exists() and len(res["by_distance"]) == 2
+    assert res["diagonal_equals_sequential"]
+
+
+def test_cli_eval_prints_the_table(tmp_path, capsys):
+    cfg = _tiny_config(tmp_path / "ckpt")
+    train.save(train.build_model(cfg), cfg, [])
+    train.main(["--eval", cfg.out, "--samples", "4", "--no-write"])
+    text = capsys.readouterr().out
+    assert "distance" in text and "diagonal == sequential" in text
+    assert not (Path(cfg.out) / "eval.json").exists()
+    args = train.parse_args(["--hidden", "96", "--minutes", "2.5", "--no-progress"])
+    assert (args.hidden, args.minutes, args.progress, args.eval) == (96, 2.5, False, None)
