@@ -15,7 +15,7 @@ ARMT modes keep only the last segment's logits (keep_logits="last_segment").
 Modes run interleaved — every repeat visits each mode once, starting from a different
 mode each round — so load from other processes hits all of them alike and the ratios
 stay fair on a noisy machine. Latency is the median over repeats, with min and max.
-Peak memory is the largest PeakMemory reading over the repeats (profiling.PeakMemory:
+Peak memory comes from one more call per mode after the timed ones (profiling.PeakMemory:
 CUDA allocations, or resident-set growth on CPU).
 
     python -m diaglab.bench --preset tiny --segments 1,2,4,8,16,32,64,128 \
@@ -25,6 +25,7 @@ CUDA allocations, or resident-set growth on CPU).
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -42,7 +43,7 @@ from .armt import ARMT, randomize_memory_
 from .diagonal import DiagonalExecutor
 from .grouped import LayerDims, grouped_layer
 from .presets import PRESETS, from_preset
-from .profiling import PeakMemory, Timer, return_freed_memory_to_os
+from .profiling import PeakMemory, Timer
 
 MODES = ("full", "sequential", "sequential_grouped", "diagonal", "ideal")
 ROW_KEYS = ("mode", "dtype", "device", "preset", "layers", "segments", "tokens", "seconds", "seconds_min",
@@ -68,41 +69,58 @@ def full_group_step(model: ARMT, executor: DiagonalExecutor, batch: int) -> Call
     return lambda: grouped_layer(W, 0, L - 1, X, n, cos, sin, None, state.W_mem, state.z, not_first, None, dims)
 
 
-def mode_runners(model: ARMT, input_ids: torch.Tensor, modes: tuple[str, ...]) -> dict[str, Callable[[], object]]:
-    """One zero-argument callable per mode, all on the same model and input_ids (B, N).
-    The 'ideal' callable is ONE full-group step; run_bench scales its time by S."""
-    diagonal = DiagonalExecutor(model)
-    grouped_seq = DiagonalExecutor(model, order="sequential")
-    B = input_ids.shape[0]
-    makers = {
-        "full": lambda: (lambda: model.base(input_ids=input_ids, use_cache=False, logits_to_keep=1)),
-        "sequential": lambda: (lambda: model(input_ids, keep_logits="last_segment")),
-        "sequential_grouped": lambda: (lambda: grouped_seq(input_ids, keep_logits="last_segment")),
-        "diagonal": lambda: (lambda: diagonal(input_ids, keep_logits="last_segment")),
-        "ideal": lambda: full_group_step(model, diagonal, B),
-    }
-    unknown = set(modes) - set(makers)
+def executors(model: ARMT) -> dict[str, DiagonalExecutor]:
+    """The diagonal and the grouped-sequential executor, weights stacked up front. The
+    latter runs on its own copy of the model: an executor re-points the layer parameters
+    to ITS weight stacks (grouped.TiedStacks), so two executors on one model would take
+    the parameters from each other and re-stack every weight on every call."""
+    execs = {"diagonal": DiagonalExecutor(model),
+             "sequential_grouped": DiagonalExecutor(copy.deepcopy(model), order="sequential")}
+    with torch.no_grad():
+        for ex in execs.values():
+            ex.stacked_weights()
+    return execs
+
+
+def mode_runners(model: ARMT, input_ids: torch.Tensor, modes: tuple[str, ...],
+                 execs: dict[str, DiagonalExecutor] | None = None) -> dict[str, Callable[[], object]]:
+    """One zero-argument callable per mode, all on the same weights and input_ids (B, N);
+    execs from executors(model), built here if not given. The 'ideal' callable is ONE
+    full-group step; run_bench scales its time by S."""
+    unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
-    return {mode: makers[mode]() for mode in modes}
+    execs = execs or executors(model)
+    runs = {
+        "full": lambda: model.base(input_ids=input_ids, use_cache=False, logits_to_keep=1),
+        "sequential": lambda: model(input_ids, keep_logits="last_segment"),
+        "sequential_grouped": lambda: execs["sequential_grouped"](input_ids, keep_logits="last_segment"),
+        "diagonal": lambda: execs["diagonal"](input_ids, keep_logits="last_segment"),
+    }
+    return {mode: full_group_step(model, execs["diagonal"], input_ids.shape[0]) if mode == "ideal"
+            else runs[mode] for mode in modes}
 
 
 def measure(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
             repeats: int) -> dict[str, tuple[list[float], int | None]]:
     """Interleaved timing: each round runs every mode once, the start rotating by round.
-    Returns mode -> (seconds of each timed repeat, peak bytes over all repeats)."""
+    Then one more call per mode under PeakMemory, apart from the timed calls because
+    measuring memory on CPU returns the free heap to the OS, which slows the next call.
+    Returns mode -> (seconds of each timed repeat, peak bytes)."""
     names = list(fns)
     times: dict[str, list[float]] = {m: [] for m in names}
-    peaks: dict[str, int | None] = {m: None for m in names}
     for r in range(warmup + repeats):
         k = r % len(names)
         for mode in names[k:] + names[:k]:
-            with PeakMemory(device) as pm, Timer(device) as t:
+            with Timer(device) as t:
                 fns[mode]()
             if r >= warmup:
                 times[mode].append(t.seconds)
-            if pm.bytes is not None:
-                peaks[mode] = max(peaks[mode] or 0, pm.bytes)
+    peaks = {}
+    for mode in names:
+        with PeakMemory(device) as pm:
+            fns[mode]()
+        peaks[mode] = pm.bytes
     return {m: (times[m], peaks[m]) for m in names}
 
 
@@ -131,13 +149,14 @@ def run_bench(preset: str = "tiny", segments: list[int] | None = None, lengths: 
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         model = randomize_memory_(from_preset(preset, seed=seed, dtype=dtype, device=dev, **overrides)).eval()
+        execs = executors(model)
         L, n = model.num_layers, model.config.segment_size
         gen = torch.Generator().manual_seed(seed)
         for S, N in _points(n, segments, lengths):
             ids = torch.randint(0, model.base.config.vocab_size, (batch, N), generator=gen).to(dev)  # (B, N)
             point_modes = tuple(m for m in modes if m != "full" or full_max_tokens is None or N <= full_max_tokens)
             with torch.no_grad():
-                result = measure(mode_runners(model, ids, point_modes), dev, warmup, repeats)
+                result = measure(mode_runners(model, ids, point_modes, execs), dev, warmup, repeats)
             for mode, (secs, peak) in result.items():
                 if mode == "ideal":
                     secs = [schedule.ideal_even_load(s, L, S) for s in secs]
@@ -151,7 +170,7 @@ def run_bench(preset: str = "tiny", segments: list[int] | None = None, lengths: 
             if log is not None:
                 log(f"{dtype_name} S={S} N={N}: " + ", ".join(
                     f"{r['mode']} {r['seconds'] * 1e3:.1f} ms" for r in rows[-len(result):]))
-        del model
+        del model, execs  # free this dtype's weights before building the next
     return rows
 
 
@@ -274,7 +293,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument("--segments", type=_ints, help="comma list of segment counts S (default 1,2,...,64)")
     size.add_argument("--lengths", type=_ints, help="comma list of token counts N (S = ceil(N / n))")
     p.add_argument("--modes", type=_names(MODES), default=MODES, help=f"comma list from {','.join(MODES)}")
-    p.add_argument("--dtype", type=_names(("float32", "bfloat16", "float16")), default=("float32",))
+    p.add_argument("--dtype", type=_names(("float32", "bfloat16", "float16")), default=("float32",),
+                   help="comma list of model dtypes (default float32)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
@@ -296,8 +316,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.threads:
         torch.set_num_threads(args.threads)
-    if device == "cpu":
-        return_freed_memory_to_os()  # CPU peaks are resident-set growth (profiling.PeakMemory)
     overrides = {"layers": args.layers} if args.layers else {}
     rows = run_bench(args.preset, args.segments, args.lengths, args.dtype, device, args.modes, args.warmup,
                      args.repeats, args.batch, args.full_max_tokens,

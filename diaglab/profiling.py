@@ -10,13 +10,16 @@ it began (weights and inputs excluded), so sizes and devices compare:
   - CUDA: torch.cuda.max_memory_allocated (peak stats reset at the start) minus
     memory_allocated at the start — the tensors torch allocated, not the caching
     allocator's reserve.
-  - CPU (Linux): the process's resident set. The kernel's peak (VmHWM in
+  - CPU (Linux): growth of the process's resident set. The kernel's peak (VmHWM in
     /proc/self/status) is reset through /proc/self/clear_refs at the start, so the peak
     belongs to this block and not to everything the process did before (ru_maxrss only
-    ever grows). RSS counts every page the process touches — Python objects and
-    allocator caches too — and memory that malloc freed but kept is reused unseen, so
-    call `return_freed_memory_to_os()` first (the bench CLI does): glibc then unmaps
-    every block of 128 KiB or more on free, and RSS follows the live tensors.
+    ever grows). glibc keeps freed memory for reuse, and reusing it would not show in
+    RSS, so the start also hands free heap pages back (malloc_trim): whatever the block
+    touches then shows up. RSS counts whole 4 KiB pages and everything in them (Python
+    objects, allocator bookkeeping), so it bounds the tensor bytes from above and is
+    coarse — a MiB or two — for blocks of small tensors. Trimming makes the next
+    allocations fault their pages in again: time and measure memory in separate calls
+    (bench does).
   - anywhere else: None; no per-block peak is available without a fresh process.
 
 Per-step records come from the executor's `on_step(t, cells)` hook. On CUDA each step is
@@ -28,6 +31,7 @@ an unprofiled run. Use `Timer` around the whole call for end-to-end latency.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -107,17 +111,20 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def return_freed_memory_to_os() -> bool:
-    """Make glibc unmap freed blocks of >= 128 KiB at once (a fixed mmap threshold, which
-    also stops glibc from raising it after large frees), so the resident set follows live
-    tensors and CPU peaks are not hidden by reused freed memory. Process-wide; call it
-    once at the start of a measuring script. Returns False off glibc."""
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL("libc.so.6")
     except OSError:
-        return False
-    M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * _KIB))
+        return None
+
+
+def _release_free_heap() -> None:
+    """Give glibc's free heap pages back to the OS (malloc_trim), so that using them again
+    shows up in RSS. A no-op off glibc (then CPU peaks are lower bounds)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 class PeakMemory:
@@ -125,7 +132,9 @@ class PeakMemory:
     says what that means per device). `with PeakMemory(device) as pm: ...` then pm.bytes;
     pm.bytes is None where the platform cannot measure it.
 
-    For per-step peaks: start() once, then read() and reset_peak() after every step.
+    For per-step peaks: start() once, then read() and reset_peak() after every step. On
+    CPU the heap is trimmed only at start(), so within a run freed memory is reused
+    unseen and each step reads the resident growth of the run so far.
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
@@ -138,6 +147,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            _release_free_heap()
             self._base = _proc_status_bytes("VmRSS")
         self.reset_peak()
 
@@ -198,7 +208,8 @@ def profile_steps(executor, input_ids: torch.Tensor,
 
     input_ids: (B, N). on_record(record) is called after each step, outside the timed span
     (a live figure can redraw there without slowing the steps it shows). Returns one
-    StepRecord per step, in order.
+    StepRecord per step, in order. On CPU the run starts from a trimmed heap (PeakMemory),
+    so its first steps also pay for faulting their memory in: read the steady state.
     """
     model = executor.model
     device, last_layer = model.device, model.num_layers - 1
@@ -374,8 +385,8 @@ def live_profile(executor, input_ids: torch.Tensor, show: bool = True, progress:
 
     In a notebook the widget is displayed before the run starts (show=True) so it fills
     in as steps complete — assign the result (`fig = live_profile(...)`) rather than
-    ending the cell with it, or it is shown twice. Records: `fig` is drawn from them;
-    use LiveRun directly to keep them.
+    ending the cell with it, or it is shown twice. To keep the StepRecords as well, use
+    LiveRun directly (`live = LiveRun(ex, ids); display(live.figure); live.run()`).
     """
     live = LiveRun(executor, input_ids, refresh_s, progress)
     if show:

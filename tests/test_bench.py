@@ -1,0 +1,89 @@
+"""The benchmark runs end to end at tiny sizes: one row per (dtype, point, mode) with
+the documented keys, JSON / CSV / HTML written, the table's ratios computed from the
+rows. No timing thresholds."""
+
+import csv
+import json
+
+import plotly.graph_objects as go
+import pytest
+import torch
+
+import diaglab
+from diaglab import bench
+
+TINY = dict(layers=2)   # the tiny preset (segment 32) cut to 2 layers: a run takes well under a second
+REQUIRED = {"mode", "dtype", "device", "preset", "layers", "segments", "tokens", "seconds", "seconds_min",
+            "seconds_max", "tokens_per_s", "peak_mem_bytes"}
+
+
+def test_run_bench_rows_per_point_and_mode():
+    rows = bench.run_bench("tiny", segments=[1, 3], dtypes=("float32", "bfloat16"), warmup=0, repeats=2, **TINY)
+    assert len(rows) == 2 * 2 * len(bench.MODES)
+    assert {(r["dtype"], r["segments"], r["mode"]) for r in rows} == {
+        (d, S, m) for d in ("float32", "bfloat16") for S in (1, 3) for m in bench.MODES}
+    for r in rows:
+        assert REQUIRED <= set(r) == set(bench.ROW_KEYS)
+        assert r["tokens"] == 32 * r["segments"] and r["layers"] == 2 and r["preset"] == "tiny"
+        assert r["device"] == "cpu" and r["repeats"] == 2
+        assert 0 < r["seconds_min"] <= r["seconds"] <= r["seconds_max"]
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+
+
+def test_lengths_cut_into_segments_and_full_attention_can_be_capped():
+    rows = bench.run_bench("tiny", lengths=[40, 100], modes=("full", "diagonal"), full_max_tokens=64,
+                           warmup=0, repeats=1, **TINY)
+    assert [(r["mode"], r["tokens"], r["segments"]) for r in rows] == [
+        ("full", 40, 2), ("diagonal", 40, 2), ("diagonal", 100, 4)]
+
+
+def test_ideal_is_one_full_group_step_times_segments():
+    model = diaglab.from_preset("tiny", **TINY).eval()
+    ex = diaglab.DiagonalExecutor(model)
+    with torch.no_grad():
+        Y, W_mem, z = bench.full_group_step(model, ex, batch=2)()
+    assert Y.shape == (2, 2, 32 + 8, 128)                         # (G = L, B, T, d)
+    assert W_mem.shape == (2, 2, model.config.d_key, 128) and z.shape == (2, 2, model.config.d_key)
+    with pytest.raises(ValueError, match="unknown modes"):
+        bench.mode_runners(model, torch.zeros(1, 32, dtype=torch.long), ("diagonal", "warp"))
+    by_mode = {"diagonal": {"seconds": 1.5}, "sequential": {"seconds": 3.0},
+               "sequential_grouped": {"seconds": 2.25}, "full": {"seconds": 6.0}, "ideal": {"seconds": 1.2}}
+    assert bench.speedups(by_mode) == pytest.approx({"sequential/diagonal": 2.0, "sequential_grouped/diagonal": 1.5,
+                                                     "full/diagonal": 4.0, "diagonal/ideal": 1.25})
+
+
+def test_cli_writes_json_csv_html_and_a_table(tmp_path, capsys):
+    out = {k: tmp_path / "out" / f"bench.{k}" for k in ("json", "csv", "html")}
+    rows = bench.main(["--preset", "tiny", "--layers", "2", "--segments", "1,2,4", "--device", "cpu",
+                       "--modes", "sequential,diagonal,ideal", "--warmup", "0", "--repeats", "1",
+                       "--json", str(out["json"]), "--csv", str(out["csv"]), "--html", str(out["html"])])
+    saved = json.loads(out["json"].read_text())
+    assert saved == rows and len(saved) == 3 * 3
+    with open(out["csv"], newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 9 and set(table[0]) == set(bench.ROW_KEYS)
+    assert [r["mode"] for r in table[:3]] == ["sequential", "diagonal", "ideal"]
+    assert "plotly" in out["html"].read_text()[:20000].lower()
+    printed = capsys.readouterr().out.splitlines()
+    assert "sequential/diagonal" in printed[0] and "diagonal/ideal" in printed[0]
+    assert len(printed) == 1 + 3                                  # header + one line per point
+
+
+def test_cli_rejects_unknown_modes_and_both_size_flags():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--modes", "diagonal,warp"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--segments", "1", "--lengths", "32"])
+    assert bench.parse_args([]).segments == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_bench_figure_lines_per_mode_and_speedups():
+    rows = [dict(mode=m, dtype="float32", tokens=N, segments=N // 32, seconds=s * N, seconds_min=s * N,
+                 seconds_max=s * N, device="cpu", preset="tiny")
+            for N in (32, 64) for m, s in (("sequential", 2.0), ("diagonal", 1.0), ("full", 3.0))]
+    fig = bench.bench_figure(rows)
+    assert isinstance(fig, go.Figure)
+    names = [t.name for t in fig.data]
+    assert names == ["full (float32)", "sequential (float32)", "diagonal (float32)",
+                     "vs sequential (float32)", "vs full (float32)"]
+    assert list(fig.data[3].y) == [2.0, 2.0] and list(fig.data[4].y) == [3.0, 3.0]
