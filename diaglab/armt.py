@@ -25,6 +25,12 @@ from .segments import (Segmented, positions_and_mask, segment, segment_loss_term
 _KEEP_LOGITS = ("all", "last_segment", "none")
 
 
+def keeps(keep_logits: str, s: int, S: int) -> bool:
+    """Whether segment s of S keeps its logits under keep_logits (the LM head runs only then,
+    or when labels need a loss)."""
+    return keep_logits == "all" or (keep_logits == "last_segment" and s == S - 1)
+
+
 @dataclass
 class ARMTOutput:
     logits: torch.Tensor | None   # (B, N, V); (B, n_last, V) with keep_logits="last_segment"; None with "none"
@@ -175,8 +181,9 @@ class ARMT(nn.Module):
         cos_sin = inner.rotary_emb(h, pos)
         W_mem, z, first = state
         wmask = None if nreal is None else nreal > 0
+        reads = (~torch.stack(first)).any(dim=1).tolist()                       # (L,) one transfer per segment
         for l, layer in enumerate(inner.layers):
-            if not bool(first[l].all()):
+            if reads[l]:
                 h = self.assoc[l].read(h, W_mem[l], z[l], first[l])
             h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin,
                       cache=cache, use_cache=cache is not None)
@@ -197,13 +204,13 @@ class ARMT(nn.Module):
         for s, (a, e) in enumerate(seg.bounds):
             nreal = seg.nreal[s] if seg.padded else None
             text = self.segment_step(seg.ids[:, a:e], nreal, lists)
-            if keep_logits == "none" and seg.targets is None:
+            if seg.targets is None and not keeps(keep_logits, s, seg.num_segments):
                 continue
             seg_logits = self.base.lm_head(text)                                # (B, n_s, V)
             if seg.targets is not None:
                 ls, c = segment_loss_terms(seg_logits, seg.targets[:, a:e])
                 loss_sum, count = loss_sum + ls, count + c
-            if keep_logits == "all" or (keep_logits == "last_segment" and s == seg.num_segments - 1):
+            if keeps(keep_logits, s, seg.num_segments):
                 logits.append(seg_logits)
         loss = loss_sum / count if seg.targets is not None else None
         out_logits = torch.cat(logits, dim=1) if logits else None

@@ -25,7 +25,6 @@ CUDA allocations, or resident-set growth on CPU).
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import math
@@ -70,12 +69,10 @@ def full_group_step(model: ARMT, executor: DiagonalExecutor, batch: int) -> Call
 
 
 def executors(model: ARMT) -> dict[str, DiagonalExecutor]:
-    """The diagonal and the grouped-sequential executor, weights stacked up front. The
-    latter runs on its own copy of the model: an executor re-points the layer parameters
-    to ITS weight stacks (grouped.TiedStacks), so two executors on one model would take
-    the parameters from each other and re-stack every weight on every call."""
+    """The diagonal and the grouped-sequential executor on the same model, weights stacked
+    up front (both share one set of stacks: grouped.TiedStacks adopts existing ones)."""
     execs = {"diagonal": DiagonalExecutor(model),
-             "sequential_grouped": DiagonalExecutor(copy.deepcopy(model), order="sequential")}
+             "sequential_grouped": DiagonalExecutor(model, order="sequential")}
     with torch.no_grad():
         for ex in execs.values():
             ex.stacked_weights()

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from . import schedule as sched
-from .armt import ARMT, ARMTOutput
+from .armt import ARMT, ARMTOutput, keeps
 from .generation import generate as _generate
 from .grouped import LayerDims, TiedStacks, _param_groups, gather_stacks, grouped_layer
 from .memory import MemoryState
@@ -61,6 +61,16 @@ class DiagonalExecutor:
         L = self.model.num_layers
         return sched.diagonal(L, num_segments) if self.order == "diagonal" else sched.sequential(L, num_segments)
 
+    def iter_steps(self, num_segments: int):
+        """The steps of `steps`, made one at a time (memory stays flat however long the input)."""
+        L, S = self.model.num_layers, num_segments
+        if self.order == "sequential":
+            yield from ([(l, s)] for s in range(S) for l in range(L))
+            return
+        for t in range(L + S - 1):
+            lo, hi = sched.active_layers(t, L, S)
+            yield [(l, t - l) for l in range(lo, hi + 1)]
+
     def __call__(self, input_ids, attention_mask=None, labels=None, state: MemoryState | None = None,
                  keep_logits: str = "all", on_step: StepHook | None = None) -> ARMTOutput:
         """input_ids (B, N); attention_mask (B, N) right-padded; labels (B, N); see ARMT.forward.
@@ -76,10 +86,11 @@ class DiagonalExecutor:
         n, M = model.config.segment_size, model.config.num_mem_tokens
         W_mem, z, first = state.layers()
         full = (seg.nreal == n).all(dim=1).tolist()                  # (S,) needs neither padding nor mask
+        started = (~state.is_first).any(dim=1).tolist()              # (L,) host flags: layer has memory to read
         rope_full = model.base.model.rotary_emb(model.memory, torch.arange(n + M, device=model.device)[None])
         pending: dict[tuple[int, int], torch.Tensor] = {}            # (layer, segment) -> its input
         logits, loss_sum, count = [], 0.0, 0
-        for t, cells in enumerate(self.steps(S)):
+        for t, cells in enumerate(self.iter_steps(S)):
             lo, hi = cells[0][0], cells[-1][0]
             segs = [s for _, s in cells]
             with torch.profiler.record_function(f"diag_step {t} layers {lo}-{hi}"):
@@ -96,22 +107,24 @@ class DiagonalExecutor:
                 wmask = (seg.nreal[segs] > 0) if seg.padded else None                 # (G, B)
                 Y, Wg, zg = grouped_layer(W, lo, hi, X, n, cos, sin, mask,
                                           torch.stack(W_mem[lo:hi + 1]), torch.stack(z[lo:hi + 1]),
-                                          torch.stack(first[lo:hi + 1]), wmask, dims)
+                                          torch.stack(first[lo:hi + 1]), wmask, dims,
+                                          read=any(started[lo:hi + 1]))
                 W_mem[lo:hi + 1], z[lo:hi + 1] = list(Wg.unbind(0)), list(zg.unbind(0))
                 for g, (l, s) in enumerate(cells):
                     first[l] = first[l] & ~(wmask[g] if wmask is not None else torch.ones_like(first[l]))
+                    started[l] = True
                     if l < L - 1:
                         pending[(l + 1, s)] = Y[g]
                         continue
                     # segment s leaves the last layer: final norm + LM head on its text rows only
                     a, e = seg.bounds[s]
-                    if keep_logits == "none" and seg.targets is None:
+                    if seg.targets is None and not keeps(keep_logits, s, S):
                         continue
                     seg_logits = model.base.lm_head(model.base.model.norm(Y[g, :, :e - a]))  # (B, n_s, V)
                     if seg.targets is not None:
                         ls, c = segment_loss_terms(seg_logits, seg.targets[:, a:e])
                         loss_sum, count = loss_sum + ls, count + c
-                    if keep_logits == "all" or (keep_logits == "last_segment" and s == S - 1):
+                    if keeps(keep_logits, s, S):
                         logits.append(seg_logits)
             if on_step is not None:
                 on_step(t, cells)

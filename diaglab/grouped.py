@@ -17,6 +17,7 @@ with equal-shape groups a strided batched GEMM is already what a grouped GEMM wo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,31 +66,57 @@ def gather_stacks(model) -> dict[str, torch.Tensor]:
 class TiedStacks:
     """Stacks that OWN the layer weights: each per-layer parameter's storage is re-pointed
     to a view of its stack, so values stay the model's own (an optimiser step or
-    load_state_dict updates both at once) and nothing is copied per call. If the model
-    is moved or cast (new storages), `is_valid` turns False and the executor re-ties."""
+    load_state_dict updates both at once) and nothing is copied per call. If the model's
+    parameters already live in such stacks (another executor tied them), those are
+    adopted as they are, so several executors share one copy. If the model is moved or
+    cast (new storages), `is_valid` turns False and the executor re-ties."""
 
     def __init__(self, model):
         self.tensors: dict[str, torch.Tensor] = {}
         self._views: list[tuple[torch.Tensor, int]] = []
         with torch.no_grad():
             for name, per_layer in _param_groups(model).items():
-                first = per_layer[0]
-                rows = sum(p.shape[0] for p in first)
-                stack = torch.empty((len(per_layer), rows, *first[0].shape[1:]),
-                                    dtype=first[0].dtype, device=first[0].device)
+                stack = _existing_stack(per_layer)
+                if stack is None:
+                    first = per_layer[0]
+                    rows = sum(p.shape[0] for p in first)
+                    stack = torch.empty((len(per_layer), rows, *first[0].shape[1:]),
+                                        dtype=first[0].dtype, device=first[0].device)
                 for l, ps in enumerate(per_layer):
                     r = 0
                     for p in ps:
                         view = stack[l, r:r + p.shape[0]]
-                        view.copy_(p)
-                        p.data = view
+                        if p.data_ptr() != view.data_ptr():
+                            view.copy_(p)
+                            p.data = view
                         self._views.append((p, view.data_ptr()))
                         r += p.shape[0]
                 self.tensors[name] = stack
 
     def is_valid(self, model) -> bool:
-        return all(p.data_ptr() == ptr for p, ptr in self._views) and len(self._views) == sum(
-            len(ps) for per_layer in _param_groups(model).values() for ps in per_layer)
+        return all(p.data_ptr() == ptr for p, ptr in self._views)
+
+
+def _existing_stack(per_layer: list[list[torch.Tensor]]) -> torch.Tensor | None:
+    """The (L, rows, ...) stack these parameters already are views of, laid out exactly as
+    TiedStacks lays it out, or None."""
+    first = per_layer[0][0]
+    storage = first.untyped_storage()
+    rows = sum(p.shape[0] for p in per_layer[0])
+    shape = (len(per_layer), rows, *first.shape[1:])
+    row_numel = first[0].numel() if first.dim() > 1 else 1
+    start = first.storage_offset()
+    if storage.nbytes() < (start + math.prod(shape)) * first.element_size():
+        return None
+    for l, ps in enumerate(per_layer):
+        r = 0
+        for p in ps:
+            want = start + (l * rows + r) * row_numel
+            if (p.untyped_storage().data_ptr() != storage.data_ptr() or p.storage_offset() != want
+                    or not p.is_contiguous() or p.dtype != first.dtype):
+                return None
+            r += p.shape[0]
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, start, shape)
 
 
 # ---- grouped operations (one call for the whole group) ----------------------------------
@@ -146,19 +173,21 @@ class LayerDims:
 def grouped_layer(W: dict[str, torch.Tensor], lo: int, hi: int, X: torch.Tensor, n_text: int,
                   cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None,
                   W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor,
-                  write_mask: torch.Tensor | None, dims: LayerDims):
+                  write_mask: torch.Tensor | None, dims: LayerDims, read: bool = True):
     """Read, decoder layer and write for the layers lo..hi at once (one diagonal step).
 
     X: (G, B, T, d) inputs, element g = layer lo + g on its own segment; T = n_text + M.
     cos, sin: (1 or G*B, T, hd); attn_mask: (G*B, 1, T, T) bool or None (plain causal).
     W_mem: (G, B, dk, d); z: (G, B, dk); is_first, write_mask: (G, B) bool.
+    read: False when every element is on its layer's first segment (the caller knows it on
+    the host, which spares a device sync per step).
     Returns Y (G, B, T, d) and the new W_mem, z.
     """
     G, B, T, d = X.shape
     H, Hkv, hd = dims.heads, dims.kv_heads, dims.head_dim
     w = {name: t[lo:hi + 1] for name, t in W.items()}                           # views, no copy
     # 1. associative read into every row of the layer input (not on a layer's first segment)
-    if not bool(is_first.all()):
+    if read:
         q = grouped_linear(X.reshape(G, B * T, d), w["mq"], kernel=dims.kernel)
         q = dpfp(q, dims.nu)                                                       # (G, B*T, dk)
         A = associative_read(q.view(G, B, T, -1), W_mem, z).to(X.dtype)           # (G, B, T, d)

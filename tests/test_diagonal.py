@@ -236,3 +236,22 @@ def test_attention_and_mlp_biases():
     ids = random_ids(2, 21)
     with torch.no_grad():
         assert_same(model(ids), DiagonalExecutor(model)(ids), 1e-5)
+
+
+def test_executors_share_one_copy_of_the_weights(model):
+    a, b = DiagonalExecutor(model), DiagonalExecutor(model, order="sequential")
+    ids = random_ids(1, 20)
+    with torch.no_grad():
+        first = a(ids)
+        ptrs = {k: v.data_ptr() for k, v in a.stacked_weights().items()}
+        second = b(ids)
+        assert {k: v.data_ptr() for k, v in b.stacked_weights().items()} == ptrs   # adopted, not re-copied
+        assert {k: v.data_ptr() for k, v in a.stacked_weights().items()} == ptrs   # a stays valid
+    assert_same(first, second, 1e-5)
+
+
+def test_steps_iterate_like_the_schedule(model):
+    for order in ("diagonal", "sequential"):
+        ex = DiagonalExecutor(model, order=order)
+        for S in (1, 2, 5):
+            assert list(ex.iter_steps(S)) == ex.steps(S)
