@@ -38,10 +38,6 @@ class Segmented:
         return len(self.bounds)
 
 
-def _device_str(t: torch.device) -> str:
-    return str(t)
-
-
 def validate_ids(input_ids, vocab_size: int, device: torch.device) -> torch.Tensor:
     """Check token ids [B, N]: type, shape, emptiness, vocabulary range, device."""
     if not isinstance(input_ids, torch.Tensor):
@@ -56,8 +52,8 @@ def validate_ids(input_ids, vocab_size: int, device: torch.device) -> torch.Tens
         raise ValueError(f"empty input: input_ids has shape {tuple(input_ids.shape)}; "
                          "give at least one row with at least one token")
     if input_ids.device != device:
-        raise ValueError(f"input_ids is on {_device_str(input_ids.device)} but the model is on "
-                         f"{_device_str(device)}; move it with input_ids.to(model.device)")
+        raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}; "
+                         "move it with input_ids.to(model.device)")
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"token ids must lie in [0, {vocab_size - 1}] (the vocabulary), "
