@@ -57,19 +57,13 @@ class DiagonalExecutor:
         return self._tied.tensors
 
     # ---- the run ----------------------------------------------------------------------
-    def steps(self, num_segments: int) -> list[list[tuple[int, int]]]:
-        L = self.model.num_layers
-        return sched.diagonal(L, num_segments) if self.order == "diagonal" else sched.sequential(L, num_segments)
-
     def iter_steps(self, num_segments: int):
-        """The steps of `steps`, made one at a time (memory stays flat however long the input)."""
-        L, S = self.model.num_layers, num_segments
-        if self.order == "sequential":
-            yield from ([(l, s)] for s in range(S) for l in range(L))
-            return
-        for t in range(L + S - 1):
-            lo, hi = sched.active_layers(t, L, S)
-            yield [(l, t - l) for l in range(lo, hi + 1)]
+        """The steps of this executor's order, made one at a time."""
+        order = sched.iter_diagonal if self.order == "diagonal" else sched.iter_sequential
+        return order(self.model.num_layers, num_segments)
+
+    def steps(self, num_segments: int) -> list[list[tuple[int, int]]]:
+        return list(self.iter_steps(num_segments))
 
     def __call__(self, input_ids, attention_mask=None, labels=None, state: MemoryState | None = None,
                  keep_logits: str = "all", on_step: StepHook | None = None) -> ARMTOutput:

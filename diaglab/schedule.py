@@ -10,7 +10,7 @@ run together. No torch here: the executor, the figures and the tests share it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 Cell = tuple[int, int]  # (layer, segment)
@@ -33,10 +33,15 @@ def dependencies(layer: int, segment: int) -> list[Cell]:
     return deps
 
 
+def iter_sequential(L: int, S: int) -> Iterator[list[Cell]]:
+    """The steps of `sequential`, one at a time."""
+    _check_sizes(L, S)
+    return ([(l, s)] for s in range(S) for l in range(L))
+
+
 def sequential(L: int, S: int) -> Schedule:
     """S * L steps of one cell each: segment by segment, layer by layer."""
-    _check_sizes(L, S)
-    return [[(l, s)] for s in range(S) for l in range(L)]
+    return list(iter_sequential(L, S))
 
 
 def active_layers(t: int, L: int, S: int) -> tuple[int, int]:
@@ -47,14 +52,17 @@ def active_layers(t: int, L: int, S: int) -> tuple[int, int]:
     return max(0, t - S + 1), min(t, L - 1)
 
 
-def diagonal(L: int, S: int) -> Schedule:
-    """L + S - 1 steps; step t holds the cells with layer + segment == t, by layer."""
+def iter_diagonal(L: int, S: int) -> Iterator[list[Cell]]:
+    """The steps of `diagonal`, one at a time (memory stays flat however large S is)."""
     _check_sizes(L, S)
-    steps = []
     for t in range(L + S - 1):
         lo, hi = active_layers(t, L, S)
-        steps.append([(l, t - l) for l in range(lo, hi + 1)])
-    return steps
+        yield [(l, t - l) for l in range(lo, hi + 1)]
+
+
+def diagonal(L: int, S: int) -> Schedule:
+    """L + S - 1 steps; step t holds the cells with layer + segment == t, by layer."""
+    return list(iter_diagonal(L, S))
 
 
 def validate(steps: Schedule, L: int, S: int) -> None:
