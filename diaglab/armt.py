@@ -11,24 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .config import ARMTConfig
+from .generation import generate
 from .memory import MemoryState, associative_read, associative_write, dpfp
-from .segments import (Segmented, positions_and_mask, segment, segment_loss_terms,
-                       validate_ids, validate_mask)
+from .segments import (Segmented, SegmentOutputs, positions_and_mask, segment, validate_ids,
+                       validate_mask)
 
 _KEEP_LOGITS = ("all", "last_segment", "none")
-
-
-def keeps(keep_logits: str, s: int, S: int) -> bool:
-    """Whether segment s of S keeps its logits under keep_logits (the LM head runs only then,
-    or when labels need a loss)."""
-    return keep_logits == "all" or (keep_logits == "last_segment" and s == S - 1)
 
 
 @dataclass
@@ -200,27 +195,17 @@ class ARMT(nn.Module):
         keep_logits: 'all' | 'last_segment' | 'none' (the latter two keep peak memory flat in N)."""
         seg, state = self.prepare(input_ids, attention_mask, labels, state, keep_logits)
         lists = list(state.layers())
-        logits, loss_sum, count = [], 0.0, 0
+        outputs = SegmentOutputs(seg, keep_logits, self.base.lm_head)
         for s, (a, e) in enumerate(seg.bounds):
             nreal = seg.nreal[s] if seg.padded else None
-            text = self.segment_step(seg.ids[:, a:e], nreal, lists)
-            if seg.targets is None and not keeps(keep_logits, s, seg.num_segments):
-                continue
-            seg_logits = self.base.lm_head(text)                                # (B, n_s, V)
-            if seg.targets is not None:
-                ls, c = segment_loss_terms(seg_logits, seg.targets[:, a:e])
-                loss_sum, count = loss_sum + ls, count + c
-            if keeps(keep_logits, s, seg.num_segments):
-                logits.append(seg_logits)
-        loss = loss_sum / count if seg.targets is not None else None
-        out_logits = torch.cat(logits, dim=1) if logits else None
-        return ARMTOutput(out_logits, loss, MemoryState.from_layers(*lists))
+            outputs.add(s, self.segment_step(seg.ids[:, a:e], nreal, lists))
+        logits, loss = outputs.result()
+        return ARMTOutput(logits, loss, MemoryState.from_layers(*lists))
 
     # ---- generation (SPEC §5) ---------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 16, **sampling) -> torch.Tensor:
         """Greedy (default) or sampled continuation; see diaglab.generation.generate."""
-        from .generation import generate
         return generate(self, self, input_ids, max_new_tokens, **sampling)
 
     # ---- persistence ------------------------------------------------------------------
@@ -265,20 +250,12 @@ class ARMT(nn.Module):
         return model.to(device) if device is not None else model
 
 
-def _seeded(seed: int | None):
-    """Fork the global RNG so seeded construction leaves the caller's RNG untouched."""
-    if seed is None:
-        return nullcontext()
-
-    class _Ctx:
-        def __enter__(self):
-            self._fork = torch.random.fork_rng(devices=[])
-            self._fork.__enter__()
-            torch.manual_seed(seed)
-
-        def __exit__(self, *exc):
-            return self._fork.__exit__(*exc)
-    return _Ctx()
+@contextmanager
+def _seeded(seed: int):
+    """Seed torch's global RNG inside the block and restore the caller's RNG afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def randomize_memory_(model: ARMT, seed: int = 0, scale: float = 0.25) -> ARMT:

@@ -19,11 +19,11 @@ from typing import Callable
 import torch
 
 from . import schedule as sched
-from .armt import ARMT, ARMTOutput, keeps
+from .armt import ARMT, ARMTOutput
 from .generation import generate as _generate
 from .grouped import LayerDims, TiedStacks, _param_groups, gather_stacks, grouped_layer
 from .memory import MemoryState
-from .segments import Segmented, positions_and_mask, segment_loss_terms
+from .segments import Segmented, SegmentOutputs, positions_and_mask
 
 StepHook = Callable[[int, list], None]
 
@@ -83,7 +83,7 @@ class DiagonalExecutor:
         started = (~state.is_first).any(dim=1).tolist()              # (L,) host flags: layer has memory to read
         rope_full = model.base.model.rotary_emb(model.memory, torch.arange(n + M, device=model.device)[None])
         pending: dict[tuple[int, int], torch.Tensor] = {}            # (layer, segment) -> its input
-        logits, loss_sum, count = [], 0.0, 0
+        outputs = SegmentOutputs(seg, keep_logits, model.base.lm_head)
         for t, cells in enumerate(self.iter_steps(S)):
             lo, hi = cells[0][0], cells[-1][0]
             segs = [s for _, s in cells]
@@ -111,20 +111,13 @@ class DiagonalExecutor:
                         pending[(l + 1, s)] = Y[g]
                         continue
                     # segment s leaves the last layer: final norm + LM head on its text rows only
-                    a, e = seg.bounds[s]
-                    if seg.targets is None and not keeps(keep_logits, s, S):
-                        continue
-                    seg_logits = model.base.lm_head(model.base.model.norm(Y[g, :, :e - a]))  # (B, n_s, V)
-                    if seg.targets is not None:
-                        ls, c = segment_loss_terms(seg_logits, seg.targets[:, a:e])
-                        loss_sum, count = loss_sum + ls, count + c
-                    if keeps(keep_logits, s, S):
-                        logits.append(seg_logits)
+                    if outputs.wanted(s):
+                        a, e = seg.bounds[s]
+                        outputs.add(s, model.base.model.norm(Y[g, :, :e - a]))
             if on_step is not None:
                 on_step(t, cells)
-        loss = loss_sum / count if seg.targets is not None else None
-        out_logits = torch.cat(logits, dim=1) if logits else None
-        return ARMTOutput(out_logits, loss, MemoryState.from_layers(W_mem, z, first))
+        logits, loss = outputs.result()
+        return ARMTOutput(logits, loss, MemoryState.from_layers(W_mem, z, first))
 
     forward = __call__
 

@@ -147,3 +147,40 @@ def segment_loss_terms(logits: torch.Tensor, targets: torch.Tensor) -> tuple[tor
     loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=-100, reduction="sum")
     return loss_sum, (targets != -100).sum()
+
+
+def keeps(keep_logits: str, s: int, S: int) -> bool:
+    """Whether segment s of S keeps its logits under keep_logits ('all' | 'last_segment' | 'none')."""
+    return keep_logits == "all" or (keep_logits == "last_segment" and s == S - 1)
+
+
+class SegmentOutputs:
+    """Collects what segments leave behind as they come out of the last layer, in order:
+    the kept logits and the streamed loss. Both execution orders use it, so they run the
+    LM head on exactly the same segments and sum the loss in the same order."""
+
+    def __init__(self, seg: Segmented, keep_logits: str, lm_head):
+        self.seg, self.keep_logits, self.lm_head = seg, keep_logits, lm_head
+        self.logits: list[torch.Tensor] = []
+        self.loss_sum, self.count = 0.0, 0
+
+    def wanted(self, s: int) -> bool:
+        """Whether segment s needs the LM head at all (its logits are kept, or labels need them)."""
+        return self.seg.targets is not None or keeps(self.keep_logits, s, self.seg.num_segments)
+
+    def add(self, s: int, text: torch.Tensor) -> None:
+        """text: (B, n_s, d) final-norm hidden states of segment s's text rows."""
+        if not self.wanted(s):
+            return
+        a, e = self.seg.bounds[s]
+        seg_logits = self.lm_head(text)                                         # (B, n_s, V)
+        if self.seg.targets is not None:
+            ls, c = segment_loss_terms(seg_logits, self.seg.targets[:, a:e])
+            self.loss_sum, self.count = self.loss_sum + ls, self.count + c
+        if keeps(self.keep_logits, s, self.seg.num_segments):
+            self.logits.append(seg_logits)
+
+    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits (B, N or n_last, V) or None, mean loss or None)."""
+        loss = self.loss_sum / self.count if self.seg.targets is not None else None
+        return (torch.cat(self.logits, dim=1) if self.logits else None), loss
