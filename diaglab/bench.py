@@ -32,10 +32,9 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 
 from . import schedule
 from .armt import ARMT, randomize_memory_
@@ -43,6 +42,9 @@ from .diagonal import DiagonalExecutor
 from .grouped import LayerDims, grouped_layer
 from .presets import PRESETS, from_preset
 from .profiling import PeakMemory, Timer
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 MODES = ("full", "sequential", "sequential_grouped", "diagonal", "ideal")
 ROW_KEYS = ("mode", "dtype", "device", "preset", "layers", "segments", "tokens", "seconds", "seconds_min",
@@ -134,11 +136,13 @@ def _points(segment_size: int, segments: list[int] | None, lengths: list[int] | 
 def run_bench(preset: str = "tiny", segments: list[int] | None = None, lengths: list[int] | None = None,
               dtypes: tuple[str, ...] = ("float32",), device: str = "cpu", modes: tuple[str, ...] = MODES,
               warmup: int = 1, repeats: int = 3, batch: int = 1, full_max_tokens: int | None = None,
-              seed: int = 0, log: Callable[[str], None] | None = None, **overrides) -> list[dict]:
+              seed: int = 0, log: Callable[[str], None] | None = None,
+              on_rows: Callable[[list[dict]], None] | None = None, **overrides) -> list[dict]:
     """Measure every mode at every point and dtype; returns one row (ROW_KEYS) per
     (dtype, point, mode). overrides change preset fields (e.g. layers=4 for a quick test).
     full_max_tokens skips full attention above that many tokens (it is O(N^2)).
-    log(message) is called after each point with a one-line summary."""
+    log(message) is called after each point with a one-line summary, on_rows(rows so far)
+    too (main saves them then, so a run stopped part-way keeps its finished points)."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
     dev = torch.device(device)
@@ -167,6 +171,8 @@ def run_bench(preset: str = "tiny", segments: list[int] | None = None, lengths: 
             if log is not None:
                 log(f"{dtype_name} S={S} N={N}: " + ", ".join(
                     f"{r['mode']} {r['seconds'] * 1e3:.1f} ms" for r in rows[-len(result):]))
+            if on_rows is not None:
+                on_rows(rows)
         del model, execs  # free this dtype's weights before building the next
     return rows
 
@@ -218,6 +224,9 @@ def format_table(rows: list[dict]) -> str:
 def bench_figure(rows: list[dict]) -> go.Figure:
     """Latency vs tokens per mode (log-log; one line per mode and dtype) and diagonal's
     speed-up over sequential, sequential_grouped and full attention."""
+    import plotly.graph_objects as go  # only here: the measurements themselves need torch alone
+    from plotly.subplots import make_subplots
+
     fig = make_subplots(rows=1, cols=2, subplot_titles=("latency", "diagonal speed-up (x, > 1 = faster)"))
     dashes = {}
     for r in rows:
@@ -267,6 +276,17 @@ def write_rows(rows: list[dict], json_path: str | None = None, csv_path: str | N
             writer.writerows(rows)
 
 
+def read_rows(paths: list[str]) -> list[dict]:
+    """Rows from JSON files written by write_rows (e.g. one run per length), ordered by
+    dtype (first seen), tokens and mode, so they print and plot as one run."""
+    rows = [r for path in paths for r in json.loads(Path(path).read_text())]
+    missing = [k for r in rows for k in ROW_KEYS if k not in r]
+    if missing:
+        raise ValueError(f"not a diaglab.bench JSON (row lacks {missing[0]!r}): {paths}")
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    return sorted(rows, key=lambda r: (dtypes.index(r["dtype"]), r["tokens"], MODES.index(r["mode"])))
+
+
 # ---- command line ---------------------------------------------------------------------
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
@@ -302,27 +322,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", help="write rows as a JSON list")
     p.add_argument("--csv", help="write rows as CSV")
     p.add_argument("--html", help="write a plotly chart")
+    p.add_argument("--report", type=lambda t: [v for v in t.split(",") if v],
+                   help="measure nothing: read these comma-separated JSON files of earlier runs, print "
+                        "their table and write --json/--csv/--html from them")
     args = p.parse_args(argv)
     if args.segments is None and args.lengths is None:
         args.segments = [1, 2, 4, 8, 16, 32, 64]
     return args
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    overrides = {"layers": args.layers} if args.layers else {}
-    rows = run_bench(args.preset, args.segments, args.lengths, args.dtype, device, args.modes, args.warmup,
-                     args.repeats, args.batch, args.full_max_tokens,
-                     log=lambda msg: print(msg, file=sys.stderr, flush=True), **overrides)
+def _report(rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Write the files asked for and print the table."""
     write_rows(rows, args.json, args.csv)
     if args.html:
         Path(args.html).parent.mkdir(parents=True, exist_ok=True)
         bench_figure(rows).write_html(args.html, include_plotlyjs=True)
     print(format_table(rows))
     return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.html:
+        try:
+            import plotly  # noqa: F401  (fail before minutes of measuring, not after)
+        except ImportError:
+            raise SystemExit("--html needs plotly, which is not installed here: pip install plotly, "
+                             "or drop --html (JSON and CSV need only torch)") from None
+    if args.report:
+        return _report(read_rows(args.report), args)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {"layers": args.layers} if args.layers else {}
+    rows = run_bench(args.preset, args.segments, args.lengths, args.dtype, device, args.modes, args.warmup,
+                     args.repeats, args.batch, args.full_max_tokens,
+                     log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                     on_rows=lambda so_far: write_rows(so_far, args.json, args.csv), **overrides)
+    return _report(rows, args)
 
 
 if __name__ == "__main__":

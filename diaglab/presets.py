@@ -19,7 +19,7 @@ PRESETS: dict[str, dict] = {
                   segment_size=64, num_mem_tokens=16, d_mem=32),
     "llama_1b": dict(layers=16, hidden=2048, heads=32, kv_heads=8, vocab=128256, intermediate=8192,
                      segment_size=1024, num_mem_tokens=128, d_mem=64, rope_theta=500000.0,
-                     tie_word_embeddings=True, llama3_rope=True),
+                     tie_word_embeddings=True, llama3_rope=True, max_positions=131072),
 }
 
 

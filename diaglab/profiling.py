@@ -37,11 +37,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # plotly is imported where a figure is built: timing and memory need only torch
+    import plotly.graph_objects as go
 
 _KIB = 1024
 _BAR_COLOURS = "Viridis"
@@ -294,6 +296,9 @@ def step_figure(records: list[StepRecord], max_group: int | None = None, n_steps
     (tokens whose segment has left the last layer, over the time so far) on a second axis.
     max_group / n_steps / total_tokens fix the colour range and the progress title before
     all records exist (a live run); by default they come from the records."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
     a = _step_arrays(records)
     cmax = max_group or max(a["group"], default=1)
     fig = make_subplots(specs=[[{"secondary_y": True}]])
@@ -335,6 +340,7 @@ class LiveRun:
         self.max_group = max(len(cells) for cells in steps)
         self.total_tokens = input_ids.numel()
         self.records: list[StepRecord] = []
+        import plotly.graph_objects as go
         self.figure = go.FigureWidget(step_figure([], self.max_group, self.n_steps, self.total_tokens))
 
     def run(self, **call_kw) -> list[StepRecord]:

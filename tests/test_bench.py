@@ -87,3 +87,48 @@ def test_bench_figure_lines_per_mode_and_speedups():
     assert names == ["full (float32)", "sequential (float32)", "diagonal (float32)",
                      "vs sequential (float32)", "vs full (float32)"]
     assert list(fig.data[3].y) == [2.0, 2.0] and list(fig.data[4].y) == [3.0, 3.0]
+
+
+def test_cli_saves_each_finished_point_and_report_merges_runs(tmp_path, capsys, monkeypatch):
+    """A run stopped part-way keeps its finished points; --report joins runs (e.g. the long
+    length measured first) into one table ordered by tokens, measuring nothing."""
+    saved_after_point = []
+    real_write = bench.write_rows
+    monkeypatch.setattr(bench, "write_rows",
+                        lambda rows, j=None, c=None: (saved_after_point.append(len(rows)), real_write(rows, j, c)))
+    common = ["--preset", "tiny", "--layers", "2", "--device", "cpu", "--modes", "sequential,diagonal",
+              "--warmup", "0", "--repeats", "1"]
+    bench.main(common + ["--lengths", "128", "--json", str(tmp_path / "long.json")])
+    bench.main(common + ["--lengths", "32,64", "--json", str(tmp_path / "short.json")])
+    assert saved_after_point == [2, 2, 2, 4, 4]                   # after each point, then at the end
+    capsys.readouterr()
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("--report must not measure"))
+    rows = bench.main(["--report", f"{tmp_path / 'long.json'},{tmp_path / 'short.json'}",
+                       "--json", str(tmp_path / "all.json")])
+    assert [(r["tokens"], r["mode"]) for r in rows] == [(32, "sequential"), (32, "diagonal"), (64, "sequential"),
+                                                        (64, "diagonal"), (128, "sequential"), (128, "diagonal")]
+    assert json.loads((tmp_path / "all.json").read_text()) == rows
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in printed[1:]] == ["32", "64", "128"]
+    (tmp_path / "bad.json").write_text('[{"mode": "diagonal"}]')
+    with pytest.raises(ValueError, match="not a diaglab.bench JSON"):
+        bench.read_rows([str(tmp_path / "bad.json")])
+
+
+def test_bench_runs_without_plotly(tmp_path):
+    """A bare GPU image has torch and transformers but no plotly: measuring must work there,
+    and --html must say what is missing before measuring anything."""
+    import subprocess
+    import sys
+    blocker = ("import sys, runpy; sys.modules['plotly'] = None; sys.modules['ipywidgets'] = None; "
+               "sys.argv = ['bench'] + sys.argv[1:]; runpy.run_module('diaglab.bench', run_name='__main__')")
+    args = ["--preset", "tiny", "--layers", "2", "--segments", "2", "--device", "cpu", "--warmup", "0",
+            "--repeats", "1", "--json", str(tmp_path / "b.json")]
+    done = subprocess.run([sys.executable, "-c", blocker, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads((tmp_path / "b.json").read_text())) == len(bench.MODES)
+    assert "sequential/diagonal" in done.stdout
+    done = subprocess.run([sys.executable, "-c", blocker, *args, "--html", str(tmp_path / "b.html")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--html needs plotly" in done.stderr
+    assert not (tmp_path / "b.html").exists()

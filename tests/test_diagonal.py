@@ -255,3 +255,23 @@ def test_steps_iterate_like_the_schedule(model):
         ex = DiagonalExecutor(model, order=order)
         for S in (1, 2, 5):
             assert list(ex.iter_steps(S)) == ex.steps(S)
+
+
+def test_llama_1b_shapes_exact_on_cpu():
+    """The GPU benchmark's model at CPU cost: LLaMA-3.2-1B's attention (32 query heads over
+    8 KV heads of 64, llama3 RoPE scaling, tied embeddings, 131,072 positions) with two
+    layers, a narrow MLP and a small vocabulary; diagonal == sequential in fp32."""
+    model = diaglab.randomize_memory_(diaglab.from_preset(
+        "llama_1b", layers=2, vocab=512, intermediate=256, segment_size=48, num_mem_tokens=16, d_mem=16))
+    cfg = model.base.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size) == (32, 8, 2048)
+    assert cfg.max_position_embeddings == 131072 and cfg.rope_parameters["rope_type"] == "llama3"
+    assert model.base.lm_head.weight.data_ptr() == model.base.model.embed_tokens.weight.data_ptr()
+    ids = random_ids(2, 48 * 3 + 20, vocab=512)
+    with torch.no_grad():
+        seq, diag = model.eval()(ids), DiagonalExecutor(model)(ids)
+    assert rel(diag.logits, seq.logits) <= 1e-5
+    for l in range(2):
+        assert rel(diag.state.W_mem[l], seq.state.W_mem[l]) <= 1e-5
+        assert rel(diag.state.z[l], seq.state.z[l]) <= 1e-5
+    assert seq.state.W_mem.abs().amax(dim=(1, 2, 3)).min() > 0                    # every layer wrote

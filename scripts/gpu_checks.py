@@ -1,0 +1,116 @@
+"""The non-benchmark half of the GPU run (scripts/gpu_bench.sh calls it): exactness of the
+diagonal executor on the real shapes, per-step records of one long diagonal run, and a
+torch.profiler table. Needs torch and transformers only (a bare GPU image has no plotly).
+
+    python scripts/gpu_checks.py OUT_DIR [--preset llama_1b] [--device cuda] [--steps-tokens 131072]
+
+Writes OUT_DIR/gpu_exact.json, OUT_DIR/gpu_steps.json, OUT_DIR/gpu_profile.txt and prints
+a summary. Exits non-zero when an exactness bound fails (after writing the files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout, no install
+
+import diaglab  # noqa: E402
+from diaglab.profiling import profile_steps, torch_profile  # noqa: E402
+
+BOUNDS = {"float32": 1e-5, "bfloat16": 2e-2}  # the project's exactness standard (relative error)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def exactness(model: diaglab.ARMT, segments: float, seed: int = 0) -> dict:
+    """Diagonal vs sequential on `segments` segments (a partial last one if fractional):
+    logits and every layer's W_mem and z."""
+    n = model.config.segment_size
+    ids = torch.randint(0, model.base.config.vocab_size, (1, int(segments * n)),
+                        generator=torch.Generator().manual_seed(seed)).to(model.device)   # (1, N)
+    with torch.no_grad():
+        seq = model(ids)
+        diag = diaglab.DiagonalExecutor(model)(ids)
+    return {"tokens": ids.shape[1],
+            "logits": rel(diag.logits, seq.logits),
+            "W_mem_worst_layer": max(rel(d, s) for d, s in zip(diag.state.W_mem, seq.state.W_mem)),
+            "z_worst_layer": max(rel(d, s) for d, s in zip(diag.state.z, seq.state.z)),
+            "is_first_equal": bool(torch.equal(diag.state.is_first, seq.state.is_first))}
+
+
+def build(preset: str, dtype: torch.dtype, device: str, **overrides) -> diaglab.ARMT:
+    t0 = time.perf_counter()
+    model = diaglab.randomize_memory_(diaglab.from_preset(preset, dtype=dtype, device=device, **overrides)).eval()
+    print(f"built {preset} {str(dtype).removeprefix('torch.')} on {device} in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--preset", default="llama_1b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, help="override the preset's layer count (CPU dry runs)")
+    p.add_argument("--exact-segments", type=float, default=3.5)
+    p.add_argument("--steps-tokens", type=int, default=131072, help="length of the per-step diagonal run")
+    p.add_argument("--profile-tokens", type=int, default=16384, help="length of the torch.profiler run")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    overrides = {"layers": args.layers} if args.layers else {}
+    ok = True
+
+    # 1. exactness, fp32 and bf16, with random non-zero W_mv (randomize_memory_)
+    exact = {}
+    for name in ("float32", "bfloat16"):
+        model = build(args.preset, getattr(torch, name), args.device, **overrides)
+        errs = exactness(model, args.exact_segments)
+        errs["bound"] = BOUNDS[name]
+        errs["pass"] = (max(errs["logits"], errs["W_mem_worst_layer"], errs["z_worst_layer"]) <= BOUNDS[name]
+                        if name == "float32" else errs["logits"] <= BOUNDS[name]) and errs["is_first_equal"]
+        ok &= errs["pass"]
+        exact[name] = errs
+        print(f"exactness {name}: " + ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in errs.items()), flush=True)
+        if name == "float32":
+            del model
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    exact["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    exact["torch"], exact["preset"] = torch.__version__, args.preset
+    (args.out / "gpu_exact.json").write_text(json.dumps(exact, indent=1) + "\n")
+
+    # 2. one long diagonal run, step by step (bf16 model from above)
+    ex = diaglab.DiagonalExecutor(model)
+    ids = torch.randint(0, model.base.config.vocab_size, (1, args.steps_tokens),
+                        generator=torch.Generator().manual_seed(1)).to(model.device)
+    profile_steps(ex, ids[:, :model.config.segment_size * 2], keep_logits="none")       # warm-up
+    records = profile_steps(ex, ids, keep_logits="none")
+    total_ms = sum(r.ms for r in records)
+    full = [r.ms for r in records if r.group_size == model.num_layers]
+    print(f"per-step run: {len(records)} steps, {total_ms:.0f} ms in all, full-group steps median "
+          f"{sorted(full)[len(full) // 2] if full else float('nan'):.2f} ms", flush=True)
+    (args.out / "gpu_steps.json").write_text(json.dumps(
+        {"tokens": args.steps_tokens, "preset": args.preset, "dtype": "bfloat16",
+         "records": [dataclasses.asdict(r) for r in records]}) + "\n")
+
+    # 3. torch.profiler table of one diagonal run
+    table = torch_profile(ex, ids[:, :args.profile_tokens], keep_logits="none", row_limit=25)
+    (args.out / "gpu_profile.txt").write_text(table + "\n")
+    print(table.splitlines()[0] if table else "", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
