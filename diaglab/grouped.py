@@ -120,6 +120,15 @@ def _existing_stack(per_layer: list[list[torch.Tensor]]) -> torch.Tensor | None:
 
 
 # ---- grouped operations (one call for the whole group) ----------------------------------
+PHASES = ("read", "attention", "mlp", "write")  # the parts of a grouped step, as labelled for torch.profiler
+
+
+def _phase(name: str) -> torch.profiler.record_function:
+    """A torch.profiler range 'phase <name>' (about a microsecond when no profiler runs)."""
+    return torch.profiler.record_function(f"phase {name}")
+
+
+
 def grouped_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None,
                    kernel: str = "bmm") -> torch.Tensor:
     """x: (G, R, in); W: (G, out, in) stacked nn.Linear weights; b: (G, out) -> (G, R, out)."""
@@ -188,35 +197,39 @@ def grouped_layer(W: dict[str, torch.Tensor], lo: int, hi: int, X: torch.Tensor,
     w = {name: t[lo:hi + 1] for name, t in W.items()}                           # views, no copy
     # 1. associative read into every row of the layer input (not on a layer's first segment)
     if read:
-        q = grouped_linear(X.reshape(G, B * T, d), w["mq"], kernel=dims.kernel)
-        q = dpfp(q, dims.nu)                                                       # (G, B*T, dk)
-        A = associative_read(q.view(G, B, T, -1), W_mem, z).to(X.dtype)           # (G, B, T, d)
-        X = X + torch.where(is_first[:, :, None, None], torch.zeros_like(A), A)
+        with _phase("read"):
+            q = grouped_linear(X.reshape(G, B * T, d), w["mq"], kernel=dims.kernel)
+            q = dpfp(q, dims.nu)                                                   # (G, B*T, dk)
+            A = associative_read(q.view(G, B, T, -1), W_mem, z).to(X.dtype)       # (G, B, T, d)
+            X = X + torch.where(is_first[:, :, None, None], torch.zeros_like(A), A)
     # 2. self-attention block (LLaMA), the group folded into the batch
-    h = grouped_rms_norm(X, w["ln1"], dims.eps).reshape(G, B * T, d)
-    qkv = grouped_linear(h, w["qkv"], w.get("qkv_b"), kernel=dims.kernel)         # (G, B*T, (H+2Hkv) hd)
-    q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-    q = q.reshape(G * B, T, H, hd).transpose(1, 2)                                 # (G*B, H, T, hd)
-    k = k.reshape(G * B, T, Hkv, hd).transpose(1, 2)                               # (G*B, Hkv, T, hd)
-    v = v.reshape(G * B, T, Hkv, hd).transpose(1, 2)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                                  # (., 1, T, hd)
-    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-    att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                         scale=hd ** -0.5, enable_gqa=H != Hkv)   # (G*B, H, T, hd)
-    att = att.transpose(1, 2).reshape(G, B * T, H * hd)
-    X = X + grouped_linear(att, w["o"], w.get("o_b"), kernel=dims.kernel).view(G, B, T, d)
+    with _phase("attention"):
+        h = grouped_rms_norm(X, w["ln1"], dims.eps).reshape(G, B * T, d)
+        qkv = grouped_linear(h, w["qkv"], w.get("qkv_b"), kernel=dims.kernel)     # (G, B*T, (H+2Hkv) hd)
+        q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q = q.reshape(G * B, T, H, hd).transpose(1, 2)                             # (G*B, H, T, hd)
+        k = k.reshape(G * B, T, Hkv, hd).transpose(1, 2)                           # (G*B, Hkv, T, hd)
+        v = v.reshape(G * B, T, Hkv, hd).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                              # (., 1, T, hd)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                             scale=hd ** -0.5, enable_gqa=H != Hkv)  # (G*B, H, T, hd)
+        att = att.transpose(1, 2).reshape(G, B * T, H * hd)
+        X = X + grouped_linear(att, w["o"], w.get("o_b"), kernel=dims.kernel).view(G, B, T, d)
     # 3. SwiGLU MLP
-    h = grouped_rms_norm(X, w["ln2"], dims.eps).reshape(G, B * T, d)
-    gate_up = grouped_linear(h, w["gate_up"], w.get("gate_up_b"), kernel=dims.kernel)
-    gate, up = gate_up.chunk(2, dim=-1)                                            # (G, B*T, F) each
-    X = X + grouped_linear(F.silu(gate) * up, w["down"], w.get("down_b"), kernel=dims.kernel).view(G, B, T, d)
+    with _phase("mlp"):
+        h = grouped_rms_norm(X, w["ln2"], dims.eps).reshape(G, B * T, d)
+        gate_up = grouped_linear(h, w["gate_up"], w.get("gate_up_b"), kernel=dims.kernel)
+        gate, up = gate_up.chunk(2, dim=-1)                                        # (G, B*T, F) each
+        X = X + grouped_linear(F.silu(gate) * up, w["down"], w.get("down_b"), kernel=dims.kernel).view(G, B, T, d)
     # 4. associative write from the memory rows of the output
-    m = X[:, :, n_text:].reshape(G, -1, d)                                         # (G, B*M, d)
-    kvb = grouped_linear(m, w["kvb"], kernel=dims.kernel)                          # (G, B*M, d_mem + d + 1)
-    k_raw, v_mem, b = kvb.split([dims.d_mem, d, 1], dim=-1)
-    M = T - n_text
-    k_feat = dpfp(k_raw, dims.nu).view(G, B, M, -1)                                # (G, B, M, dk)
-    beta = torch.sigmoid(b + w["mb_bias"][:, None, :]).view(G, B, M, 1)
-    W_mem, z = associative_write(k_feat, v_mem.view(G, B, M, d), beta, W_mem, z, is_first,
-                                 dims.correction, write_mask)
+    with _phase("write"):
+        m = X[:, :, n_text:].reshape(G, -1, d)                                     # (G, B*M, d)
+        kvb = grouped_linear(m, w["kvb"], kernel=dims.kernel)                      # (G, B*M, d_mem + d + 1)
+        k_raw, v_mem, b = kvb.split([dims.d_mem, d, 1], dim=-1)
+        M = T - n_text
+        k_feat = dpfp(k_raw, dims.nu).view(G, B, M, -1)                            # (G, B, M, dk)
+        beta = torch.sigmoid(b + w["mb_bias"][:, None, :]).view(G, B, M, 1)
+        W_mem, z = associative_write(k_feat, v_mem.view(G, B, M, d), beta, W_mem, z, is_first,
+                                     dims.correction, write_mask)
     return X, W_mem, z

@@ -262,6 +262,38 @@ def torch_profile(executor, input_ids: torch.Tensor, trace_path: str | Path | No
     return prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
 
 
+def phase_breakdown(executor, input_ids: torch.Tensor, **call_kw) -> dict[str, float]:
+    """Where a diagonal run's time goes: milliseconds in each phase of the grouped steps
+    (grouped.PHASES: the associative read, attention, MLP, the associative write), the rest
+    of the steps ('other': embedding, stacking the group's inputs and memory, the LM head),
+    and their sum ('steps'). Read off one run under torch.profiler from the executor's
+    'diag_step' and grouped_layer's 'phase' ranges: CPU time on CPU, kernel time on CUDA.
+    The profiler adds its own overhead to every range: compare shares, not absolute times."""
+    from .grouped import PHASES
+
+    device = executor.model.device
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:
+        executor(input_ids, **call_kw)
+        synchronize(device)
+
+    def ms(event) -> float:
+        return (event.device_time_total if device.type == "cuda" else event.cpu_time_total) / 1e3
+
+    out = dict.fromkeys(PHASES, 0.0)
+    steps = 0.0
+    for event in prof.key_averages():
+        if event.key.startswith("phase ") and event.key[6:] in out:
+            out[event.key[6:]] += ms(event)
+        elif event.key.startswith("diag_step "):
+            steps += ms(event)
+    out["other"] = max(steps - sum(out.values()), 0.0)
+    out["steps"] = steps
+    return out
+
+
 # ---- figures ------------------------------------------------------------------------
 def _step_arrays(records: list[StepRecord]) -> dict:
     """What the step figure draws, as plain lists: per-step bars and the cumulative rate."""

@@ -4,7 +4,8 @@ torch.profiler table. Needs torch and transformers only (a bare GPU image has no
 
     python scripts/gpu_checks.py OUT_DIR [--preset llama_1b] [--device cuda] [--steps-tokens 131072]
 
-Writes OUT_DIR/gpu_exact.json, OUT_DIR/gpu_steps.json, OUT_DIR/gpu_profile.txt and prints
+Writes OUT_DIR/gpu_exact.json, OUT_DIR/gpu_steps.json, OUT_DIR/gpu_profile.txt (time per
+phase of the grouped steps, then the operator table) and prints
 a summary. Exits non-zero when an exactness bound fails (after writing the files).
 """
 
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout, no install
 
 import diaglab  # noqa: E402
-from diaglab.profiling import profile_steps, torch_profile  # noqa: E402
+from diaglab.profiling import phase_breakdown, profile_steps, torch_profile  # noqa: E402
 
 BOUNDS = {"float32": 1e-5, "bfloat16": 2e-2}  # the project's exactness standard (relative error)
 
@@ -105,10 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         {"tokens": args.steps_tokens, "preset": args.preset, "dtype": "bfloat16",
          "records": [dataclasses.asdict(r) for r in records]}) + "\n")
 
-    # 3. torch.profiler table of one diagonal run
-    table = torch_profile(ex, ids[:, :args.profile_tokens], keep_logits="none", row_limit=25)
-    (args.out / "gpu_profile.txt").write_text(table + "\n")
-    print(table.splitlines()[0] if table else "", flush=True)
+    # 3. torch.profiler: the operator table and the time per phase of the grouped steps
+    short = ids[:, :args.profile_tokens]
+    table = torch_profile(ex, short, keep_logits="none", row_limit=25)
+    phases = phase_breakdown(ex, short, keep_logits="none")
+    share = ", ".join(f"{k} {v / phases['steps']:.0%}" for k, v in phases.items() if k != "steps")
+    print(f"phases at {args.profile_tokens} tokens ({phases['steps']:.0f} ms of steps under the profiler): {share}",
+          flush=True)
+    (args.out / "gpu_profile.txt").write_text(
+        f"phases (ms) at {args.profile_tokens} tokens: {json.dumps(phases)}\n\n{table}\n")
     return 0 if ok else 1
 
 

@@ -12,7 +12,8 @@ import torch
 from conftest import live_model, random_ids
 
 from diaglab import DiagonalExecutor, schedule
-from diaglab.profiling import (LiveRun, PeakMemory, StepRecord, Timer, live_profile, peak_memory,
+from diaglab.grouped import PHASES
+from diaglab.profiling import (LiveRun, PeakMemory, StepRecord, Timer, live_profile, peak_memory, phase_breakdown,
                                profile_steps, step_figure, timed, torch_profile)
 
 L, N, B = 3, 8 * 5 + 3, 2   # segment_size 8: S = 6 segments, the last one partial (3 tokens)
@@ -75,6 +76,20 @@ def test_torch_profile_table_and_chrome_trace(model, tmp_path):
     names = {e.get("name", "") for e in events}
     assert "diag_step 0 layers 0-0" in names
     assert any(name.startswith("aten::bmm") for name in names)
+
+
+def test_phase_breakdown_splits_the_steps(model):
+    """Every grouped step is read / attention / mlp / write plus the step's own work; the
+    read is skipped while each layer is on its first segment, so one segment has none."""
+    ex = DiagonalExecutor(model)
+    parts = phase_breakdown(ex, random_ids(B, N))
+    assert list(parts) == [*PHASES, "other", "steps"] == ["read", "attention", "mlp", "write", "other", "steps"]
+    assert all(parts[k] > 0 for k in parts)
+    assert parts["steps"] == pytest.approx(sum(parts[k] for k in (*PHASES, "other")))
+    one_segment = phase_breakdown(ex, random_ids(B, 8))
+    assert one_segment["read"] == 0 and one_segment["attention"] > 0 and one_segment["write"] > 0
+    table = torch_profile(ex, random_ids(1, N), row_limit=-1)
+    assert all(f"phase {name}" in table for name in PHASES)
 
 
 def test_live_profile_has_one_bar_per_step(model):
