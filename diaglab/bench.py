@@ -133,6 +133,17 @@ def _points(segment_size: int, segments: list[int] | None, lengths: list[int] | 
     return [(math.ceil(N / segment_size), N) for N in lengths]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """torch.device(device), or a ValueError that says how to get CUDA when it is missing."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU build of torch" if torch.version.cuda is None else "no visible GPU"
+        raise ValueError(f"device {str(dev)!r} asked for, but CUDA is not available here ({build}, torch "
+                         f"{torch.__version__}): use device 'cpu' (or 'auto'), or install a CUDA build of torch "
+                         "(README: GPU users)")
+    return dev
+
+
 def run_bench(preset: str = "tiny", segments: list[int] | None = None, lengths: list[int] | None = None,
               dtypes: tuple[str, ...] = ("float32",), device: str = "cpu", modes: tuple[str, ...] = MODES,
               warmup: int = 1, repeats: int = 3, batch: int = 1, full_max_tokens: int | None = None,
@@ -145,7 +156,7 @@ def run_bench(preset: str = "tiny", segments: list[int] | None = None, lengths: 
     too (main saves them then, so a run stopped part-way keeps its finished points)."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
-    dev = torch.device(device)
+    dev = check_device(device)
     rows = []
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
@@ -350,8 +361,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise SystemExit("--html needs plotly, which is not installed here: pip install plotly, "
                              "or drop --html (JSON and CSV need only torch)") from None
     if args.report:
+        missing = [path for path in args.report if not Path(path).is_file()]
+        if missing:
+            raise SystemExit(f"--report: no such file {', '.join(missing)} (give the JSON files a run wrote with --json)")
         return _report(read_rows(args.report), args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        check_device(device)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {"layers": args.layers} if args.layers else {}

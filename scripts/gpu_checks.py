@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout, no install
 
 import diaglab  # noqa: E402
+import diaglab.bench  # noqa: E402
 from diaglab.profiling import phase_breakdown, profile_steps, torch_profile  # noqa: E402
 
 BOUNDS = {"float32": 1e-5, "bfloat16": 2e-2}  # the project's exactness standard (relative error)
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-tokens", type=int, default=131072, help="length of the per-step diagonal run")
     p.add_argument("--profile-tokens", type=int, default=16384, help="length of the torch.profiler run")
     args = p.parse_args(argv)
+    try:
+        diaglab.bench.check_device(args.device)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     args.out.mkdir(parents=True, exist_ok=True)
     overrides = {"layers": args.layers} if args.layers else {}
     ok = True

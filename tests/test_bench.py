@@ -132,3 +132,39 @@ def test_bench_runs_without_plotly(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "--html needs plotly" in done.stderr
     assert not (tmp_path / "b.html").exists()
+
+
+def test_bad_device_and_missing_report_files_say_what_to_do(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the missing-CUDA message cannot be shown")
+    with pytest.raises(ValueError, match="CUDA is not available here.*install a CUDA build"):
+        bench.run_bench("tiny", segments=[1], device="cuda", **TINY)
+    with pytest.raises(SystemExit, match="CUDA is not available here"):
+        bench.main(["--device", "cuda", "--segments", "1", "--layers", "2"])
+    with pytest.raises(SystemExit, match="--report: no such file .*nope.json"):
+        bench.main(["--report", str(tmp_path / "nope.json")])
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    """scripts/gpu_bench.sh, the one script a GPU session runs, end to end on the CPU at tiny
+    sizes: every file it promises, exactness passed, the long point measured and joined."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PY=sys.executable, OUT=str(tmp_path), PRESET="tiny", DEVICE="cpu",
+               LONG="256", SHORT="64,128")
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu_bench.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gpu_exact.json", "gpu_llama1b.csv", "gpu_llama1b.json", "gpu_llama1b_131k.json",
+        "gpu_llama1b_short.json", "gpu_profile.txt", "gpu_steps.json"]
+    exact = json.loads((tmp_path / "gpu_exact.json").read_text())
+    assert exact["float32"]["pass"] and exact["bfloat16"]["pass"] and exact["float32"]["logits"] <= 1e-5
+    steps = json.loads((tmp_path / "gpu_steps.json").read_text())
+    assert len(steps["records"]) == 8 + 256 // 32 - 1                   # L + S - 1 steps for the tiny preset
+    rows = json.loads((tmp_path / "gpu_llama1b.json").read_text())
+    assert sorted({r["tokens"] for r in rows}) == [64, 128, 256] and len(rows) == 3 * len(bench.MODES)
+    assert "phase attention" in (tmp_path / "gpu_profile.txt").read_text()
