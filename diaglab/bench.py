@@ -148,15 +148,22 @@ def run_bench(preset: str = "tiny", segments: list[int] | None = None, lengths: 
               dtypes: tuple[str, ...] = ("float32",), device: str = "cpu", modes: tuple[str, ...] = MODES,
               warmup: int = 1, repeats: int = 3, batch: int = 1, full_max_tokens: int | None = None,
               seed: int = 0, log: Callable[[str], None] | None = None,
-              on_rows: Callable[[list[dict]], None] | None = None, **overrides) -> list[dict]:
+              on_rows: Callable[[list[dict]], None] | None = None, progress: bool = False,
+              **overrides) -> list[dict]:
     """Measure every mode at every point and dtype; returns one row (ROW_KEYS) per
     (dtype, point, mode). overrides change preset fields (e.g. layers=4 for a quick test).
     full_max_tokens skips full attention above that many tokens (it is O(N^2)).
     log(message) is called after each point with a one-line summary, on_rows(rows so far)
-    too (main saves them then, so a run stopped part-way keeps its finished points)."""
+    too (main saves them then, so a run stopped part-way keeps its finished points).
+    progress: a tqdm.auto bar over the points (a widget in a notebook), the last point's
+    speed-up of diagonal over sequential as its postfix."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
     dev = check_device(device)
+    _points(1, segments, lengths)  # checks that exactly one of them is given, before any model is built
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(dtypes) * len(segments or lengths), unit="point", desc=f"bench {preset}",
+               disable=not progress)
     rows = []
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
@@ -184,7 +191,11 @@ def run_bench(preset: str = "tiny", segments: list[int] | None = None, lengths: 
                     f"{r['mode']} {r['seconds'] * 1e3:.1f} ms" for r in rows[-len(result):]))
             if on_rows is not None:
                 on_rows(rows)
+            ratio = speedups({r["mode"]: r for r in rows[-len(result):]}).get("sequential/diagonal")
+            bar.set_postfix_str(f"{dtype_name} N={N}" + (f": sequential/diagonal {ratio:.2f}x" if ratio else ""))
+            bar.update(1)
         del model, execs  # free this dtype's weights before building the next
+    bar.close()
     return rows
 
 
@@ -333,6 +344,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", help="write rows as a JSON list")
     p.add_argument("--csv", help="write rows as CSV")
     p.add_argument("--html", help="write a plotly chart")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.add_argument("--report", type=lambda t: [v for v in t.split(",") if v],
                    help="measure nothing: read these comma-separated JSON files of earlier runs, print "
                         "their table and write --json/--csv/--html from them")
@@ -373,10 +385,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {"layers": args.layers} if args.layers else {}
+    from tqdm.auto import tqdm
     rows = run_bench(args.preset, args.segments, args.lengths, args.dtype, device, args.modes, args.warmup,
                      args.repeats, args.batch, args.full_max_tokens,
-                     log=lambda msg: print(msg, file=sys.stderr, flush=True),
-                     on_rows=lambda so_far: write_rows(so_far, args.json, args.csv), **overrides)
+                     log=lambda msg: tqdm.write(msg, file=sys.stderr) if args.progress else print(msg, file=sys.stderr),
+                     on_rows=lambda so_far: write_rows(so_far, args.json, args.csv), progress=args.progress,
+                     **overrides)
     return _report(rows, args)
 
 

@@ -48,7 +48,7 @@ echo "== 1. exactness, per-step records, profiler: $PRESET on $DEVICE"
 
 bench() {  # bench LENGTHS FILE
     "$PY" -m diaglab.bench --preset "$PRESET" --device "$DEVICE" --dtype bfloat16 --lengths "$1" \
-        --warmup 1 --repeats 3 --json "$2"
+        --warmup 1 --repeats 3 --no-progress --json "$2"
 }
 echo "== 2. latency and peak memory, bf16: $LONG tokens first, then $SHORT"
 bench "$LONG" "$OUT/${NAME}_131k.json"

@@ -30,6 +30,15 @@ def test_run_bench_rows_per_point_and_mode():
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
 
 
+def test_progress_bar_counts_points(capsys):
+    bench.run_bench("tiny", segments=[1, 2], modes=("sequential", "diagonal"), warmup=0, repeats=1,
+                    progress=True, **TINY)
+    err = capsys.readouterr().err
+    assert "bench tiny" in err and "2/2" in err and "sequential/diagonal" in err
+    bench.run_bench("tiny", segments=[1], modes=("diagonal",), warmup=0, repeats=1, **TINY)
+    assert capsys.readouterr().err == ""                          # quiet unless asked
+
+
 def test_lengths_cut_into_segments_and_full_attention_can_be_capped():
     rows = bench.run_bench("tiny", lengths=[40, 100], modes=("full", "diagonal"), full_max_tokens=64,
                            warmup=0, repeats=1, **TINY)
