@@ -99,13 +99,15 @@ class DiagonalExecutor:
                     cos, sin = model.base.model.rotary_emb(X, pos.reshape(G * B, T))  # (G*B, T, hd)
                     mask = allowed.reshape(G * B, 1, T, T)
                 wmask = (seg.nreal[segs] > 0) if seg.padded else None                 # (G, B)
+                first_g = torch.stack(first[lo:hi + 1])                               # (G, B)
                 Y, Wg, zg = grouped_layer(W, lo, hi, X, n, cos, sin, mask,
                                           torch.stack(W_mem[lo:hi + 1]), torch.stack(z[lo:hi + 1]),
-                                          torch.stack(first[lo:hi + 1]), wmask, dims,
-                                          read=any(started[lo:hi + 1]))
+                                          first_g, wmask, dims, read=any(started[lo:hi + 1]))
                 W_mem[lo:hi + 1], z[lo:hi + 1] = list(Wg.unbind(0)), list(zg.unbind(0))
+                # a row stays "first" only where its segment was all padding (nothing written)
+                first_g = first_g & ~wmask if wmask is not None else torch.zeros_like(first_g)
+                first[lo:hi + 1] = list(first_g.unbind(0))
                 for g, (l, s) in enumerate(cells):
-                    first[l] = first[l] & ~(wmask[g] if wmask is not None else torch.ones_like(first[l]))
                     started[l] = True
                     if l < L - 1:
                         pending[(l + 1, s)] = Y[g]
