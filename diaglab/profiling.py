@@ -240,6 +240,18 @@ def profile_steps(executor, input_ids: torch.Tensor,
 
 
 # ---- torch.profiler -----------------------------------------------------------------
+def _profiled_run(executor, input_ids: torch.Tensor, **call_kw) -> torch.profiler.profile:
+    """One executor call under torch.no_grad and torch.profiler (CPU, plus CUDA kernels on a GPU)."""
+    device = executor.model.device
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:
+        executor(input_ids, **call_kw)
+        synchronize(device)
+    return prof
+
+
 def torch_profile(executor, input_ids: torch.Tensor, trace_path: str | Path | None = None,
                   row_limit: int = 20, sort_by: str | None = None, **call_kw) -> str:
     """Run executor(input_ids, **call_kw) once under torch.profiler (CPU, plus CUDA on a GPU).
@@ -249,12 +261,7 @@ def torch_profile(executor, input_ids: torch.Tensor, trace_path: str | Path | No
     Writes a Chrome trace (open in chrome://tracing or ui.perfetto.dev) if trace_path is given.
     """
     device = executor.model.device
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:
-        executor(input_ids, **call_kw)
-        synchronize(device)
+    prof = _profiled_run(executor, input_ids, **call_kw)
     if trace_path is not None:
         Path(trace_path).parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(trace_path))
@@ -272,12 +279,7 @@ def phase_breakdown(executor, input_ids: torch.Tensor, **call_kw) -> dict[str, f
     from .grouped import PHASES
 
     device = executor.model.device
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:
-        executor(input_ids, **call_kw)
-        synchronize(device)
+    prof = _profiled_run(executor, input_ids, **call_kw)
 
     def ms(event) -> float:
         return (event.device_time_total if device.type == "cuda" else event.cpu_time_total) / 1e3
