@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import ARMTConfig
 from .generation import generate
-from .memory import MemoryState, associative_read, associative_write, dpfp
+from .memory import MemoryState, associative_read, associative_write, features
 from .segments import (Segmented, SegmentOutputs, positions_and_mask, segment, validate_ids,
                        validate_mask)
 
@@ -34,11 +34,13 @@ class ARMTOutput:
 
 
 class AssociativeLayer(nn.Module):
-    """The per-layer associative block: W_mq, W_mk (d -> d_mem), W_mv (d -> d), W_mb (d -> 1)."""
+    """The per-layer associative block: W_mq, W_mk (d -> d_mem), W_mv (d -> d), W_mb (d -> 1);
+    normalize: unit-length DPFP features (ARMTConfig.normalize_keys)."""
 
-    def __init__(self, d: int, d_mem: int, nu: int):
+    def __init__(self, d: int, d_mem: int, nu: int, normalize: bool = False):
         super().__init__()
         self.nu = nu
+        self.normalize = normalize
         self.W_mq = nn.Linear(d, d_mem, bias=False)
         self.W_mk = nn.Linear(d, d_mem, bias=False)
         self.W_mv = nn.Linear(d, d, bias=False)
@@ -47,12 +49,13 @@ class AssociativeLayer(nn.Module):
 
     def read(self, h: torch.Tensor, W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor) -> torch.Tensor:
         """h: (B, T, d) layer input -> h + A(h) for rows whose layer is past its first segment."""
-        A = associative_read(dpfp(self.W_mq(h), self.nu), W_mem, z).to(h.dtype)    # (B, T, d)
+        q = features(self.W_mq(h), self.nu, self.normalize)                     # (B, T, dk)
+        A = associative_read(q, W_mem, z).to(h.dtype)                           # (B, T, d)
         return h + torch.where(is_first[:, None, None], torch.zeros_like(A), A)
 
     def write(self, m: torch.Tensor, W_mem, z, is_first, correction: bool, write_mask=None):
         """m: (B, M, d) memory rows of the layer output -> new (W_mem, z)."""
-        k = dpfp(self.W_mk(m), self.nu)                                         # (B, M, dk)
+        k = features(self.W_mk(m), self.nu, self.normalize)                     # (B, M, dk)
         beta = torch.sigmoid(self.W_mb(m))                                      # (B, M, 1)
         return associative_write(k, self.W_mv(m), beta, W_mem, z, is_first, correction, write_mask)
 
@@ -83,7 +86,7 @@ class ARMT(nn.Module):
         d = emb.shape[1]
         std = float(emb.detach().float().std())
         self.memory = nn.Parameter(torch.randn(config.num_mem_tokens, d, device=emb.device).mul(std).to(emb.dtype))
-        self.assoc = nn.ModuleList(AssociativeLayer(d, config.d_mem, config.nu)
+        self.assoc = nn.ModuleList(AssociativeLayer(d, config.d_mem, config.nu, config.normalize_keys)
                                    for _ in range(base.config.num_hidden_layers)).to(emb.device, emb.dtype)
 
     # ---- small accessors -------------------------------------------------------------

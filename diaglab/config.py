@@ -27,6 +27,10 @@ class ARMTConfig:
     nu: int = 3                     # DPFP order; d_key = 2 * nu * d_mem
     correction: bool = True         # delta-rule normaliser correction (gamma) on z
     memory_dtype: torch.dtype = field(default=torch.float32)  # dtype of W_mem and z, whatever the model's
+    # L2-normalise the DPFP features of read queries and write keys. Not in SPEC §2's equations
+    # (default off, so the model is exactly those); the reference ARMT code does it, and without
+    # it a write's weight grows with its key's size, so one segment's write can drown the rest.
+    normalize_keys: bool = False
 
     def __post_init__(self):
         _check_int("segment_size", self.segment_size, 1)
@@ -35,6 +39,8 @@ class ARMTConfig:
         _check_int("nu", self.nu, 1)
         if self.nu > 2 * self.d_mem:
             raise ValueError(f"nu must be <= 2 * d_mem = {2 * self.d_mem} (DPFP rolls within 2*d_mem), got {self.nu}")
+        if not isinstance(self.normalize_keys, bool):
+            raise ValueError(f"normalize_keys must be True or False, got {self.normalize_keys!r}")
         if not isinstance(self.correction, bool):
             raise ValueError(f"correction must be True or False, got {self.correction!r}")
         dt = self.memory_dtype

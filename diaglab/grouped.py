@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .memory import associative_read, associative_write, dpfp
+from .memory import associative_read, associative_write, features
 
 
 # ---- stacked weights -------------------------------------------------------------------
@@ -169,6 +169,7 @@ class LayerDims:
     d_mem: int
     nu: int
     correction: bool
+    normalize: bool = False  # unit-length DPFP features (ARMTConfig.normalize_keys)
     kernel: str = "bmm"  # grouped matmul: "bmm" or "grouped_mm" (torch._grouped_mm)
 
     @classmethod
@@ -176,7 +177,8 @@ class LayerDims:
         c = model.base.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         return cls(c.num_attention_heads, c.num_key_value_heads, head_dim, c.rms_norm_eps,
-                   model.config.d_mem, model.config.nu, model.config.correction, kernel)
+                   model.config.d_mem, model.config.nu, model.config.correction,
+                   model.config.normalize_keys, kernel)
 
 
 def grouped_layer(W: dict[str, torch.Tensor], lo: int, hi: int, X: torch.Tensor, n_text: int,
@@ -199,7 +201,7 @@ def grouped_layer(W: dict[str, torch.Tensor], lo: int, hi: int, X: torch.Tensor,
     if read:
         with _phase("read"):
             q = grouped_linear(X.reshape(G, B * T, d), w["mq"], kernel=dims.kernel)
-            q = dpfp(q, dims.nu)                                                   # (G, B*T, dk)
+            q = features(q, dims.nu, dims.normalize)                               # (G, B*T, dk)
             A = associative_read(q.view(G, B, T, -1), W_mem, z).to(X.dtype)       # (G, B, T, d)
             X = X + torch.where(is_first[:, :, None, None], torch.zeros_like(A), A)
     # 2. self-attention block (LLaMA), the group folded into the batch
@@ -228,7 +230,7 @@ def grouped_layer(W: dict[str, torch.Tensor], lo: int, hi: int, X: torch.Tensor,
         kvb = grouped_linear(m, w["kvb"], kernel=dims.kernel)                      # (G, B*M, d_mem + d + 1)
         k_raw, v_mem, b = kvb.split([dims.d_mem, d, 1], dim=-1)
         M = T - n_text
-        k_feat = dpfp(k_raw, dims.nu).view(G, B, M, -1)                            # (G, B, M, dk)
+        k_feat = features(k_raw, dims.nu, dims.normalize).view(G, B, M, -1)        # (G, B, M, dk)
         beta = torch.sigmoid(b + w["mb_bias"][:, None, :]).view(G, B, M, 1)
         W_mem, z = associative_write(k_feat, v_mem.view(G, B, M, d), beta, W_mem, z, is_first,
                                      dims.correction, write_mask)

@@ -27,6 +27,12 @@ def dpfp(u: torch.Tensor, nu: int = 3) -> torch.Tensor:
     return torch.cat([r * torch.roll(r, shifts=j, dims=-1) for j in range(1, nu + 1)], dim=-1)  # (..., dk)
 
 
+def features(u: torch.Tensor, nu: int = 3, normalize: bool = False) -> torch.Tensor:
+    """dpfp(u), optionally L2-normalised along the feature axis (as the reference ARMT code does)."""
+    f = dpfp(u, nu)
+    return F.normalize(f, dim=-1, p=2.0) if normalize else f
+
+
 def associative_read(q: torch.Tensor, W_mem: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """A(h) = (q W_mem) / (q . z + eps), in the memory's dtype.
 

@@ -49,10 +49,11 @@ def llama_config(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int
 def tiny_armt(layers: int = 4, hidden: int = 128, heads: int = 4, kv_heads: int = 2, vocab: int = 256,
               segment_size: int = 32, num_mem_tokens: int = 8, d_mem: int = 16, seed: int = 0,
               intermediate: int | None = None, correction: bool = True, dtype: torch.dtype = torch.float32,
-              memory_dtype: torch.dtype = torch.float32, device=None, **llama_kw) -> ARMT:
+              memory_dtype: torch.dtype = torch.float32, device=None, normalize_keys: bool = False,
+              **llama_kw) -> ARMT:
     """A randomly initialised ARMT over a small LLaMA, built offline and reproducibly from seed."""
     cfg = ARMTConfig(segment_size=segment_size, num_mem_tokens=num_mem_tokens, d_mem=d_mem,
-                     correction=correction, memory_dtype=memory_dtype)
+                     correction=correction, normalize_keys=normalize_keys, memory_dtype=memory_dtype)
     from transformers import LlamaForCausalLM
     with _seeded(seed):
         base = LlamaForCausalLM(llama_config(layers, hidden, heads, kv_heads, vocab, intermediate, **llama_kw))

@@ -14,8 +14,12 @@ order predict the same tokens.
 
 Commands (from the repository root):
 
-    # train (defaults: the needle task, ~3 min on one CPU thread) and evaluate into data/recall/
-    python -m diaglab.train --out data/recall --threads 1
+    # the shipped checkpoint data/recall/: two stages, ~7 min on one CPU thread. Stage 1 learns
+    # associative recall from scratch (segment curriculum 2 -> 9), stage 2 mixes in the needle task
+    python -m diaglab.train --out /tmp/recall_stage1 --threads 1 --task recall --normalize-keys 1 \
+        --mem-tokens 8 --queries 3 --minutes 10 --eval-every 250 --eval-samples 50
+    python -m diaglab.train --out data/recall --init-from /tmp/recall_stage1 --threads 1 --task mix \
+        --start-segments 9 --steps 1000 --lr 3e-4 --warmup 50 --minutes 6 --eval-every 500 --eval-samples 50
     # evaluate a checkpoint: prints the table, writes DIR/eval.json (200 samples per distance)
     python -m diaglab.train --eval data/recall --threads 1
 
@@ -75,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     progress: bool = True
+    normalize_keys: bool = False  # unit-length DPFP queries and keys (ARMTConfig.normalize_keys)
 
 
 def answer_logits(logits_last: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
@@ -209,7 +214,7 @@ def build_model(cfg: TrainConfig) -> ARMT:
     model = tiny_armt(layers=cfg.layers, hidden=cfg.hidden, heads=cfg.heads, kv_heads=cfg.kv_heads, vocab=vocab,
                      segment_size=cfg.segment_size, num_mem_tokens=cfg.mem_tokens, d_mem=cfg.d_mem,
                      seed=cfg.seed, intermediate=2 * cfg.hidden,
-                     initializer_range=cfg.init_std)
+                     initializer_range=cfg.init_std, normalize_keys=cfg.normalize_keys)
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         for p, std in ((model.base.get_input_embeddings().weight, cfg.embed_std), (model.memory, cfg.memory_std)):
@@ -288,12 +293,19 @@ def train(cfg: TrainConfig) -> tuple[ARMT, list[dict]]:
 
 
 def save(model: ARMT, cfg: TrainConfig, log: list[dict]) -> None:
-    """save_pretrained + train_log.json (config and curve) + samples.json in cfg.out."""
+    """save_pretrained + train_log.json + samples.json in cfg.out. The log holds this run's
+    config and curve, the model's own ARMTConfig (with --init-from the model's shape comes
+    from that checkpoint, not from the shape flags) and, with --init-from, the log of the
+    run it started from, so a staged training keeps its whole history."""
     model.save_pretrained(cfg.out)
     save_samples(fixed_samples(cfg.max_segments, cfg.segment_size, cfg.pairs, task_vocab(cfg)),
                  os.path.join(cfg.out, "samples.json"))
+    record = {"config": asdict(cfg), "armt": model.config.to_dict(), "log": log}
+    if cfg.init_from:
+        with open(os.path.join(cfg.init_from, "train_log.json")) as f:
+            record["init_from_log"] = json.load(f)
     with open(os.path.join(cfg.out, "train_log.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "log": log}, f, indent=1)
+        json.dump(record, f, indent=1)
 
 
 def run_eval(path: str, samples: int = 200, write: bool = True) -> dict:
@@ -311,6 +323,14 @@ def run_eval(path: str, samples: int = 200, write: bool = True) -> dict:
     return res
 
 
+def _flag_bool(text: str) -> bool:
+    """'1'/'true'/'yes' or '0'/'false'/'no' (argparse's type=bool would make any text True)."""
+    value = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected 1/0, true/false or yes/no, got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m diaglab.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -324,6 +344,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the tqdm bar")
         elif name == "minutes":
             p.add_argument(flag, type=float, default=None, help="stop training after this many minutes")
+        elif isinstance(value, bool):
+            p.add_argument(flag, type=_flag_bool, default=value, help=f"default {value} (1/0, true/false)")
         else:
             p.add_argument(flag, type=type(value), default=value, help=f"default {value}")
     return p.parse_args(argv)

@@ -275,3 +275,27 @@ def test_llama_1b_shapes_exact_on_cpu():
         assert rel(diag.state.W_mem[l], seq.state.W_mem[l]) <= 1e-5
         assert rel(diag.state.z[l], seq.state.z[l]) <= 1e-5
     assert seq.state.W_mem.abs().amax(dim=(1, 2, 3)).min() > 0                    # every layer wrote
+
+
+def test_normalize_keys_flag(tmp_path):
+    """normalize_keys=True (unit-length DPFP queries and keys, as the reference ARMT code):
+    executor == sequential, features of length 1, the flag survives save/load, and it does
+    change the model (default off: SPEC §2's equations exactly)."""
+    model = live_model(layers=3, normalize_keys=True)
+    assert model.config.normalize_keys and all(a.normalize for a in model.assoc)
+    ids = random_ids(2, 45)
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+        assert_same(out, DiagonalExecutor(model)(ids, labels=ids), 1e-5)
+        u = torch.randn(5, 4)
+        k = diaglab.memory.features(u, 3, normalize=True)
+        assert torch.allclose(k.norm(dim=-1), torch.ones(5))
+        assert torch.allclose(k * diaglab.dpfp(u, 3).norm(dim=-1, keepdim=True), diaglab.dpfp(u, 3))
+        assert torch.equal(diaglab.memory.features(u, 3), diaglab.dpfp(u, 3))          # off: plain DPFP
+        model.save_pretrained(tmp_path)
+        loaded = diaglab.ARMT.from_pretrained(tmp_path)
+        assert loaded.config.normalize_keys and torch.equal(loaded(ids).logits, out.logits)
+        plain = live_model(layers=3)
+        assert rel(plain(ids).logits, out.logits) > 1e-3
+    with pytest.raises(ValueError, match="normalize_keys must be True or False"):
+        diaglab.ARMTConfig(normalize_keys=1)

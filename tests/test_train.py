@@ -33,17 +33,21 @@ def test_checkpoint_is_small_and_complete():
 
 
 def test_checkpoint_recalls_with_memory_and_not_without():
+    """Both tasks, on seeds no run has seen: a needle, and one of 8 key-value pairs stored one
+    per segment, recalled 1, 4 and 8 segments later; with the memory zeroed, chance."""
     torch.set_num_threads(1)   # tiny model: 1 thread takes 0.3 s here; 2 threads on a busy 2-core CPU took 35 s
     model = diaglab.ARMT.from_pretrained(CKPT)
+    assert model.config.normalize_keys                        # trained with unit-length queries and keys
     cfg = json.loads((CKPT / "train_log.json").read_text())["config"]
-    S, task = cfg["max_segments"], cfg["task"]
-    res = train.evaluate(model, num_segments=S, samples=32, pairs=cfg["pairs"], distances=[4, 6, S - 1],
-                         seed=123_456_789, tasks=(task,), vocab=TaskVocab(num_fillers=cfg["fillers"]))
-    acc = sum(r[task] for r in res["by_distance"]) / 3
-    zeroed = sum(r[task + "_zeroed"] for r in res["by_distance"]) / 3
-    assert acc > 3 * VOCAB.chance, res                        # far above chance, on seeds no run has seen
-    assert zeroed < 2.5 * VOCAB.chance, res                   # memory off: chance (1/16) within noise
-    assert res["diagonal_equals_sequential"] and res["predictions_compared"] == 96
+    S = cfg["max_segments"]
+    res = train.evaluate(model, num_segments=S, samples=32, pairs=cfg["pairs"], distances=[1, 4, S - 1],
+                         seed=123_456_789, tasks=("needle", "recall"), vocab=TaskVocab(num_fillers=cfg["fillers"]))
+    for task in ("needle", "recall"):
+        acc = sum(r[task] for r in res["by_distance"]) / 3
+        zeroed = sum(r[task + "_zeroed"] for r in res["by_distance"]) / 3
+        assert acc >= 0.8, (task, res)                        # chance is 1/16
+        assert zeroed < 2.5 * VOCAB.chance, (task, res)       # memory off: chance within noise
+    assert res["diagonal_equals_sequential"] and res["predictions_compared"] == 2 * 96
 
 
 def test_stored_eval_json_is_consistent():
@@ -53,7 +57,7 @@ def test_stored_eval_json_is_consistent():
     for task in res["tasks"]:
         far = [r[task] for r in rows if r["distance"] >= 4]
         assert math.isclose(res[task + "_at_distance_ge_4"], sum(far) / len(far))
-    assert res["trained_on"] in res["tasks"]
+    assert res["trained_on"] in (*res["tasks"], "mix")
     assert res["diagonal_equals_sequential"] and res["chance"] == VOCAB.chance
 
 
@@ -87,3 +91,20 @@ def test_cli_eval_prints_the_table(tmp_path, capsys):
     assert not (Path(cfg.out) / "eval.json").exists()
     args = train.parse_args(["--hidden", "96", "--minutes", "2.5", "--no-progress"])
     assert (args.hidden, args.minutes, args.progress, args.eval) == (96, 2.5, False, None)
+
+
+def test_init_from_keeps_the_history_and_bool_flags_parse(tmp_path):
+    first = _tiny_config(tmp_path / "a")
+    first = train.TrainConfig(**{**first.__dict__, "normalize_keys": True, "steps": 4})
+    train.train(first)
+    second = train.TrainConfig(**{**first.__dict__, "out": str(tmp_path / "b"), "init_from": first.out,
+                                  "normalize_keys": False, "task": "mix"})
+    model, _ = train.train(second)
+    assert model.config.normalize_keys                        # the shape comes from the checkpoint
+    record = json.loads((tmp_path / "b" / "train_log.json").read_text())
+    assert record["armt"]["normalize_keys"] is True and record["config"]["task"] == "mix"
+    assert record["init_from_log"]["config"]["out"] == first.out and record["init_from_log"]["log"]
+    assert train.parse_args(["--normalize-keys", "1"]).normalize_keys is True
+    assert train.parse_args(["--normalize-keys", "false"]).normalize_keys is False
+    with pytest.raises(SystemExit):
+        train.parse_args(["--normalize-keys", "maybe"])
