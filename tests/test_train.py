@@ -1,6 +1,6 @@
 """Training and evaluation (diaglab.train): the shipped recall checkpoint does better than
 chance only with its memory, a few training steps run end to end, and the CLI works.
-The full training run (about 25 min) is not run here."""
+The full training run (two stages, about 7 min) is not run here."""
 
 import json
 import math
