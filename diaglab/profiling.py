@@ -286,10 +286,12 @@ def phase_breakdown(executor, input_ids: torch.Tensor, **call_kw) -> dict[str, f
 
     out = dict.fromkeys(PHASES, 0.0)
     steps = 0.0
-    for event in prof.key_averages():
-        if event.key.startswith("phase ") and event.key[6:] in out:
-            out[event.key[6:]] += ms(event)
-        elif event.key.startswith("diag_step "):
+    for event in prof.events():   # the host-side ranges only: on CUDA each range also has a device-side
+        if event.device_type != torch.autograd.DeviceType.CPU:   # twin, which must not be counted twice
+            continue
+        if event.name.startswith("phase ") and event.name[6:] in out:
+            out[event.name[6:]] += ms(event)
+        elif event.name.startswith("diag_step "):
             steps += ms(event)
     out["other"] = max(steps - sum(out.values()), 0.0)
     out["steps"] = steps
