@@ -8,15 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ._checks import check_int
+
 _MEMORY_DTYPES = {"float32": torch.float32, "float64": torch.float64,
                   "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an int >= {low}, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -33,10 +28,10 @@ class ARMTConfig:
     normalize_keys: bool = False
 
     def __post_init__(self):
-        _check_int("segment_size", self.segment_size, 1)
-        _check_int("num_mem_tokens", self.num_mem_tokens, 1)
-        _check_int("d_mem", self.d_mem, 1)
-        _check_int("nu", self.nu, 1)
+        check_int("segment_size", self.segment_size, 1)
+        check_int("num_mem_tokens", self.num_mem_tokens, 1)
+        check_int("d_mem", self.d_mem, 1)
+        check_int("nu", self.nu, 1)
         if self.nu > 2 * self.d_mem:
             raise ValueError(f"nu must be <= 2 * d_mem = {2 * self.d_mem} (DPFP rolls within 2*d_mem), got {self.nu}")
         if not isinstance(self.normalize_keys, bool):

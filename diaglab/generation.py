@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from ._checks import check_int
 from .segments import validate_ids
 
 
@@ -48,12 +49,11 @@ def generate(model, prefill_fn, input_ids, max_new_tokens: int = 16, do_sample: 
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         raise ValueError("generate needs unpadded rows of equal length; call it per row for prompts "
                          "of different lengths")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 0)
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_k is not None:
+        check_int("top_k (or None)", top_k, 1)
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
     ids = validate_ids(input_ids, model.base.config.vocab_size, model.device)

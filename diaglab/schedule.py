@@ -13,14 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from ._checks import check_int
+
 Cell = tuple[int, int]  # (layer, segment)
 Schedule = list[list[Cell]]
 
 
 def _check_sizes(L: int, S: int) -> None:
-    for name, v in (("L (layers)", L), ("S (segments)", S)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    check_int("L (layers)", L, 1)
+    check_int("S (segments)", S, 1)
 
 
 def dependencies(layer: int, segment: int) -> list[Cell]:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._checks import check_int
+
 
 @dataclass(frozen=True)
 class TaskVocab:
@@ -38,8 +40,7 @@ class TaskVocab:
 
     def __post_init__(self):
         for name in ("num_fillers", "num_keys", "num_values"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+            check_int(name, getattr(self, name), 1)
 
     @property
     def first_filler(self) -> int:
@@ -132,12 +133,6 @@ class TaskBatch:
                    vocab=TaskVocab(**d["vocab"]))
 
 
-def _check(name: str, value, low: int, high: int | None = None) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
-        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an int {rng}, got {value!r}")
-
-
 def _queries(ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int,
              vocab: TaskVocab) -> tuple[torch.Tensor, torch.Tensor]:
     """Write `QUERY key value` triples at the end of the last segment, in place.
@@ -166,16 +161,16 @@ def associative_recall(batch_size: int, num_segments: int, segment_size: int = 1
     exactly that many segments before the last (1 .. S-1), or None for any pair.
     """
     S, n, P, Q = num_segments, segment_size, pairs_per_segment, num_queries
-    _check("num_segments", S, 2)
-    _check("segment_size", n, 3)
-    _check("pairs_per_segment", P, 1, n // 2)
-    _check("num_queries", Q, 1, min(n // 3, P if distance is not None else P * (S - 1)))
+    check_int("num_segments", S, 2)
+    check_int("segment_size", n, 3)
+    check_int("pairs_per_segment", P, 1, n // 2)
+    check_int("num_queries", Q, 1, min(n // 3, P if distance is not None else P * (S - 1)))
     K = P * (S - 1)                                                       # pairs per sample
     if K > vocab.num_keys:
         raise ValueError(f"{S - 1} segments x {P} pairs need {K} distinct keys; the vocabulary has "
                          f"{vocab.num_keys} (lower num_segments or pairs_per_segment)")
     if distance is not None:
-        _check("distance", distance, 1, S - 1)
+        check_int("distance", distance, 1, S - 1)
     g = torch.Generator().manual_seed(seed)
     B = batch_size
     ids = torch.randint(0, vocab.num_fillers, (B, S, n), generator=g) + vocab.first_filler   # (B, S, n)
@@ -200,10 +195,10 @@ def needle_in_a_haystack(batch_size: int, num_segments: int, segment_size: int =
     distance: segments between the needle's segment and the last (1 .. S-1), random if None.
     """
     S, n = num_segments, segment_size
-    _check("num_segments", S, 2)
-    _check("segment_size", n, 3)
+    check_int("num_segments", S, 2)
+    check_int("segment_size", n, 3)
     if distance is not None:
-        _check("distance", distance, 1, S - 1)
+        check_int("distance", distance, 1, S - 1)
     g = torch.Generator().manual_seed(seed)
     B = batch_size
     ids = torch.randint(0, vocab.num_fillers, (B, S * n), generator=g) + vocab.first_filler  # (B, N)
