@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import ARMTConfig
 from .generation import generate
-from .memory import MemoryState, associative_read, associative_write, features
+from .memory import MemoryState, associative_read, associative_write, features, first_after_write
 from .segments import (Segmented, SegmentOutputs, positions_and_mask, segment, validate_ids,
                        validate_mask)
 
@@ -188,7 +188,7 @@ class ARMT(nn.Module):
             if write:
                 W_mem[l], z[l] = self.assoc[l].write(h[:, n_s:], W_mem[l], z[l], first[l],
                                                      self.config.correction, wmask)
-                first[l] = first[l] & ~(wmask if wmask is not None else torch.ones_like(first[l]))
+                first[l] = first_after_write(first[l], wmask)
         return inner.norm(h[:, :n_s])
 
     def forward(self, input_ids, attention_mask=None, labels=None, state: MemoryState | None = None,

@@ -22,7 +22,7 @@ from . import schedule as sched
 from .armt import ARMT, ARMTOutput
 from .generation import generate as _generate
 from .grouped import LayerDims, TiedStacks, _param_groups, gather_stacks, grouped_layer
-from .memory import MemoryState
+from .memory import MemoryState, first_after_write
 from .segments import Segmented, SegmentOutputs, positions_and_mask
 
 StepHook = Callable[[int, list], None]
@@ -104,9 +104,7 @@ class DiagonalExecutor:
                                           torch.stack(W_mem[lo:hi + 1]), torch.stack(z[lo:hi + 1]),
                                           first_g, wmask, dims, read=any(started[lo:hi + 1]))
                 W_mem[lo:hi + 1], z[lo:hi + 1] = list(Wg.unbind(0)), list(zg.unbind(0))
-                # a row stays "first" only where its segment was all padding (nothing written)
-                first_g = first_g & ~wmask if wmask is not None else torch.zeros_like(first_g)
-                first[lo:hi + 1] = list(first_g.unbind(0))
+                first[lo:hi + 1] = list(first_after_write(first_g, wmask).unbind(0))
                 for g, (l, s) in enumerate(cells):
                     started[l] = True
                     if l < L - 1:

@@ -45,6 +45,12 @@ def associative_read(q: torch.Tensor, W_mem: torch.Tensor, z: torch.Tensor) -> t
     return num / den
 
 
+def first_after_write(is_first: torch.Tensor, write_mask: torch.Tensor | None) -> torch.Tensor:
+    """is_first after a write: a row stays on its first segment only where the write was
+    masked out (an all-padding row wrote nothing). Shapes (...) bool, as in associative_write."""
+    return is_first & ~write_mask if write_mask is not None else torch.zeros_like(is_first)
+
+
 def associative_write(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                       W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor,
                       correction: bool = True,

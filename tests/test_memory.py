@@ -85,3 +85,11 @@ def test_config_round_trip():
     c = ARMTConfig(segment_size=5, num_mem_tokens=2, d_mem=4, correction=False, memory_dtype="float64")
     assert c.memory_dtype == torch.float64 and c.d_key == 24
     assert ARMTConfig.from_dict(c.to_dict()) == c
+
+
+def test_first_after_write_keeps_only_masked_rows_first():
+    from diaglab.memory import first_after_write
+    first = torch.tensor([[True, True, False], [True, False, True]])
+    written = torch.tensor([[True, False, True], [False, False, True]])
+    assert torch.equal(first_after_write(first, written), torch.tensor([[False, True, False], [True, False, False]]))
+    assert not first_after_write(first, None).any()
