@@ -126,8 +126,6 @@ def measure(fns: dict[str, Callable[[], object]], device: torch.device, warmup: 
 # ---- the benchmark ------------------------------------------------------------------
 def _points(segment_size: int, segments: list[int] | None, lengths: list[int] | None) -> list[tuple[int, int]]:
     """(S, N) per point: S segments of n tokens, or N tokens cut into ceil(N / n) segments."""
-    if (segments is None) == (lengths is None):
-        raise ValueError("give exactly one of segments or lengths")
     if segments is not None:
         return [(S, S * segment_size) for S in segments]
     return [(math.ceil(N / segment_size), N) for N in lengths]
@@ -159,8 +157,9 @@ def run_bench(preset: str = "tiny", segments: list[int] | None = None, lengths: 
     speed-up of diagonal over sequential as its postfix."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+    if (segments is None) == (lengths is None):
+        raise ValueError("give exactly one of segments or lengths")
     dev = check_device(device)
-    _points(1, segments, lengths)  # checks that exactly one of them is given, before any model is built
     from tqdm.auto import tqdm
     bar = tqdm(total=len(dtypes) * len(segments or lengths), unit="point", desc=f"bench {preset}",
                disable=not progress)

@@ -128,7 +128,6 @@ def _phase(name: str) -> torch.profiler.record_function:
     return torch.profiler.record_function(f"phase {name}")
 
 
-
 def grouped_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None,
                    kernel: str = "bmm") -> torch.Tensor:
     """x: (G, R, in); W: (G, out, in) stacked nn.Linear weights; b: (G, out) -> (G, R, out)."""

@@ -133,7 +133,7 @@ class TaskBatch:
                    vocab=TaskVocab(**d["vocab"]))
 
 
-def _queries(ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int,
+def _queries(ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
              vocab: TaskVocab) -> tuple[torch.Tensor, torch.Tensor]:
     """Write `QUERY key value` triples at the end of the last segment, in place.
 
@@ -184,7 +184,7 @@ def associative_recall(batch_size: int, num_segments: int, segment_size: int = 1
         pick = torch.rand(B, P, generator=g).argsort(-1)[:, :Q] + (S - 1 - distance) * P
     ids = ids.reshape(B, S * n)                                                               # (B, N)
     qk, qv = keys.gather(1, pick), values.gather(1, pick)                                    # (B, Q)
-    labels, answer_pos = _queries(ids, qk, qv, n, vocab)
+    labels, answer_pos = _queries(ids, qk, qv, vocab)
     return TaskBatch(ids, labels, qv, answer_pos, qk, (S - 1) - pick // P, n, "associative_recall", seed, vocab)
 
 
@@ -212,7 +212,7 @@ def needle_in_a_haystack(batch_size: int, num_segments: int, segment_size: int =
     at = (S - 1 - dist) * n + offset                                                          # (B, 1)
     ids.scatter_(1, at, key)
     ids.scatter_(1, at + 1, value)
-    labels, answer_pos = _queries(ids, key, value, n, vocab)
+    labels, answer_pos = _queries(ids, key, value, vocab)
     return TaskBatch(ids, labels, value, answer_pos, key, dist, n, "needle_in_a_haystack", seed, vocab)
 
 

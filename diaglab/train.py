@@ -98,10 +98,9 @@ def predict(run, batch: TaskBatch, memory: bool = True) -> torch.Tensor:
     """
     ids = batch.input_ids
     if not memory:
-        model = run.model if isinstance(run, DiagonalExecutor) else run
         n = batch.segment_size
         last = ids[:, -n:]
-        out = run(last, state=model.empty_state(ids.shape[0]).zeroed(), keep_logits="last_segment")
+        out = run(last, keep_logits="last_segment")                        # no state: an empty memory
         shifted = TaskBatch(last, batch.labels[:, -n:], batch.answers, batch.answer_pos - (ids.shape[1] - n),
                             batch.keys, batch.distance, n, batch.task, batch.seed, batch.vocab)
         return answer_logits(out.logits, shifted).argmax(-1)

@@ -14,7 +14,7 @@
 # on an H200, most of it building the 1.2B-parameter model twice and full attention at 131K.
 #
 #   OUT=bench-out bash scripts/gpu_bench.sh
-#   OUT=/tmp/dry PRESET=tiny DEVICE=cpu LONG=2048 SHORT=256,1024 bash scripts/gpu_bench.sh   # CPU dry run
+#   OUT=/tmp/dry PRESET=tiny DEVICE=cpu LONG=2048 SHORT=256,1024 PROFILE=256 bash scripts/gpu_bench.sh  # CPU dry run
 #
 # On the device machine (run from the repository root; $OUT is set there):
 #   PYTHONUNBUFFERED=1 bash scripts/gpu_bench.sh 2>&1 | tee $OUT/gpu_log.txt
@@ -30,6 +30,7 @@ PRESET=${PRESET:-llama_1b}
 DEVICE=${DEVICE:-cuda}
 LONG=${LONG:-131072}
 SHORT=${SHORT:-4096,8192,16384,32768,65536}
+PROFILE=${PROFILE:-16384}   # tokens of the torch.profiler run
 NAME=${NAME:-gpu_llama1b}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
        HF_HUB_DISABLE_PROGRESS_BARS=1 KINETO_LOG_LEVEL=6
@@ -43,7 +44,7 @@ fi
 status=0
 echo "== 1. exactness, per-step records, profiler: $PRESET on $DEVICE"
 "$PY" scripts/gpu_checks.py "$OUT" --preset "$PRESET" --device "$DEVICE" \
-    --steps-tokens "$LONG" --profile-tokens "$(echo "$SHORT" | cut -d, -f3 | grep . || echo "$LONG")" \
+    --steps-tokens "$LONG" --profile-tokens "$PROFILE" \
     || status=$?   # an exactness failure is reported, and the benchmark still runs
 
 bench() {  # bench LENGTHS FILE

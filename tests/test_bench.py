@@ -163,7 +163,7 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PY=sys.executable, OUT=str(tmp_path), PRESET="tiny", DEVICE="cpu",
-               LONG="256", SHORT="64,128")
+               LONG="256", SHORT="64,128", PROFILE="128")
     done = subprocess.run(["bash", str(root / "scripts" / "gpu_bench.sh")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
