@@ -61,6 +61,18 @@ def test_ideal_is_one_full_group_step_times_segments():
                                                      "full/diagonal": 4.0, "diagonal/ideal": 1.25})
 
 
+def test_ideal_rows_are_the_full_group_step_times_S(monkeypatch):
+    """run_bench times ONE full-group step for 'ideal' and reports it times S."""
+    step_seconds = [0.010, 0.012, 0.011]
+    monkeypatch.setattr(bench, "measure", lambda fns, device, warmup, repeats: {m: (list(step_seconds), None)
+                                                                               for m in fns})
+    rows = bench.run_bench("tiny", segments=[1, 4, 16], modes=("diagonal", "ideal"), **TINY)
+    for r in rows:
+        scale = r["segments"] if r["mode"] == "ideal" else 1
+        assert r["seconds"] == pytest.approx(0.011 * scale)
+        assert (r["seconds_min"], r["seconds_max"]) == pytest.approx((0.010 * scale, 0.012 * scale))
+
+
 def test_cli_writes_json_csv_html_and_a_table(tmp_path, capsys):
     out = {k: tmp_path / "out" / f"bench.{k}" for k in ("json", "csv", "html")}
     rows = bench.main(["--preset", "tiny", "--layers", "2", "--segments", "1,2,4", "--device", "cpu",
@@ -78,11 +90,15 @@ def test_cli_writes_json_csv_html_and_a_table(tmp_path, capsys):
     assert len(printed) == 1 + 3                                  # header + one line per point
 
 
-def test_cli_rejects_unknown_modes_and_both_size_flags():
+def test_cli_rejects_unknown_modes_and_both_size_flags(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--modes", "diagonal,warp"])
+    assert "choose from full,sequential" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.parse_args(["--segments", "1", "--lengths", "32"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="exactly one of segments or lengths"):
+        bench.run_bench("tiny", **TINY)
     assert bench.parse_args([]).segments == [1, 2, 4, 8, 16, 32, 64]
 
 

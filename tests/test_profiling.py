@@ -79,13 +79,14 @@ def test_torch_profile_table_and_chrome_trace(model, tmp_path):
 
 
 def test_phase_breakdown_splits_the_steps(model):
-    """Every grouped step is read / attention / mlp / write plus the step's own work; the
-    read is skipped while each layer is on its first segment, so one segment has none."""
+    """Over a run, the four phase ranges lie inside the steps' ranges and leave room for the
+    steps' own work ('other'); the read is skipped while each layer is on its first segment,
+    so a one-segment run has none."""
     ex = DiagonalExecutor(model)
     parts = phase_breakdown(ex, random_ids(B, N))
     assert list(parts) == [*PHASES, "other", "steps"] == ["read", "attention", "mlp", "write", "other", "steps"]
     assert all(parts[k] > 0 for k in parts)
-    assert parts["steps"] == pytest.approx(sum(parts[k] for k in (*PHASES, "other")))
+    assert sum(parts[k] for k in PHASES) < parts["steps"]     # nested, not clamped: 'other' is measured
     one_segment = phase_breakdown(ex, random_ids(B, 8))
     assert one_segment["read"] == 0 and one_segment["attention"] > 0 and one_segment["write"] > 0
     table = torch_profile(ex, random_ids(1, N), row_limit=-1)

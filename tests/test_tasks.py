@@ -78,11 +78,16 @@ def test_tokens_fit_the_vocabulary():
     assert VOCAB.chance == 1 / 16
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_segments=1), dict(pairs_per_segment=9), dict(num_queries=6),
-                                    dict(distance=0), dict(distance=9), dict(num_segments=14)])
-def test_bad_arguments(kwargs):
+@pytest.mark.parametrize("kwargs,says", [
+    (dict(num_segments=1), "num_segments must be an int >= 2"),
+    (dict(pairs_per_segment=9), r"pairs_per_segment must be an int in \[1, 8\]"),
+    (dict(num_queries=6), r"num_queries must be an int in \[1, 5\]"),
+    (dict(distance=0), r"distance must be an int in \[1, 8\]"),
+    (dict(distance=9), r"distance must be an int in \[1, 8\]"),
+    (dict(num_segments=14), "need 26 distinct keys; the vocabulary has 24")])
+def test_bad_arguments(kwargs, says):
     args = dict(batch_size=2, num_segments=9) | kwargs
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=says):
         tasks.associative_recall(**args)
 
 
