@@ -20,9 +20,14 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def live_model(layers=3, segment_size=8, num_mem_tokens=4, seed=0, **kw) -> diaglab.ARMT:
     """A tiny ARMT whose memory path does something: random non-zero W_mv and distinct
     per-layer W_mb biases (with W_mv = 0 the memory is inert — SPEC §2)."""
-    model = diaglab.tiny_armt(layers=layers, segment_size=segment_size, num_mem_tokens=num_mem_tokens,
-                              seed=seed, **kw)
-    return diaglab.randomize_memory_(model, seed=seed + 1)
+    return diaglab.randomize_memory_(inert_model(layers, segment_size, num_mem_tokens, seed, **kw), seed=seed + 1)
+
+
+def inert_model(layers=3, segment_size=8, num_mem_tokens=4, seed=0, **kw) -> diaglab.ARMT:
+    """The same tiny ARMT as live_model(seed=seed) before randomize_memory_: the paper's
+    W_mv = 0, so W_mem stays 0 and the memory adds nothing."""
+    return diaglab.tiny_armt(layers=layers, segment_size=segment_size, num_mem_tokens=num_mem_tokens,
+                             seed=seed, **kw)
 
 
 def random_ids(B, N, vocab=256, seed=0):
