@@ -54,6 +54,20 @@ MODE_COLOURS = {"full": "#000000", "sequential": "#E69F00", "sequential_grouped"
                 "diagonal": "#0072B2", "ideal": "#009E73"}  # Okabe-Ito
 
 
+# ---- the model and input every benchmark uses --------------------------------------------
+def live_preset(preset: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                seed: int = 0, **overrides) -> ARMT:
+    """The named preset (random weights) with its memory path switched on (randomize_memory_:
+    with the paper's W_mv = 0 the read and write would be skipped work), in eval mode."""
+    return randomize_memory_(from_preset(preset, seed=seed, dtype=dtype, device=device, **overrides)).eval()
+
+
+def random_tokens(model: ARMT, tokens: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    """(batch, tokens) random ids from the model's vocabulary, seeded, on the model's device."""
+    return torch.randint(0, model.base.config.vocab_size, (batch, tokens),
+                         generator=torch.Generator().manual_seed(seed)).to(model.device)
+
+
 # ---- what each mode runs --------------------------------------------------------------
 def full_group_step(model: ARMT, executor: DiagonalExecutor, batch: int) -> Callable[[], object]:
     """One grouped step with all L layers busy (every layer past its first segment, so the
@@ -166,7 +180,7 @@ def run_bench(preset: str = "tiny", segments: list[int] | None = None, lengths: 
     rows = []
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
-        model = randomize_memory_(from_preset(preset, seed=seed, dtype=dtype, device=dev, **overrides)).eval()
+        model = live_preset(preset, dtype, dev, seed, **overrides)
         execs = executors(model)
         L, n = model.num_layers, model.config.segment_size
         gen = torch.Generator().manual_seed(seed)

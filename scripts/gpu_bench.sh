@@ -3,7 +3,7 @@
 # ARMT (random weights; latency needs no training), segment 1024 + 128 memory tokens,
 # bf16, batch 1. One script for a whole GPU session, everything written under $OUT:
 #   1. gpu_exact.json, gpu_steps.json, gpu_profile.txt (scripts/gpu_checks.py):
-#      diagonal vs sequential in fp32 (<= 1e-5) and bf16 (<= 2e-2) on 3.5 segments,
+#      diagonal vs sequential in fp32 (<= 1e-5) and bf16 (<= 2e-2 on logits) on 3.5 segments,
 #      per-step records of one 131K diagonal run, a torch.profiler table at 16K;
 #   2. gpu_llama1b_131k.json: the target point, 131,072 tokens, measured FIRST so a run cut
 #      short still has it; then gpu_llama1b_short.json: 4K..64K;

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 
 import diaglab  # noqa: E402
 import diaglab.bench  # noqa: E402
+from diaglab.bench import live_preset, random_tokens  # noqa: E402
 from diaglab.profiling import phase_breakdown, profile_steps, torch_profile  # noqa: E402
 
 BOUNDS = {"float32": 1e-5, "bfloat16": 2e-2}  # the project's exactness standard (relative error)
@@ -39,8 +41,7 @@ def exactness(model: diaglab.ARMT, segments: float, seed: int = 0) -> dict:
     """Diagonal vs sequential on `segments` segments (a partial last one if fractional):
     logits and every layer's W_mem and z."""
     n = model.config.segment_size
-    ids = torch.randint(0, model.base.config.vocab_size, (1, int(segments * n)),
-                        generator=torch.Generator().manual_seed(seed)).to(model.device)   # (1, N)
+    ids = random_tokens(model, int(segments * n), seed)                               # (1, N)
     with torch.no_grad():
         seq = model(ids)
         diag = diaglab.DiagonalExecutor(model)(ids)
@@ -53,7 +54,7 @@ def exactness(model: diaglab.ARMT, segments: float, seed: int = 0) -> dict:
 
 def build(preset: str, dtype: torch.dtype, device: str, **overrides) -> diaglab.ARMT:
     t0 = time.perf_counter()
-    model = diaglab.randomize_memory_(diaglab.from_preset(preset, dtype=dtype, device=device, **overrides)).eval()
+    model = live_preset(preset, dtype, device, **overrides)
     print(f"built {preset} {str(dtype).removeprefix('torch.')} on {device} in {time.perf_counter() - t0:.1f} s",
           flush=True)
     return model
@@ -99,14 +100,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. one long diagonal run, step by step (bf16 model from above)
     ex = diaglab.DiagonalExecutor(model)
-    ids = torch.randint(0, model.base.config.vocab_size, (1, args.steps_tokens),
-                        generator=torch.Generator().manual_seed(1)).to(model.device)
+    ids = random_tokens(model, args.steps_tokens, seed=1)
     profile_steps(ex, ids[:, :model.config.segment_size * 2], keep_logits="none")       # warm-up
     records = profile_steps(ex, ids, keep_logits="none")
     total_ms = sum(r.ms for r in records)
     full = [r.ms for r in records if r.group_size == model.num_layers]
     print(f"per-step run: {len(records)} steps, {total_ms:.0f} ms in all, full-group steps median "
-          f"{sorted(full)[len(full) // 2] if full else float('nan'):.2f} ms", flush=True)
+          f"{statistics.median(full) if full else float('nan'):.2f} ms", flush=True)
     (args.out / "gpu_steps.json").write_text(json.dumps(
         {"tokens": args.steps_tokens, "preset": args.preset, "dtype": "bfloat16",
          "records": [dataclasses.asdict(r) for r in records]}) + "\n")

@@ -13,25 +13,28 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")   # keep torch.profiler's Kineto lines off stderr
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a plain checkout
 
 import torch  # noqa: E402
 
 import diaglab  # noqa: E402
+from diaglab.bench import live_preset, random_tokens  # noqa: E402
 from diaglab.profiling import phase_breakdown  # noqa: E402
 
 CASES = [("tiny", torch.float32, 128, {}), ("tiny", torch.bfloat16, 128, {}),
          ("llama_1b", torch.bfloat16, 4, {"layers": 2})]   # LLaMA-1B's widths, cut to 2 layers for a CPU
 
 
-def main(out: str = "data/bench/cpu_phases.json") -> dict:
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(out: str = str(ROOT / "data" / "bench" / "cpu_phases.json")) -> dict:
     torch.set_num_threads(2)
     shares = {}
     for preset, dtype, S, overrides in CASES:
-        model = diaglab.randomize_memory_(diaglab.from_preset(preset, dtype=dtype, **overrides)).eval()
+        model = live_preset(preset, dtype, **overrides)
         ex = diaglab.DiagonalExecutor(model)
-        ids = torch.randint(0, model.base.config.vocab_size, (1, S * model.config.segment_size),
-                            generator=torch.Generator().manual_seed(0))
+        ids = random_tokens(model, S * model.config.segment_size)
         with torch.no_grad():
             ex(ids, keep_logits="last_segment")                     # warm-up: stacks, first-touch memory
         ms = phase_breakdown(ex, ids, keep_logits="last_segment")
