@@ -1,10 +1,12 @@
 """ARMT: a transformers LlamaForCausalLM turned into an Associative Recurrent Memory
-Transformer, run in the plain sequential order (SPEC §1-2).
+Transformer, run in the plain sequential order (design §1-2).
 
 This file is the reference — the naive twin of the diagonal executor. For each segment
-s = 0..S-1 and each layer l = 0..L-1 (S * L layer calls) it: reads layer l's memory
-into the layer input, runs the base model's own decoder layer unchanged, and writes
-the layer's memory rows back into layer l's memory. Only MemoryState crosses segments.
+s = 0..S-1 and each layer l = 0..L-1 (S * L layer calls) it reads layer l's memory into
+the layer input, runs the base model's own decoder layer unchanged, and writes the
+layer's memory rows back into layer l's memory: `grouped.grouped_layer_ref` on the
+one-layer range (l, l), where the executor runs `grouped.grouped_layer` on (lo, hi).
+Only the MemoryState crosses segments.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from torch import nn
 
 from .config import ARMTConfig
 from .generation import generate
+from .grouped import LayerDims, LayerStack, grouped_layer_ref
 from .memory import MemoryState, associative_read, associative_write, features, first_after_write
-from .segments import (Segmented, SegmentOutputs, positions_and_mask, segment, validate_ids,
-                       validate_mask)
+from .segments import Segmented, SegmentOutputs, SegmentRows, segment, segment_rows, validate_ids, validate_mask
 
 _KEEP_LOGITS = ("all", "last_segment", "none")
 
@@ -51,7 +53,7 @@ class AssociativeLayer(nn.Module):
         """h: (B, T, d) layer input -> h + A(h) for rows whose layer is past its first segment."""
         q = features(self.W_mq(h), self.nu, self.normalize)                     # (B, T, dk)
         A = associative_read(q, W_mem, z).to(h.dtype)                           # (B, T, d)
-        return h + torch.where(is_first[:, None, None], torch.zeros_like(A), A)
+        return h + A.masked_fill(is_first[:, None, None], 0)
 
     def write(self, m: torch.Tensor, W_mem, z, is_first, correction: bool, write_mask=None):
         """m: (B, M, d) memory rows of the layer output -> new (W_mem, z)."""
@@ -113,99 +115,102 @@ class ARMT(nn.Module):
     # ---- inputs ----------------------------------------------------------------------
     def prepare(self, input_ids, attention_mask=None, labels=None, state=None,
                 keep_logits: str = "all") -> tuple[Segmented, MemoryState]:
-        """Validate a call's inputs (both execution orders use this) and cut them into segments."""
+        """Validate a call's inputs (both execution orders use this) and cut them into
+        segments; an open segment carried by `state` goes in front of input_ids."""
         if keep_logits not in _KEEP_LOGITS:
             raise ValueError(f"keep_logits must be one of {_KEEP_LOGITS}, got {keep_logits!r}")
         ids = validate_ids(input_ids, self.base.config.vocab_size, self.device)
         mask = validate_mask(attention_mask, ids)
-        seg = segment(ids, self.config.segment_size, mask, labels)
         B = ids.shape[0]
         if state is None:
             state = self.empty_state(B)
-        else:
-            self.check_state(state, B)
-        return seg, state
+        self.check_state(state, B)
+        seg = segment(ids, self.config.segment_size, mask, labels, state.open_ids)
+        return seg, state.with_open(None)
 
     def check_state(self, state: MemoryState, batch_size: int) -> None:
-        want = (self.num_layers, batch_size, self.config.d_key, self.hidden_size)
+        """Raise unless state fits this model and a batch of batch_size rows, naming the tensor."""
         if not isinstance(state, MemoryState):
-            raise TypeError(f"state must be a diaglab.MemoryState, got {type(state).__name__}")
-        if tuple(state.W_mem.shape) != want or tuple(state.z.shape) != want[:3]:
-            raise ValueError(f"state holds W_mem {tuple(state.W_mem.shape)} / z {tuple(state.z.shape)}, "
-                             f"this model and batch need W_mem {want} / z {want[:3]}")
-        if state.W_mem.device != self.device:
-            raise ValueError(f"state is on {state.W_mem.device} but the model on {self.device}; use state.to(...)")
-        if state.W_mem.dtype != self.config.memory_dtype:
-            raise ValueError(f"state dtype {state.W_mem.dtype} differs from config.memory_dtype "
-                             f"{self.config.memory_dtype}")
+            raise TypeError(f"state must be a diaglab.MemoryState (out.state of an earlier call), "
+                            f"got {type(state).__name__}")
+        L, dk, d = self.num_layers, self.config.d_key, self.hidden_size
+        want = {"W_mem": ((L, batch_size, dk, d), self.config.memory_dtype),
+                "z": ((L, batch_size, dk), self.config.memory_dtype),
+                "is_first": ((L, batch_size), torch.bool)}
+        for name, (shape, dtype) in want.items():
+            t = getattr(state, name)
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"state.{name} must be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"state.{name} has shape {tuple(t.shape)}; this model (L={L}, dk={dk}, d={d}) "
+                                 f"and a batch of {batch_size} need {shape}")
+            if t.dtype != dtype:
+                raise ValueError(f"state.{name} has dtype {t.dtype}, this model needs {dtype} "
+                                 f"(config.memory_dtype for W_mem and z)")
+            if t.device != self.device:
+                raise ValueError(f"state.{name} is on {t.device} but the model on {self.device}; "
+                                 f"use state.to({str(self.device)!r})")
+        o = state.open_ids
+        if o is not None:
+            if not isinstance(o, torch.Tensor) or o.dim() != 2 or o.shape[0] != batch_size \
+                    or o.dtype != torch.long or not 0 < o.shape[1] < self.config.segment_size:
+                raise ValueError("state.open_ids must be a LongTensor (B, r) with 0 < r < segment_size "
+                                 f"({self.config.segment_size}) and B = {batch_size}, or None")
+            if o.device != self.device:
+                raise ValueError(f"state.open_ids is on {o.device} but the model on {self.device}; "
+                                 f"use state.to({str(self.device)!r})")
+            if bool((o < 0).any()):
+                raise ValueError("this state's rows ended at different points inside a segment (a right-padded "
+                                 "batch), so there is no single place to continue from; continue each row "
+                                 "from a call of its own, or pad the earlier call's rows to whole segments")
 
-    # ---- one segment through all layers (SPEC §1-2) -----------------------------------
-    def segment_step(self, ids: torch.Tensor, nreal: torch.Tensor | None, state: list,
-                     write: bool = True, with_memory: bool = True, cache=None) -> torch.Tensor:
-        """Run one segment through every layer; update the per-layer state lists in place.
+    def has_memory(self, state: MemoryState) -> list[bool]:
+        """(L,) host flags: the layer has written for some row, so its read is not a no-op.
+        Read once per call (one device sync); the orders update them as layers write."""
+        return (~state.is_first).any(dim=1).tolist()
 
-        ids: (B, n_s); nreal: (B,) real tokens per row, or None when all n_s are real.
-        state: [W_mem list, z list, is_first list] (per layer), replaced entry by entry.
-        write=False, with_memory=False is the decoding mode of SPEC §5 (reads only, no memory
-        rows); there a transformers DynamicCache may carry the open segment's keys and values,
-        and ids are the tokens after those already cached (positions continue from the cache).
-        Returns the final-norm text hidden states (B, n_s, d).
-        """
-        if write and not with_memory:
-            raise ValueError("write=True needs with_memory=True: memory is written from the memory rows")
-        if cache is not None and (with_memory or nreal is not None):
-            raise ValueError("a KV cache is only for decoding: with_memory=False, write=False, no padding")
-        B, n_s = ids.shape
-        M = self.config.num_mem_tokens if with_memory else 0
-        inner = self.base.model
-        h = inner.embed_tokens(ids)                                             # (B, n_s, d)
-        if with_memory:
-            h = torch.cat([h, self.memory.expand(B, M, -1)], dim=1)             # (B, T, d)
-        pos, allowed = positions_and_mask(n_s, nreal, M, ids.device)
-        start = cache.get_seq_length() if cache is not None else 0
-        if start > 0:  # new rows attend to every cached row and causally among themselves
-            pos = pos + start
-            allowed = torch.ones(n_s, start + n_s, dtype=torch.bool, device=ids.device).tril(start)[None]
-        if allowed is not None:
-            mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device)
-            mask = mask.masked_fill(~allowed, torch.finfo(h.dtype).min)[:, None]  # (B, 1, T, T) additive
-        elif self.base.config._attn_implementation != "sdpa":
-            T = n_s + M
-            causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
-            mask = torch.zeros(T, T, dtype=h.dtype, device=h.device).masked_fill(~causal, torch.finfo(h.dtype).min)
-            mask = mask[None, None]                                             # (1, 1, T, T)
-        else:
-            mask = None  # plain causal inside the segment
-        cos_sin = inner.rotary_emb(h, pos)
-        W_mem, z, first = state
-        wmask = None if nreal is None else nreal > 0
-        reads = (~torch.stack(first)).any(dim=1).tolist()                       # (L,) one transfer per segment
-        for l, layer in enumerate(inner.layers):
-            if reads[l]:
-                h = self.assoc[l].read(h, W_mem[l], z[l], first[l])
-            h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin,
-                      cache=cache, use_cache=cache is not None)
-            if write:
-                W_mem[l], z[l] = self.assoc[l].write(h[:, n_s:], W_mem[l], z[l], first[l],
-                                                     self.config.correction, wmask)
-                first[l] = first_after_write(first[l], wmask)
-        return inner.norm(h[:, :n_s])
+    def layer_stack(self) -> LayerStack:
+        """The layers as grouped_layer_ref takes them (the reference needs no stacked weights)."""
+        return LayerStack(self, None, LayerDims.of(self))
+
+    # ---- one segment through all layers (design §1-2) ----------------------------------
+    def segment_step(self, rows: SegmentRows, state: MemoryState,
+                     has_memory: list[bool]) -> tuple[torch.Tensor, MemoryState]:
+        """Segment rows (B, T, d) through layers 0..L-1 -> output rows (B, T, d), new state.
+        has_memory: (L,) host flags (has_memory()); after the step every layer has written."""
+        layers = self.layer_stack()
+        h = rows.X[None]                                                        # (1, B, T, d): G = 1
+        wmask = None if rows.write_mask is None else rows.write_mask[None]      # (1, B)
+        for l in range(self.num_layers):
+            W_mem, z, first = state.layers(l, l)                                # (1, B, dk, d), (1, B, dk), (1, B)
+            h, W_mem, z = grouped_layer_ref(h, layers=layers, lo=l, hi=l, n_text=rows.n_text, cos=rows.cos,
+                                            sin=rows.sin, mask=rows.mask, W_mem=W_mem, z=z, is_first=first,
+                                            write_mask=wmask, read=has_memory[l])
+            state = state.replace(l, l, W_mem, z, first_after_write(first, wmask))
+        return h[0], state
 
     def forward(self, input_ids, attention_mask=None, labels=None, state: MemoryState | None = None,
                 keep_logits: str = "all") -> ARMTOutput:
         """Sequential ARMT. input_ids (B, N) any N >= 1; attention_mask (B, N) right-padded 0/1;
-        labels (B, N) -> mean next-token loss (-100 ignored). state: continue from a MemoryState.
-        keep_logits: 'all' | 'last_segment' | 'none' (the latter two keep peak memory flat in N)."""
-        seg, state = self.prepare(input_ids, attention_mask, labels, state, keep_logits)
-        lists = list(state.layers())
-        outputs = SegmentOutputs(seg, keep_logits, self.base.lm_head)
-        for s, (a, e) in enumerate(seg.bounds):
-            nreal = seg.nreal[s] if seg.padded else None
-            outputs.add(s, self.segment_step(seg.ids[:, a:e], nreal, lists))
-        logits, loss = outputs.result()
-        return ARMTOutput(logits, loss, MemoryState.from_layers(*lists))
+        labels (B, N) integer -> mean next-token loss (-100 ignored). state: continue from an
+        earlier call's out.state. keep_logits: 'all' | 'last_segment' | 'none' (the latter two
+        keep peak memory flat in N).
 
-    # ---- generation (SPEC §5) ---------------------------------------------------------
+        Continuing: model(ids[:, k:], state=model(ids[:, :k]).state) equals model(ids)[:, k:]
+        for any k. A segment the input ends inside stays open: its tokens get logits, its
+        memory write waits, and out.state carries its tokens (state.open_ids) to the next call."""
+        seg, state = self.prepare(input_ids, attention_mask, labels, state, keep_logits)
+        has_memory = self.has_memory(state)
+        outputs = SegmentOutputs(seg, keep_logits, self.base.lm_head)
+        for s in range(seg.num_segments):
+            rows = segment_rows(self, seg, s)                                   # [embed ; memory], positions, mask
+            h, state = self.segment_step(rows, state, has_memory)
+            has_memory = [True] * self.num_layers
+            outputs.add(s, self.base.model.norm(h[:, :rows.n_text]))            # text rows only
+        logits, loss = outputs.result()
+        return ARMTOutput(logits, loss, state.with_open(seg.open_ids()))
+
+    # ---- generation (design §5) ---------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 16, **sampling) -> torch.Tensor:
         """Greedy (default) or sampled continuation; see diaglab.generation.generate."""

@@ -39,7 +39,6 @@ import torch
 from . import schedule
 from .armt import ARMT, randomize_memory_
 from .diagonal import DiagonalExecutor
-from .grouped import LayerDims, grouped_layer
 from .presets import PRESETS, from_preset
 from .profiling import PeakMemory, Timer
 
@@ -74,14 +73,14 @@ def full_group_step(model: ARMT, executor: DiagonalExecutor, batch: int) -> Call
     associative read runs too) on the shapes of a full segment: the ideal-even-load unit."""
     L, n, M = model.num_layers, model.config.segment_size, model.config.num_mem_tokens
     d, dev = model.hidden_size, model.device
-    W = executor.stacked_weights()
-    dims = LayerDims.of(model)
+    layers, step = executor.layer_stack()
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(L, batch, n + M, d, generator=gen).to(dev, model.dtype)         # (G, B, T, d)
     cos, sin = model.base.model.rotary_emb(X, torch.arange(n + M, device=dev)[None])  # (1, T, hd)
     state = model.empty_state(batch)
     not_first = torch.zeros_like(state.is_first)                                    # (L, B)
-    return lambda: grouped_layer(W, 0, L - 1, X, n, cos, sin, None, state.W_mem, state.z, not_first, None, dims)
+    return lambda: step(X, layers=layers, lo=0, hi=L - 1, n_text=n, cos=cos, sin=sin, mask=None,
+                        W_mem=state.W_mem, z=state.z, is_first=not_first)
 
 
 def executors(model: ARMT) -> dict[str, DiagonalExecutor]:

@@ -1,12 +1,18 @@
 """DiagonalExecutor: run an ARMT's layer x segment grid anti-diagonal by anti-diagonal
 (Diagonal Batching, arXiv 2506.05229), with the same numbers as the sequential model.
 
-At step t the layers lo..hi are busy, layer l on segment t - l (SPEC §3); all of them
+At step t the layers lo..hi are busy, layer l on segment t - l (design §3); all of them
 run as one grouped call (grouped.grouped_layer). The only cross-segment state —
-(W_mem_l, z_l, is_first_l) — is handed from step to step per layer, so the L * S layer
-calls collapse to L + S - 1 grouped calls. No retraining, no per-call weight copies at
-inference (TiedStacks); under autograd the stacks are rebuilt in-graph each call so
-gradients reach every parameter.
+(W_mem_l, z_l, is_first_l) — goes from step to step as a MemoryState value, so the
+L * S layer calls collapse to L + S - 1 grouped calls. No retraining, no per-call weight
+copies at inference (grouped.TiedStacks); under autograd the stacks are rebuilt in-graph
+each call so gradients reach every parameter.
+
+What the executor will not do silently: run stale weights (it re-ties when a parameter
+or submodule was replaced, or the model moved), skip what the model's own modules would
+run (a hook, an adapter, a changed attribute: it warns once and runs those steps through
+the modules themselves, grouped_layer_ref — exact, without the grouped speed-up), or
+differ by dropout (refused in training mode with attention dropout).
 
 The executor can also follow the sequential order through the same grouped kernels
 (`order="sequential"`), which separates the gain of the schedule from the kernels'.
@@ -14,6 +20,7 @@ The executor can also follow the sequential order through the same grouped kerne
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -21,11 +28,29 @@ import torch
 from . import schedule as sched
 from .armt import ARMT, ARMTOutput
 from .generation import generate as _generate
-from .grouped import LayerDims, TiedStacks, _param_groups, gather_stacks, grouped_layer
+from .grouped import (LayerDims, LayerStack, TiedStacks, _stack_members, gather_stacks, grouped_layer,
+                      grouped_layer_ref, ungroupable)
 from .memory import MemoryState, first_after_write
-from .segments import Segmented, SegmentOutputs, positions_and_mask
+from .segments import SegmentOutputs, segment_rows, stack_rows
 
 StepHook = Callable[[int, list], None]
+
+
+def check_no_dropout(model: ARMT) -> None:
+    """Refuse attention dropout in training mode: the two orders would draw different random
+    masks (and the grouped kernels apply none), so their numbers could not agree."""
+    if not model.training:
+        return
+    rates = {f"base.model.layers.{l}.self_attn": getattr(b.self_attn, "attention_dropout", 0.0)
+             for l, b in enumerate(model.base.model.layers)}
+    live = {name: p for name, p in rates.items() if p > 0}
+    if live:
+        name, p = next(iter(live.items()))
+        raise ValueError(f"attention dropout is on in training mode ({name}.attention_dropout = {p}, "
+                         f"{len(live)} module(s)), and the executor cannot reproduce random masks; call "
+                         "model.eval(), or turn it off on every attention module (the modules keep their own "
+                         "copy: setting base.config.attention_dropout alone does not): "
+                         "for b in model.base.model.layers: b.self_attn.attention_dropout = 0.0")
 
 
 class DiagonalExecutor:
@@ -38,23 +63,40 @@ class DiagonalExecutor:
             raise ValueError(f"order must be 'diagonal' or 'sequential', got {order!r}")
         if kernel not in ("bmm", "grouped_mm") or (kernel == "grouped_mm" and not hasattr(torch, "_grouped_mm")):
             raise ValueError(f"kernel must be 'bmm' or 'grouped_mm' (needs torch._grouped_mm), got {kernel!r}")
-        self.kernel = kernel
-        _param_groups(model)  # raises a clear error when the layers cannot be stacked
-        self.model = model
-        self.order = order
+        self.model, self.order, self.kernel = model, order, kernel
         self._tied: TiedStacks | None = None
+        self._warned: tuple[str, ...] = ()
+        if not ungroupable(model):
+            _stack_members(model)  # a clear error now when the layers cannot be stacked
 
     # ---- weights ----------------------------------------------------------------------
     def _needs_autograd(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
 
     def stacked_weights(self) -> dict[str, torch.Tensor]:
-        """The (L, ...) stacks used by a call: tied views at inference, in-graph under autograd."""
+        """The (L, ...) stacks used by a call: tied views at inference (re-tied when the model's
+        parameters were replaced or moved), in-graph under autograd."""
         if self._needs_autograd():
             return gather_stacks(self.model)
         if self._tied is None or not self._tied.is_valid(self.model):
             self._tied = TiedStacks(self.model)
         return self._tied.tensors
+
+    def layer_stack(self) -> tuple[LayerStack, Callable]:
+        """The layers and the step function for this call: grouped_layer on stacked weights, or,
+        when some module would not be reproduced by it, grouped_layer_ref (said once)."""
+        problems = tuple(ungroupable(self.model))
+        dims = LayerDims.of(self.model, self.kernel)
+        if not problems:
+            return LayerStack(self.model, self.stacked_weights(), dims), grouped_layer
+        if problems != self._warned:
+            self._warned = problems
+            warnings.warn("DiagonalExecutor: " + "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+                          + f" ({len(problems)} in all). The grouped kernels would skip these, so every step runs "
+                          "through the model's own modules (grouped_layer_ref): the same numbers, in the diagonal "
+                          "order, without the grouped speed-up. Remove the hooks/adapters (or merge the adapter "
+                          "into the weights) to get it back.", stacklevel=3)
+        return LayerStack(self.model, None, dims), grouped_layer_ref
 
     # ---- the run ----------------------------------------------------------------------
     def iter_steps(self, num_segments: int):
@@ -67,70 +109,45 @@ class DiagonalExecutor:
 
     def __call__(self, input_ids, attention_mask=None, labels=None, state: MemoryState | None = None,
                  keep_logits: str = "all", on_step: StepHook | None = None) -> ARMTOutput:
-        """input_ids (B, N); attention_mask (B, N) right-padded; labels (B, N); see ARMT.forward.
-        on_step(t, cells) is called after each grouped step (profiling hooks)."""
+        """input_ids (B, N); attention_mask (B, N) right-padded; labels (B, N); state; see
+        ARMT.forward (the same rule for open segments). on_step(t, cells) is called after each
+        grouped step (profiling hooks)."""
         model = self.model
-        if model.training and model.base.config.attention_dropout > 0:
-            raise ValueError("attention dropout is not supported by the executor; set "
-                             "base.config.attention_dropout = 0 or call model.eval()")
+        check_no_dropout(model)
         seg, state = model.prepare(input_ids, attention_mask, labels, state, keep_logits)
-        W = self.stacked_weights()
-        dims = LayerDims.of(model, self.kernel)
-        L, S = model.num_layers, seg.num_segments
-        n, M = model.config.segment_size, model.config.num_mem_tokens
-        W_mem, z, first = state.layers()
-        full = (seg.nreal == n).all(dim=1).tolist()                  # (S,) needs neither padding nor mask
-        started = (~state.is_first).any(dim=1).tolist()              # (L,) host flags: layer has memory to read
-        rope_full = model.base.model.rotary_emb(model.memory, torch.arange(n + M, device=model.device)[None])
-        pending: dict[tuple[int, int], torch.Tensor] = {}            # (layer, segment) -> its input
+        layers, step = self.layer_stack()
+        L, n = model.num_layers, model.config.segment_size
+        has_memory = model.has_memory(state)
+        inbox: dict[tuple[int, int], torch.Tensor] = {}     # (layer, segment) -> its input rows (B, T, d)
+        rows_of = {}                                        # segment -> its SegmentRows, while in flight
         outputs = SegmentOutputs(seg, keep_logits, model.base.lm_head)
-        for t, cells in enumerate(self.iter_steps(S)):
+        for t, cells in enumerate(self.iter_steps(seg.num_segments)):
             lo, hi = cells[0][0], cells[-1][0]
-            segs = [s for _, s in cells]
             with torch.profiler.record_function(f"diag_step {t} layers {lo}-{hi}"):
-                X = torch.stack([self._embed(seg, s) if l == 0 else pending.pop((l, s))
-                                 for l, s in cells])                 # (G, B, T, d)
-                G, B, T, _ = X.shape
-                if all(full[s] for s in segs):
-                    (cos, sin), mask = rope_full, None
-                else:
-                    nreal = seg.nreal[segs]                                           # (G, B)
-                    pos, allowed = positions_and_mask(n, nreal, M, X.device)          # (G, B, T), (G, B, T, T)
-                    cos, sin = model.base.model.rotary_emb(X, pos.reshape(G * B, T))  # (G*B, T, hd)
-                    mask = allowed.reshape(G * B, 1, T, T)
-                wmask = (seg.nreal[segs] > 0) if seg.padded else None                 # (G, B)
-                first_g = torch.stack(first[lo:hi + 1])                               # (G, B)
-                Y, Wg, zg = grouped_layer(W, lo, hi, X, n, cos, sin, mask,
-                                          torch.stack(W_mem[lo:hi + 1]), torch.stack(z[lo:hi + 1]),
-                                          first_g, wmask, dims, read=any(started[lo:hi + 1]))
-                W_mem[lo:hi + 1], z[lo:hi + 1] = list(Wg.unbind(0)), list(zg.unbind(0))
-                first[lo:hi + 1] = list(first_after_write(first_g, wmask).unbind(0))
+                if cells[0][0] == 0:  # a new segment enters layer 0
+                    s = cells[0][1]
+                    rows_of[s] = segment_rows(model, seg, s, pad=True)
+                    inbox[(0, s)] = rows_of[s].X
+                X = torch.stack([inbox.pop(cell) for cell in cells])                  # (G, B, T, d)
+                cos, sin, mask, wmask = stack_rows([rows_of[s] for _, s in cells])
+                W_mem, z, first = state.layers(lo, hi)                                # (G, B, dk, d), ...
+                Y, W_mem, z = step(X, layers=layers, lo=lo, hi=hi, n_text=n, cos=cos, sin=sin, mask=mask,
+                                   W_mem=W_mem, z=z, is_first=first, write_mask=wmask,
+                                   read=any(has_memory[lo:hi + 1]))
+                state = state.replace(lo, hi, W_mem, z, first_after_write(first, wmask))
                 for g, (l, s) in enumerate(cells):
-                    started[l] = True
+                    has_memory[l] = True
                     if l < L - 1:
-                        pending[(l + 1, s)] = Y[g]
-                        continue
-                    # segment s leaves the last layer: final norm + LM head on its text rows only
-                    if outputs.wanted(s):
-                        a, e = seg.bounds[s]
-                        outputs.add(s, model.base.model.norm(Y[g, :, :e - a]))
+                        inbox[(l + 1, s)] = Y[g]
+                    else:  # segment s leaves the last layer: final norm + LM head on its text rows only
+                        rows_of.pop(s)
+                        if outputs.wanted(s):
+                            a, e = seg.bounds[s]
+                            outputs.add(s, model.base.model.norm(Y[g, :, :e - a]))
             if on_step is not None:
                 on_step(t, cells)
         logits, loss = outputs.result()
-        return ARMTOutput(logits, loss, MemoryState.from_layers(W_mem, z, first))
-
-    forward = __call__
-
-    def _embed(self, seg: Segmented, s: int) -> torch.Tensor:
-        """Layer-0 input of segment s: [embed(tokens) ; memory], a short last segment padded to n."""
-        model = self.model
-        n = model.config.segment_size
-        a, e = seg.bounds[s]
-        ids = seg.ids[:, a:e]
-        if e - a < n:  # padded rows are masked as keys and dropped from the output
-            ids = torch.nn.functional.pad(ids, (0, n - (e - a)))
-        h = model.base.model.embed_tokens(ids)                                        # (B, n, d)
-        return torch.cat([h, model.memory.expand(h.shape[0], -1, -1)], dim=1)         # (B, T, d)
+        return ARMTOutput(logits, loss, state.with_open(seg.open_ids()))
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 16, **sampling) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Generation from memory (SPEC §5), shared by the sequential model and the executor.
+"""Generation from memory (design §5), shared by the sequential model and the executor.
 
 1. Prefill: every full segment of the prompt runs with memory writes (through the
    caller's execution order: sequential or diagonal) and leaves a MemoryState.
@@ -18,6 +18,8 @@ import torch
 from transformers import DynamicCache
 
 from ._checks import check_int
+from .grouped import hf_mask
+from .memory import MemoryState
 from .segments import validate_ids
 
 
@@ -40,46 +42,69 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int 
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def decode_step(model, ids: torch.Tensor, state: MemoryState, cache: DynamicCache) -> torch.Tensor:
+    """Tokens of the open segment through every layer: reads on, writes off, no memory rows.
+
+    ids: (B, r) the tokens after those already in `cache` (the open segment's keys and
+    values; positions continue from it). The state stays as it is: a segment writes only
+    when it is complete. Returns the final-norm hidden states (B, r, d)."""
+    inner = model.base.model
+    start, r = cache.get_seq_length(), ids.shape[1]
+    h = inner.embed_tokens(ids)                                                  # (B, r, d)
+    pos = torch.arange(start, start + r, device=ids.device)[None]               # (1, r)
+    rope = inner.rotary_emb(h, pos)
+    # new rows see every cached row and, causally, each other
+    allowed = None if start == 0 else torch.ones(r, start + r, dtype=torch.bool, device=ids.device).tril(start)[None]
+    mask = hf_mask(allowed, h, model.base.config)
+    for l, layer in enumerate(inner.layers):
+        W_mem, z, first = state.layers(l, l)
+        h = model.assoc[l].read(h, W_mem[0], z[0], first[0])
+        h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope, cache=cache, use_cache=True)
+    return inner.norm(h)
+
+
 @torch.no_grad()
 def generate(model, prefill_fn, input_ids, max_new_tokens: int = 16, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              generator: torch.Generator | None = None, attention_mask=None) -> torch.Tensor:
-    """input_ids (B, N) -> (B, N + max_new_tokens). prefill_fn(ids, keep_logits=...) runs the
-    full segments (model itself, or a DiagonalExecutor) and returns an ARMTOutput."""
+    """input_ids (B, N) -> (B, N + max_new_tokens). prefill_fn(ids, state=..., keep_logits=...)
+    runs full segments with writes (the model itself, or a DiagonalExecutor) and returns an
+    ARMTOutput."""
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         raise ValueError("generate needs unpadded rows of equal length; call it per row for prompts "
                          "of different lengths")
     check_int("max_new_tokens", max_new_tokens, 0)
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be True or False, got {do_sample!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if top_k is not None:
         check_int("top_k (or None)", top_k, 1)
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     ids = validate_ids(input_ids, model.base.config.vocab_size, model.device)
     n = model.config.segment_size
     B, N = ids.shape
     n_full = (N // n) * n                                                     # tokens in full segments
-    state = model.empty_state(B)
-    last_logits = None
+    state, last_logits = model.empty_state(B), None
     if n_full > 0:  # 1. prefill
-        out = prefill_fn(ids[:, :n_full], keep_logits="last_segment")
+        out = prefill_fn(ids[:, :n_full], state=state, keep_logits="last_segment")
         state, last_logits = out.state, out.logits[:, -1]
-    lists = list(state.layers())
     open_seg = ids[:, n_full:]                                                # (B, r), r < n
     cache = DynamicCache(config=model.base.config)                            # the open segment's K, V
     new = []
     for i in range(max_new_tokens):
         todo = open_seg[:, cache.get_seq_length():]                           # rows not yet cached
-        if todo.shape[1] > 0:  # 2. decode: reads on, writes off, no memory rows
-            text = model.segment_step(todo, None, lists, write=False, with_memory=False, cache=cache)
-            last_logits = model.base.lm_head(text[:, -1])
+        if todo.shape[1] > 0:  # 2. decode
+            last_logits = model.base.lm_head(decode_step(model, todo, state, cache)[:, -1])
         tok = _pick(last_logits, do_sample, temperature, top_k, top_p, generator)
         new.append(tok)
         open_seg = torch.cat([open_seg, tok], dim=1)
-        if open_seg.shape[1] == n and i < max_new_tokens - 1:  # 3. commit a full segment
-            text = model.segment_step(open_seg, None, lists, write=True, with_memory=True)
-            last_logits = model.base.lm_head(text[:, -1])
+        if open_seg.shape[1] == n and i < max_new_tokens - 1:  # 3. commit the full segment: it writes
+            out = prefill_fn(open_seg, state=state, keep_logits="last_segment")
+            state, last_logits = out.state, out.logits[:, -1]
             open_seg = open_seg[:, :0]
             cache = DynamicCache(config=model.base.config)
     return torch.cat([ids] + new, dim=1)

@@ -1,18 +1,17 @@
-"""Grouped execution of one diagonal step (SPEC §4): G consecutive layers lo..hi, each
-on its own segment, run as ONE call per operation.
+"""One diagonal step as one grouped call (design §4), and its naive twin.
 
-Per-layer weights are stacked once along a leading layer axis — q|k|v fused as
-(L, Dq + 2 Dkv, d), gate|up as (L, 2F, d), down, o, both norms, W_mq, W_mk|W_mv|W_mb —
-and a step uses the slice W[lo:hi+1], a view. Every projection is then one batched
-matmul X[g] @ W[lo + g]^T (torch.bmm / baddbmm); attention folds the group into the
-batch, so each element attends only within its own segment; RoPE tables are shared
-because positions restart at 0 in every segment.
+G consecutive layers lo..hi, each on its own segment, run together. `grouped_layer` does
+it the fast way: per-layer weights are stacked once along a leading layer axis, a step
+uses the slice W[lo:hi+1] (a view), every projection is one batched matmul
+X[g] @ W[lo + g]^T, and attention folds the group into the batch (each element attends
+only within its own segment; RoPE tables are shared because positions restart at 0).
+`grouped_layer_ref` does the same step the slow way: a loop over the model's own decoder
+layers and associative modules. Same signature, same outputs; tests/test_twins.py holds
+them to each other, and the sequential ARMT is the reference run with lo = hi = l.
 
-The naive twin is a loop over layers calling each nn.Linear: `grouped_linear_ref`.
-`torch._grouped_mm` (a grouped-GEMM kernel, CUTLASS on Hopper GPUs) sits behind the same
-interface (kernel="grouped_mm"). Measured on this CPU (torch 2.13, G=8, 40 rows, 128x384):
-bmm 329 us vs grouped_mm 377 us in fp32, 95 vs 117 us in bf16 — so "bmm" is the default;
-with equal-shape groups a strided batched GEMM is already what a grouped GEMM would do.
+The names follow the papers' equations (design §2): read q = phi(h W_mq^T),
+A = q W_mem / (q . z + eps); write k = phi(m W_mk^T), v = m W_mv^T,
+beta = sigmoid(m W_mb^T + b). Stacked weights keep transformers' module names.
 """
 
 from __future__ import annotations
@@ -22,60 +21,155 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .memory import associative_read, associative_write, features
 
 
-# ---- stacked weights -------------------------------------------------------------------
-def _param_groups(model) -> dict[str, list[list[torch.Tensor]]]:
-    """name -> per layer, the parameters concatenated (along dim 0) into that stack."""
+# ---- what a layer is made of -----------------------------------------------------------
+@dataclass(frozen=True)
+class LayerDims:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float       # RMSNorm epsilon
+    d_mem: int
+    nu: int
+    correction: bool
+    normalize: bool = False  # unit-length DPFP features (ARMTConfig.normalize_keys)
+    kernel: str = "bmm"      # grouped matmul: "bmm" or "grouped_mm" (torch._grouped_mm)
+
+    @classmethod
+    def of(cls, model, kernel: str = "bmm") -> "LayerDims":
+        c = model.base.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return cls(c.num_attention_heads, c.num_key_value_heads, head_dim, c.rms_norm_eps,
+                   model.config.d_mem, model.config.nu, model.config.correction,
+                   model.config.normalize_keys, kernel)
+
+
+def _stack_members(model) -> dict[str, list[list[torch.Tensor]]]:
+    """stack name -> per layer, the parameters concatenated (along dim 0) into that stack.
+    q|k|v, gate|up and W_mk|W_mv|W_mb are fused: one matmul each."""
     layers, assoc = model.base.model.layers, model.assoc
-    groups = {
-        "qkv": [[b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight] for b in layers],
-        "o": [[b.self_attn.o_proj.weight] for b in layers],
-        "gate_up": [[b.mlp.gate_proj.weight, b.mlp.up_proj.weight] for b in layers],
-        "down": [[b.mlp.down_proj.weight] for b in layers],
-        "ln1": [[b.input_layernorm.weight] for b in layers],
-        "ln2": [[b.post_attention_layernorm.weight] for b in layers],
-        "mq": [[a.W_mq.weight] for a in assoc],
-        "kvb": [[a.W_mk.weight, a.W_mv.weight, a.W_mb.weight] for a in assoc],
-        "mb_bias": [[a.W_mb.bias] for a in assoc],
+    attn = [b.self_attn for b in layers]
+    mlp = [b.mlp for b in layers]
+    members = {
+        "qkv_proj.weight": [[a.q_proj.weight, a.k_proj.weight, a.v_proj.weight] for a in attn],
+        "o_proj.weight": [[a.o_proj.weight] for a in attn],
+        "gate_up_proj.weight": [[m.gate_proj.weight, m.up_proj.weight] for m in mlp],
+        "down_proj.weight": [[m.down_proj.weight] for m in mlp],
+        "input_layernorm.weight": [[b.input_layernorm.weight] for b in layers],
+        "post_attention_layernorm.weight": [[b.post_attention_layernorm.weight] for b in layers],
+        "W_mq.weight": [[a.W_mq.weight] for a in assoc],
+        "W_mkvb.weight": [[a.W_mk.weight, a.W_mv.weight, a.W_mb.weight] for a in assoc],
+        "W_mb.bias": [[a.W_mb.bias] for a in assoc],
     }
-    if layers[0].self_attn.q_proj.bias is not None:
-        groups["qkv_b"] = [[b.self_attn.q_proj.bias, b.self_attn.k_proj.bias, b.self_attn.v_proj.bias]
-                           for b in layers]
-        groups["o_b"] = [[b.self_attn.o_proj.bias] for b in layers]
-    if layers[0].mlp.gate_proj.bias is not None:
-        groups["gate_up_b"] = [[b.mlp.gate_proj.bias, b.mlp.up_proj.bias] for b in layers]
-        groups["down_b"] = [[b.mlp.down_proj.bias] for b in layers]
-    for name, per_layer in groups.items():
-        shapes = {tuple(tuple(p.shape) for p in ps) for ps in per_layer}
+    if attn[0].q_proj.bias is not None:
+        members["qkv_proj.bias"] = [[a.q_proj.bias, a.k_proj.bias, a.v_proj.bias] for a in attn]
+        members["o_proj.bias"] = [[a.o_proj.bias] for a in attn]
+    if mlp[0].gate_proj.bias is not None:
+        members["gate_up_proj.bias"] = [[m.gate_proj.bias, m.up_proj.bias] for m in mlp]
+        members["down_proj.bias"] = [[m.down_proj.bias] for m in mlp]
+    for name, per_layer in members.items():
+        shapes = {tuple(None if p is None else tuple(p.shape) for p in ps) for ps in per_layer}
         if len(shapes) != 1 or any(p is None for ps in per_layer for p in ps):
-            raise ValueError(f"cannot group layers of different shapes ({name}: {sorted(shapes)}); "
+            raise ValueError(f"cannot group layers of different shapes ({name}: {sorted(map(str, shapes))}); "
                              "the diagonal executor needs identical decoder layers — run the model sequentially")
-    return groups
+    return members
 
 
+def _expected_types() -> tuple[dict[str, type], dict[str, type]]:
+    """(decoder layer, associative layer): child name -> the exact class whose computation
+    grouped_layer reproduces ("" is the layer itself)."""
+    from transformers.activations import ACT2FN
+    from transformers.models.llama import modeling_llama as llama
+    from .armt import AssociativeLayer
+    decoder = {"": llama.LlamaDecoderLayer, "self_attn": llama.LlamaAttention, "mlp": llama.LlamaMLP,
+               "mlp.act_fn": type(ACT2FN["silu"]), "input_layernorm": llama.LlamaRMSNorm,
+               "post_attention_layernorm": llama.LlamaRMSNorm}
+    decoder.update({f"self_attn.{p}_proj": nn.Linear for p in "qkvo"})
+    decoder.update({f"mlp.{p}_proj": nn.Linear for p in ("gate", "up", "down")})
+    assoc = {"": AssociativeLayer, **{name: nn.Linear for name in ("W_mq", "W_mk", "W_mv", "W_mb")}}
+    return decoder, assoc
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    m = torch.nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
+
+
+def ungroupable(model) -> list[str]:
+    """Why grouped_layer would not compute what the model's own modules compute, one line
+    per module: a hook (forward, pre-forward or backward), a class other than the standard
+    one (an adapter, a subclass with its own forward), or a changed attribute (attention
+    scale, norm epsilon). Parametrized weights (torch.nn.utils.parametrize) are fine: the
+    stacks read the parametrized `.weight`. Empty when grouped_layer is exact."""
+    if _global_hooks():
+        return ["global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"]
+    decoder_types, assoc_types = _expected_types()
+    dims = LayerDims.of(model)
+    problems = []
+    units = [(f"base.model.layers.{l}", b, decoder_types) for l, b in enumerate(model.base.model.layers)]
+    units += [(f"assoc.{l}", a, assoc_types) for l, a in enumerate(model.assoc)]
+    for prefix, unit, types in units:
+        for path, expected in types.items():
+            mod = unit.get_submodule(path)
+            name = f"{prefix}.{path}".rstrip(".")
+            cls = type(mod)
+            if torch.nn.utils.parametrize.is_parametrized(mod):
+                cls = cls.__bases__[0]       # parametrize's generated subclass of the real class
+            if cls is not expected:
+                problems.append(f"{name} is a {type(mod).__name__}, not a {expected.__name__}")
+            elif _hooked(mod):
+                problems.append(f"{name} has hooks")
+    for l, b in enumerate(model.base.model.layers):
+        scaling = getattr(b.self_attn, "scaling", None)
+        if scaling != dims.head_dim ** -0.5:
+            problems.append(f"base.model.layers.{l}.self_attn.scaling is {scaling}, not head_dim ** -0.5")
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            eps = getattr(getattr(b, norm), "variance_epsilon", None)
+            if eps != dims.eps:
+                problems.append(f"base.model.layers.{l}.{norm}.variance_epsilon is {eps}, "
+                                f"not config.rms_norm_eps = {dims.eps}")
+    for l, a in enumerate(model.assoc):
+        got = (getattr(a, "nu", None), getattr(a, "normalize", None))
+        if got != (dims.nu, dims.normalize):
+            problems.append(f"assoc.{l} has nu, normalize = {got}; the config says {(dims.nu, dims.normalize)}")
+    return problems
+
+
+# ---- stacked weights -------------------------------------------------------------------
 def gather_stacks(model) -> dict[str, torch.Tensor]:
     """Stack the current parameters with torch.stack/cat: differentiable, a copy per call.
     Used when autograd must reach the per-layer parameters (training)."""
     return {name: torch.stack([torch.cat(ps, 0) if len(ps) > 1 else ps[0] for ps in per_layer])
-            for name, per_layer in _param_groups(model).items()}
+            for name, per_layer in _stack_members(model).items()}
 
 
 class TiedStacks:
     """Stacks that OWN the layer weights: each per-layer parameter's storage is re-pointed
-    to a view of its stack, so values stay the model's own (an optimiser step or
+    to a view of its stack, so values stay the model's own (an optimiser step or an in-place
     load_state_dict updates both at once) and nothing is copied per call. If the model's
-    parameters already live in such stacks (another executor tied them), those are
-    adopted as they are, so several executors share one copy. If the model is moved or
-    cast (new storages), `is_valid` turns False and the executor re-ties."""
+    parameters already live in such stacks (another executor tied them), those are adopted
+    as they are, so several executors share one copy.
+
+    `is_valid(model)` re-reads the model's parameters: a parameter replaced by a new one
+    (load_state_dict(assign=True), a new nn.Parameter or submodule, .to(...)), or re-pointed
+    elsewhere, makes it False, and the executor re-ties. The stacks are ordinary tensors even
+    when built under torch.inference_mode, so the parameters stay trainable afterwards."""
 
     def __init__(self, model):
         self.tensors: dict[str, torch.Tensor] = {}
-        self._views: list[tuple[torch.Tensor, int]] = []
-        with torch.no_grad():
-            for name, per_layer in _param_groups(model).items():
+        self._tied: list[tuple[torch.Tensor, int]] = []
+        with torch.inference_mode(False), torch.no_grad():
+            for name, per_layer in _stack_members(model).items():
                 stack = _existing_stack(per_layer)
                 if stack is None:
                     first = per_layer[0]
@@ -89,18 +183,22 @@ class TiedStacks:
                         if p.data_ptr() != view.data_ptr():
                             view.copy_(p)
                             p.data = view
-                        self._views.append((p, view.data_ptr()))
+                        self._tied.append((p, view.data_ptr()))
                         r += p.shape[0]
                 self.tensors[name] = stack
 
     def is_valid(self, model) -> bool:
-        return all(p.data_ptr() == ptr for p, ptr in self._views)
+        now = [p for per_layer in _stack_members(model).values() for ps in per_layer for p in ps]
+        return len(now) == len(self._tied) and all(
+            p is q and p.data_ptr() == ptr for p, (q, ptr) in zip(now, self._tied))
 
 
 def _existing_stack(per_layer: list[list[torch.Tensor]]) -> torch.Tensor | None:
     """The (L, rows, ...) stack these parameters already are views of, laid out exactly as
     TiedStacks lays it out, or None."""
     first = per_layer[0][0]
+    if first.is_inference():
+        return None
     storage = first.untyped_storage()
     rows = sum(p.shape[0] for p in per_layer[0])
     shape = (len(per_layer), rows, *first.shape[1:])
@@ -117,6 +215,16 @@ def _existing_stack(per_layer: list[list[torch.Tensor]]) -> torch.Tensor | None:
                 return None
             r += p.shape[0]
     return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, start, shape)
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """The model's L layers as both twins need them: `model` (the reference loops over its
+    modules), `W` (stack name -> (L, ...) tensor; the fast path slices W[lo:hi+1]; None when
+    only the reference runs) and `dims`."""
+    model: nn.Module
+    W: dict[str, torch.Tensor] | None
+    dims: LayerDims
 
 
 # ---- grouped operations (one call for the whole group) ----------------------------------
@@ -146,91 +254,107 @@ def grouped_linear_ref(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None 
 
 def grouped_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """x: (G, B, T, d); w: (G, d). LLaMA's RMSNorm (statistics in float32) per group element."""
-    dtype = x.dtype
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return w[:, None, None, :] * x32.to(dtype)
+    return w[:, None, None, :] * x32.to(x.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE: x (..., T, hd) rotated by angle tables cos/sin (..., T, hd) (halves convention)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-@dataclass(frozen=True)
-class LayerDims:
-    heads: int
-    kv_heads: int
-    head_dim: int
-    eps: float       # RMSNorm epsilon
-    d_mem: int
-    nu: int
-    correction: bool
-    normalize: bool = False  # unit-length DPFP features (ARMTConfig.normalize_keys)
-    kernel: str = "bmm"  # grouped matmul: "bmm" or "grouped_mm" (torch._grouped_mm)
-
-    @classmethod
-    def of(cls, model, kernel: str = "bmm") -> "LayerDims":
-        c = model.base.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return cls(c.num_attention_heads, c.num_key_value_heads, head_dim, c.rms_norm_eps,
-                   model.config.d_mem, model.config.nu, model.config.correction,
-                   model.config.normalize_keys, kernel)
-
-
-def grouped_layer(W: dict[str, torch.Tensor], lo: int, hi: int, X: torch.Tensor, n_text: int,
-                  cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None,
+def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_text: int,
+                  cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                   W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor,
-                  write_mask: torch.Tensor | None, dims: LayerDims, read: bool = True):
+                  write_mask: torch.Tensor | None = None, read: bool = True):
     """Read, decoder layer and write for the layers lo..hi at once (one diagonal step).
 
-    X: (G, B, T, d) inputs, element g = layer lo + g on its own segment; T = n_text + M.
-    cos, sin: (1 or G*B, T, hd); attn_mask: (G*B, 1, T, T) bool or None (plain causal).
-    W_mem: (G, B, dk, d); z: (G, B, dk); is_first, write_mask: (G, B) bool.
-    read: False when every element is on its layer's first segment (the caller knows it on
-    the host, which spares a device sync per step).
+    X: (G, B, T, d), element g = layer lo + g on its own segment; T = n_text + M.
+    cos, sin: (1 or G*B, T, hd); mask: (G*B, T, T) bool (True = may attend) or None (causal).
+    W_mem: (G, B, dk, d); z: (G, B, dk); is_first: (G, B) bool; write_mask: (G, B) bool rows
+    that write, or None for all. read: False when every element is on its layer's first
+    segment (known on the host, which spares a device sync per step).
     Returns Y (G, B, T, d) and the new W_mem, z.
     """
     G, B, T, d = X.shape
-    H, Hkv, hd = dims.heads, dims.kv_heads, dims.head_dim
-    w = {name: t[lo:hi + 1] for name, t in W.items()}                           # views, no copy
-    # 1. associative read into every row of the layer input (not on a layer's first segment)
+    dims = layers.dims
+    H, Hkv, hd, kernel = dims.heads, dims.kv_heads, dims.head_dim, dims.kernel
+    W = {name: t[lo:hi + 1] for name, t in layers.W.items()}                    # views, no copy
+    # 1. read: h <- h + A(h) for every row, once the layer has written (design §2)
     if read:
         with _phase("read"):
-            q = grouped_linear(X.reshape(G, B * T, d), w["mq"], kernel=dims.kernel)
-            q = features(q, dims.nu, dims.normalize)                               # (G, B*T, dk)
-            A = associative_read(q.view(G, B, T, -1), W_mem, z).to(X.dtype)       # (G, B, T, d)
-            X = X + torch.where(is_first[:, :, None, None], torch.zeros_like(A), A)
-    # 2. self-attention block (LLaMA), the group folded into the batch
+            q = features(grouped_linear(X.reshape(G, B * T, d), W["W_mq.weight"], kernel=kernel),
+                         dims.nu, dims.normalize).view(G, B, T, -1)              # (G, B, T, dk)
+            A = associative_read(q, W_mem, z).to(X.dtype)                        # (G, B, T, d)
+            X = X + A.masked_fill(is_first[:, :, None, None], 0)
+    # 2. self-attention, the group folded into the batch
     with _phase("attention"):
-        h = grouped_rms_norm(X, w["ln1"], dims.eps).reshape(G, B * T, d)
-        qkv = grouped_linear(h, w["qkv"], w.get("qkv_b"), kernel=dims.kernel)     # (G, B*T, (H+2Hkv) hd)
+        h = grouped_rms_norm(X, W["input_layernorm.weight"], dims.eps).reshape(G, B * T, d)
+        qkv = grouped_linear(h, W["qkv_proj.weight"], W.get("qkv_proj.bias"), kernel=kernel)
         q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-        q = q.reshape(G * B, T, H, hd).transpose(1, 2)                             # (G*B, H, T, hd)
-        k = k.reshape(G * B, T, Hkv, hd).transpose(1, 2)                           # (G*B, Hkv, T, hd)
+        q = q.reshape(G * B, T, H, hd).transpose(1, 2)                           # (G*B, H, T, hd)
+        k = k.reshape(G * B, T, Hkv, hd).transpose(1, 2)                         # (G*B, Hkv, T, hd)
         v = v.reshape(G * B, T, Hkv, hd).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                              # (., 1, T, hd)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                            # (., 1, T, hd)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                             scale=hd ** -0.5, enable_gqa=H != Hkv)  # (G*B, H, T, hd)
+        att = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if mask is None else mask.unsqueeze(1), is_causal=mask is None,
+            scale=hd ** -0.5, enable_gqa=H != Hkv)                               # (G*B, H, T, hd)
         att = att.transpose(1, 2).reshape(G, B * T, H * hd)
-        X = X + grouped_linear(att, w["o"], w.get("o_b"), kernel=dims.kernel).view(G, B, T, d)
+        X = X + grouped_linear(att, W["o_proj.weight"], W.get("o_proj.bias"), kernel=kernel).view(G, B, T, d)
     # 3. SwiGLU MLP
     with _phase("mlp"):
-        h = grouped_rms_norm(X, w["ln2"], dims.eps).reshape(G, B * T, d)
-        gate_up = grouped_linear(h, w["gate_up"], w.get("gate_up_b"), kernel=dims.kernel)
-        gate, up = gate_up.chunk(2, dim=-1)                                        # (G, B*T, F) each
-        X = X + grouped_linear(F.silu(gate) * up, w["down"], w.get("down_b"), kernel=dims.kernel).view(G, B, T, d)
-    # 4. associative write from the memory rows of the output
+        h = grouped_rms_norm(X, W["post_attention_layernorm.weight"], dims.eps).reshape(G, B * T, d)
+        gate, up = grouped_linear(h, W["gate_up_proj.weight"], W.get("gate_up_proj.bias"),
+                                  kernel=kernel).chunk(2, dim=-1)                # (G, B*T, F) each
+        X = X + grouped_linear(F.silu(gate) * up, W["down_proj.weight"], W.get("down_proj.bias"),
+                               kernel=kernel).view(G, B, T, d)
+    # 4. write from the memory rows m of the output (design §2)
     with _phase("write"):
-        m = X[:, :, n_text:].reshape(G, -1, d)                                     # (G, B*M, d)
-        kvb = grouped_linear(m, w["kvb"], kernel=dims.kernel)                      # (G, B*M, d_mem + d + 1)
-        k_raw, v_mem, b = kvb.split([dims.d_mem, d, 1], dim=-1)
         M = T - n_text
-        k_feat = features(k_raw, dims.nu, dims.normalize).view(G, B, M, -1)        # (G, B, M, dk)
-        beta = torch.sigmoid(b + w["mb_bias"][:, None, :]).view(G, B, M, 1)
-        W_mem, z = associative_write(k_feat, v_mem.view(G, B, M, d), beta, W_mem, z, is_first,
+        m = X[:, :, n_text:].reshape(G, B * M, d)                                # (G, B*M, d)
+        k_raw, v, b = grouped_linear(m, W["W_mkvb.weight"], kernel=kernel).split([dims.d_mem, d, 1], dim=-1)
+        k = features(k_raw, dims.nu, dims.normalize).view(G, B, M, -1)          # (G, B, M, dk)
+        beta = torch.sigmoid(b + W["W_mb.bias"][:, None, :]).view(G, B, M, 1)
+        W_mem, z = associative_write(k, v.view(G, B, M, d), beta, W_mem, z, is_first,
                                      dims.correction, write_mask)
     return X, W_mem, z
+
+
+def grouped_layer_ref(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_text: int,
+                      cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                      W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor,
+                      write_mask: torch.Tensor | None = None, read: bool = True):
+    """The naive twin of grouped_layer: the same arguments and outputs, computed by calling
+    the model's own modules layer by layer — its associative layer's read, the transformers
+    decoder layer (hooks, adapters and all), the associative layer's write."""
+    model = layers.model
+    G, B = X.shape[:2]
+    Ys, Ws, zs = [], [], []
+    for g, l in enumerate(range(lo, hi + 1)):
+        rows = slice(g * B, (g + 1) * B)                                        # element g in (G*B, ...)
+        h, assoc = X[g], model.assoc[l]                                         # (B, T, d)
+        if read:
+            h = assoc.read(h, W_mem[g], z[g], is_first[g])
+        rope = (cos, sin) if cos.shape[0] == 1 else (cos[rows], sin[rows])
+        m = hf_mask(None if mask is None else mask[rows], h, model.base.config)
+        h = model.base.model.layers[l](h, attention_mask=m, position_embeddings=rope)
+        W_g, z_g = assoc.write(h[:, n_text:], W_mem[g], z[g], is_first[g], layers.dims.correction,
+                               None if write_mask is None else write_mask[g])
+        Ys.append(h), Ws.append(W_g), zs.append(z_g)
+    return torch.stack(Ys), torch.stack(Ws), torch.stack(zs)
+
+
+def hf_mask(mask: torch.Tensor | None, h: torch.Tensor, config) -> torch.Tensor | None:
+    """Our (B, T, T) bool mask (None = causal) for rows h (B, T, d), in the form a transformers
+    decoder layer takes:
+    (B, 1, T, T) boolean for SDPA; for the eager implementation, which adds the mask to the
+    scores, an additive one (0 where allowed, the dtype's minimum elsewhere), causal included."""
+    if config._attn_implementation == "sdpa":
+        return None if mask is None else mask[:, None]
+    if mask is None:
+        mask = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool, device=h.device).tril()[None]
+    return torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill(
+        ~mask, torch.finfo(h.dtype).min)[:, None]

@@ -10,8 +10,6 @@ B batch, T rows of a segment, M memory tokens, d model width, dk = 2 * nu * d_me
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
@@ -83,19 +81,34 @@ def associative_write(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
     return new_W, new_z
 
 
-@dataclass
 class MemoryState:
-    """Per-layer associative memory after some segments: the only thing that crosses
-    segment boundaries (SPEC §2). A value: functions take one and return a new one.
+    """Per-layer associative memory after some segments: the only thing that crosses segment
+    boundaries (design §2). A value: nothing here is modified in place; `replace` returns a
+    new state.
 
-    W_mem: (L, B, dk, d) memory matrix, in memory_dtype
-    z:     (L, B, dk)    normaliser, in memory_dtype
+    W_mem:    (L, B, dk, d) memory matrix, in memory_dtype
+    z:        (L, B, dk)    normaliser, in memory_dtype
     is_first: (L, B) bool — True until the layer has written for that row
+    open_ids: (B, r) token ids of an open segment (0 < r < n: the input ended inside a
+              segment, whose memory write waits until the segment is complete), or None
+
+    One step of either execution order reads a range of layers and puts back their new
+    memory: `layers(lo, hi)` and `replace(lo, hi, ...)`, with lo..hi inclusive — (l, l) in the
+    sequential loop, the busy layers of an anti-diagonal in the executor. Internally the layers
+    are kept as a few contiguous blocks, so a step that reads back exactly the layers the
+    previous step wrote (the diagonal's plateau) gets views, not copies.
     """
 
-    W_mem: torch.Tensor
-    z: torch.Tensor
-    is_first: torch.Tensor
+    def __init__(self, W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor,
+                 open_ids: torch.Tensor | None = None):
+        self._blocks = [(0, W_mem.shape[0] - 1, W_mem, z, is_first)]   # (lo, hi, W, z, first)
+        self.open_ids = open_ids
+
+    @classmethod
+    def _of_blocks(cls, blocks: list, open_ids: torch.Tensor | None) -> "MemoryState":
+        state = cls.__new__(cls)
+        state._blocks, state.open_ids = blocks, open_ids
+        return state
 
     @classmethod
     def empty(cls, L: int, B: int, d_key: int, d: int, dtype: torch.dtype = torch.float32,
@@ -104,30 +117,76 @@ class MemoryState:
                    z=torch.zeros(L, B, d_key, dtype=dtype, device=device),
                    is_first=torch.ones(L, B, dtype=torch.bool, device=device))
 
+    # ---- one step's range of layers ------------------------------------------------------
+    def layers(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_mem (G, B, dk, d), z (G, B, dk), is_first (G, B)) of layers lo..hi; views when
+        one block holds them all, else one concatenation."""
+        parts = [(max(lo, a), min(hi, b), blk) for blk in self._blocks
+                 for a, b in [blk[:2]] if a <= hi and b >= lo]
+        pieces = [tuple(t[x - blk[0]:y - blk[0] + 1] for t in blk[2:]) for x, y, blk in parts]
+        if len(pieces) == 1:
+            return pieces[0]
+        return tuple(torch.cat(ts) for ts in zip(*pieces))
+
+    def replace(self, lo: int, hi: int, W_mem: torch.Tensor, z: torch.Tensor,
+                is_first: torch.Tensor) -> "MemoryState":
+        """A new state: layers lo..hi take (W_mem (G, B, dk, d), z (G, B, dk), is_first (G, B)),
+        the other layers keep theirs (shared, not copied)."""
+        blocks = []
+        for a, b, *ts in self._blocks:
+            if a < lo:    # the part of this block below the range
+                e = min(b, lo - 1)
+                blocks.append((a, e, *(t[:e - a + 1] for t in ts)))
+            if b > hi:    # the part above it
+                s = max(a, hi + 1)
+                blocks.append((s, b, *(t[s - a:] for t in ts)))
+        blocks.append((lo, hi, W_mem, z, is_first))
+        return MemoryState._of_blocks(sorted(blocks, key=lambda blk: blk[0]), self.open_ids)
+
+    def with_open(self, open_ids: torch.Tensor | None) -> "MemoryState":
+        """The same memory with another open segment (None: the input ended on a boundary)."""
+        return MemoryState._of_blocks(self._blocks, open_ids)
+
+    # ---- the whole state ----------------------------------------------------------------
+    def _whole(self, i: int) -> torch.Tensor:
+        if len(self._blocks) > 1:  # join once; later reads see one block
+            joined = tuple(torch.cat(ts) for ts in zip(*(blk[2:] for blk in self._blocks)))
+            self._blocks = [(0, self._blocks[-1][1], *joined)]
+        return self._blocks[0][2 + i]
+
+    def _set_whole(self, i: int, t: torch.Tensor) -> None:
+        parts = list(self._blocks[0][2:]) if len(self._blocks) == 1 else [self._whole(j) for j in range(3)]
+        parts[i] = t
+        self._blocks = [(0, t.shape[0] - 1, *parts)]
+
+    W_mem = property(lambda self: self._whole(0), lambda self, t: self._set_whole(0, t),
+                     doc="(L, B, dk, d) memory matrices of every layer")
+    z = property(lambda self: self._whole(1), lambda self, t: self._set_whole(1, t),
+                 doc="(L, B, dk) normalisers of every layer")
+    is_first = property(lambda self: self._whole(2), lambda self, t: self._set_whole(2, t),
+                        doc="(L, B) bool: the layer has not written for that row yet")
+
     @property
     def num_layers(self) -> int:
-        return self.W_mem.shape[0]
+        return self._blocks[-1][1] + 1
 
     @property
     def batch_size(self) -> int:
-        return self.W_mem.shape[1]
-
-    def layers(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Unstack into per-layer lists (W_mem[l] (B, dk, d), z[l] (B, dk), is_first[l] (B,))."""
-        return list(self.W_mem.unbind(0)), list(self.z.unbind(0)), list(self.is_first.unbind(0))
-
-    @classmethod
-    def from_layers(cls, W_mem: list[torch.Tensor], z: list[torch.Tensor],
-                    is_first: list[torch.Tensor]) -> "MemoryState":
-        return cls(torch.stack(W_mem), torch.stack(z), torch.stack(is_first))
+        return self._blocks[0][2].shape[1]
 
     def detach(self) -> "MemoryState":
-        return MemoryState(self.W_mem.detach(), self.z.detach(), self.is_first)
+        return MemoryState(self.W_mem.detach(), self.z.detach(), self.is_first, self.open_ids)
 
     def to(self, device) -> "MemoryState":
-        return MemoryState(self.W_mem.to(device), self.z.to(device), self.is_first.to(device))
+        return MemoryState(self.W_mem.to(device), self.z.to(device), self.is_first.to(device),
+                           None if self.open_ids is None else self.open_ids.to(device))
 
     def zeroed(self) -> "MemoryState":
         """A state with the same shapes and no memory (for 'memory off' baselines)."""
         return MemoryState(torch.zeros_like(self.W_mem), torch.zeros_like(self.z),
-                           torch.ones_like(self.is_first))
+                           torch.ones_like(self.is_first), self.open_ids)
+
+    def __repr__(self) -> str:
+        r = 0 if self.open_ids is None else self.open_ids.shape[1]
+        return (f"MemoryState(L={self.num_layers}, B={self.batch_size}, W_mem={tuple(self.W_mem.shape)} "
+                f"{self.W_mem.dtype}, open tokens={r})")

@@ -1,18 +1,23 @@
-"""Inputs to segments: validation, segmentation, per-row real lengths, the attention
-mask and positions of one segment, and the streamed next-token loss.
+"""Inputs to segments: validation, segmentation, per-row real lengths, the rows,
+positions and attention mask of one segment, and the streamed next-token loss.
 
-Both execution orders (the sequential model and the diagonal executor) start here,
-so they see identical segments, positions and masks (SPEC §1):
+Both execution orders (the sequential model and the diagonal executor) start here and
+build a segment's rows with the same function (`segment_rows`), so they see identical
+segments, positions and masks (design §1):
   - chunks of n tokens from the left; the last may be shorter;
   - rows of a segment = [text (n_s) ; memory (M)]; causal attention inside it;
   - positions restart at 0: text 0..n_s-1, memory rows n_real..n_real+M-1, where
     n_real counts a row's real (unpadded) tokens in that segment;
-  - padding (attention_mask 0) must be on the right; padded keys are masked.
+  - padding (attention_mask 0) must be on the right; padded keys are masked;
+  - a segment writes memory only for the rows that fill it. A segment the input ends
+    inside is *open*: its tokens get their logits (reads need only the state before
+    it), and its write waits until a later call completes it. So a call can stop
+    anywhere and the next one continues exactly (MemoryState.open_ids).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,20 +27,45 @@ import torch.nn.functional as F
 class Segmented:
     """A validated batch cut into segments.
 
-    ids: (B, N) token ids; labels: (B, N) next-token targets already shifted left
-    (targets[:, i] is what logits[:, i] must predict; -100 = ignore) or None;
-    nreal: (S, B) real tokens of each row in each segment; bounds: [(start, end)] per segment.
+    ids: (B, N) token ids, an open segment carried over from a state included in front;
+    targets: (B, N) next-token targets already shifted left (targets[:, i] is what
+    logits[:, i] must predict; -100 = ignore) or None; nreal: (S, B) real tokens of each row
+    in each segment; bounds: [(start, end)] per segment; skip: leading tokens carried over
+    from the state's open segment (their logits were returned by the earlier call).
     """
 
     ids: torch.Tensor
     targets: torch.Tensor | None
     nreal: torch.Tensor
     bounds: list[tuple[int, int]]
-    padded: bool  # True when some row has padding (then masks are needed)
+    padded: bool              # True when some row has padding (then masks are needed)
+    segment_size: int
+    skip: int = 0
+    full: list[bool] = field(default_factory=list)            # (S,) host flags: every row fills segment s
+    rope: dict = field(default_factory=dict, repr=False)      # T -> RoPE tables of unmasked segments
+
+    def __post_init__(self):
+        self.full = (self.nreal == self.segment_size).all(dim=1).tolist()
 
     @property
     def num_segments(self) -> int:
         return len(self.bounds)
+
+    def write_mask(self, s: int) -> torch.Tensor | None:
+        """(B,) bool: the rows that fill segment s and so write memory; None when all do."""
+        return None if self.full[s] else self.nreal[s] == self.segment_size
+
+    def open_ids(self) -> torch.Tensor | None:
+        """(B, r) tokens of the segment each row ends inside (-1 where a row's open part is
+        shorter than another's), or None when every row ends on a segment boundary."""
+        lengths = self.nreal.sum(0)                                             # (B,)
+        r = lengths % self.segment_size
+        if not bool(r.any()):
+            return None
+        cols = torch.arange(int(r.max()), device=r.device)
+        idx = (lengths - r)[:, None] + cols                                     # (B, r_max)
+        ids = self.ids.gather(1, idx.clamp_max(self.ids.shape[1] - 1))
+        return ids.masked_fill(cols >= r[:, None], -1)
 
 
 def validate_ids(input_ids, vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -92,9 +122,35 @@ def validate_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor | Non
     return None if bool(mask.all()) else mask
 
 
+def validate_labels(labels, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """Check next-token labels: an integer tensor shaped and placed like input_ids (-100 = ignore)."""
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be a tensor shaped like input_ids {tuple(input_ids.shape)}, got {shape}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer token ids (-100 = ignore), got dtype {labels.dtype}; "
+                        "use labels.long()")
+    if labels.device != input_ids.device:
+        raise ValueError(f"labels is on {labels.device} but input_ids on {input_ids.device}")
+    return labels.long()
+
+
 def segment(input_ids: torch.Tensor, segment_size: int, mask: torch.Tensor | None = None,
-            labels: torch.Tensor | None = None) -> Segmented:
-    """Cut validated ids (and mask, labels) into segments of segment_size from the left."""
+            labels: torch.Tensor | None = None, open_ids: torch.Tensor | None = None) -> Segmented:
+    """Cut validated ids (and mask, labels) into segments of segment_size from the left.
+    open_ids (B, r): an open segment carried over from a state; it goes in front, and its
+    tokens neither return logits again nor count in the loss."""
+    labels = validate_labels(labels, input_ids)
+    skip = 0
+    if open_ids is not None:
+        skip = open_ids.shape[1]
+        input_ids = torch.cat([open_ids, input_ids], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(mask.shape[0], skip), mask], dim=1)
+        if labels is not None:
+            labels = torch.cat([labels.new_full((labels.shape[0], skip), -100), labels], dim=1)
     B, N = input_ids.shape
     bounds = [(a, min(a + segment_size, N)) for a in range(0, N, segment_size)]
     if mask is None:
@@ -103,16 +159,12 @@ def segment(input_ids: torch.Tensor, segment_size: int, mask: torch.Tensor | Non
         nreal = torch.stack([mask[:, a:e].sum(1) for a, e in bounds])                     # (S, B)
     targets = None
     if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
-            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise ValueError(f"labels must be a tensor shaped like input_ids {tuple(input_ids.shape)}, got {shape}")
-        if labels.device != input_ids.device:
-            raise ValueError(f"labels is on {labels.device} but input_ids on {input_ids.device}")
-        targets = torch.full_like(labels, -100, dtype=torch.long)
+        targets = torch.full_like(labels, -100)
         targets[:, :-1] = labels[:, 1:]
+        targets[:, :skip] = -100           # the earlier call's positions: not this call's loss
         if mask is not None:  # a padded position is never a target
             targets[:, :-1][~mask[:, 1:]] = -100
-    return Segmented(input_ids, targets, nreal, bounds, padded=mask is not None)
+    return Segmented(input_ids, targets, nreal, bounds, mask is not None, segment_size, skip)
 
 
 def positions_and_mask(n_text: int, nreal: torch.Tensor | None, num_mem: int,
@@ -136,6 +188,65 @@ def positions_and_mask(n_text: int, nreal: torch.Tensor | None, num_mem: int,
     allowed = causal & key_real[..., None, :]
     allowed = allowed | torch.eye(T, dtype=torch.bool, device=device)            # a padded row sees itself: no empty softmax
     return pos, allowed
+
+
+@dataclass
+class SegmentRows:
+    """What one segment brings into layer 0, the same for both execution orders.
+
+    X: (B, T, d) rows [embed(tokens) ; memory], T = n_text + M; n_text: text rows (the
+    segment's tokens, or n when padded to the full size); cos, sin: (B or 1, T, hd) RoPE
+    tables; mask: (B, T, T) bool, True = may attend, or None for plain causal attention;
+    write_mask: (B,) bool rows that write memory, or None when all do.
+    """
+
+    X: torch.Tensor
+    n_text: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    write_mask: torch.Tensor | None
+
+
+def segment_rows(model, seg: Segmented, s: int, pad: bool = False) -> SegmentRows:
+    """Rows, positions and mask of segment s. pad=True pads a short segment to n text rows
+    (the diagonal executor stacks segments of one shape; padded keys are masked)."""
+    a, e = seg.bounds[s]
+    ids = seg.ids[:, a:e]                                                       # (B, n_s)
+    n_text = seg.segment_size if pad else e - a
+    if n_text > e - a:
+        ids = F.pad(ids, (0, n_text - (e - a)))                                 # (B, n)
+    B, M = ids.shape[0], model.config.num_mem_tokens
+    inner = model.base.model
+    X = torch.cat([inner.embed_tokens(ids), model.memory.expand(B, M, -1)], dim=1)   # (B, T, d)
+    plain = not seg.padded and n_text == e - a
+    pos, mask = positions_and_mask(n_text, None if plain else seg.nreal[s], M, ids.device)
+    if plain:  # the same tables for every unmasked segment of this length
+        if n_text not in seg.rope:
+            seg.rope[n_text] = inner.rotary_emb(X, pos)
+        cos, sin = seg.rope[n_text]
+    else:
+        cos, sin = inner.rotary_emb(X, pos)
+    return SegmentRows(X, n_text, cos, sin, mask, seg.write_mask(s))
+
+
+def stack_rows(rows: list[SegmentRows]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                  torch.Tensor | None]:
+    """The per-segment tables of a group of G segments, for grouped_layer: cos, sin
+    (1 or G*B, T, hd) — shared when no segment needs a mask, since positions restart at 0 —
+    mask (G*B, T, T) or None, write_mask (G, B) or None."""
+    if all(r.mask is None for r in rows):
+        cos, sin, mask = rows[0].cos, rows[0].sin, None
+    else:
+        B, T = rows[0].X.shape[:2]
+        causal = torch.ones(T, T, dtype=torch.bool, device=rows[0].X.device).tril()
+        cos = torch.cat([r.cos.expand(B, -1, -1) for r in rows])                       # (G*B, T, hd)
+        sin = torch.cat([r.sin.expand(B, -1, -1) for r in rows])
+        mask = torch.cat([causal.expand(B, T, T) if r.mask is None else r.mask for r in rows])  # (G*B, T, T)
+    if all(r.write_mask is None for r in rows):
+        return cos, sin, mask, None
+    everyone = torch.ones(rows[0].X.shape[0], dtype=torch.bool, device=rows[0].X.device)
+    return cos, sin, mask, torch.stack([everyone if r.write_mask is None else r.write_mask for r in rows])
 
 
 def segment_loss_terms(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,6 +284,8 @@ class SegmentOutputs:
         if not self.wanted(s):
             return
         a, e = self.seg.bounds[s]
+        if a < self.seg.skip:  # tokens carried over from an open segment: logits already returned
+            text, a = text[:, self.seg.skip - a:], self.seg.skip
         seg_logits = self.lm_head(text)                                         # (B, n_s, V)
         if self.seg.targets is not None:
             ls, c = segment_loss_terms(seg_logits, self.seg.targets[:, a:e])

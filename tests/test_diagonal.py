@@ -131,7 +131,7 @@ def test_inference_copies_no_weights():
         stacks = {k: v.data_ptr() for k, v in ex.stacked_weights().items()}
         ex(random_ids(1, 20))
         assert {k: v.data_ptr() for k, v in ex.stacked_weights().items()} == stacks
-        qkv = ex.stacked_weights()["qkv"]
+        qkv = ex.stacked_weights()["qkv_proj.weight"]
     q1 = model.base.model.layers[1].self_attn.q_proj.weight
     assert q1.data_ptr() == qkv[1].data_ptr()   # the layer's own weight lives in the stack
 
@@ -142,7 +142,7 @@ def test_executor_follows_model_moves(model):
     with torch.no_grad():
         ex(ids)
         model.double()                              # new storages: the executor re-ties
-        assert ex.stacked_weights()["qkv"].dtype == torch.float64
+        assert ex.stacked_weights()["qkv_proj.weight"].dtype == torch.float64
         assert_same(model(ids), ex(ids), 1e-6)   # W_mem, z stay float32 (memory_dtype)
 
 
