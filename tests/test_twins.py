@@ -1,0 +1,89 @@
+"""The fast path and its naive twin, side by side: grouped.grouped_layer (stacked weights,
+one batched matmul per projection) against grouped.grouped_layer_ref (the model's own
+decoder and associative layers, one at a time), on the same inputs — fp32 <= 1e-6 on
+every output, with live memory (random non-zero W_mv, a state after real segments)."""
+
+import pytest
+import torch
+from conftest import live_model, random_ids, rel
+
+from diaglab import DiagonalExecutor
+from diaglab.grouped import grouped_layer, grouped_layer_ref
+from diaglab.segments import segment_rows, stack_rows
+
+
+def _step_inputs(model, B, lo, hi, padded, partial, seed=0):
+    """Arguments of one step of layers lo..hi: G different segments (padded rows and a partial
+    segment if asked), memory after two real segments, one row still on its first segment."""
+    n, G = model.config.segment_size, hi - lo + 1
+    N = n * G - (3 if partial else 0)
+    ids = random_ids(B, N, seed=seed)
+    mask = None
+    if padded:
+        mask = torch.ones(B, N, dtype=torch.long)
+        mask[-1, N - n - 2:] = 0                      # the last row ends inside segment G-2
+    seg, _ = model.prepare(ids, attention_mask=mask)
+    rows = [segment_rows(model, seg, s, pad=True) for s in range(G)]
+    cos, sin, mask, wmask = stack_rows(rows)
+    g = torch.Generator().manual_seed(seed)
+    X = torch.stack([r.X for r in rows]) + 0.3 * torch.randn(G, B, n + model.config.num_mem_tokens,
+                                                            model.hidden_size, generator=g)   # (G, B, T, d)
+    state = model(random_ids(B, 2 * n, seed=seed + 1)).state
+    W_mem, z, first = state.layers(lo, hi)
+    first = first.clone()
+    first[0, 0] = True                                # layer lo, row 0: its first segment (no read, vbar = 0)
+    return X, dict(lo=lo, hi=hi, n_text=n, cos=cos, sin=sin, mask=mask, W_mem=W_mem, z=z, is_first=first,
+                   write_mask=wmask, read=True)
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 0), (1, 2), (0, 3), (2, 3)])          # group sizes 1, 2, 4, 2
+@pytest.mark.parametrize("variant", ["plain", "bias", "gqa4", "mha", "padded", "partial", "no_correction"])
+def test_grouped_layer_equals_its_twin(lo, hi, variant):
+    kw = {"bias": dict(attention_bias=True, mlp_bias=True), "gqa4": dict(heads=4, kv_heads=1),
+          "mha": dict(heads=4, kv_heads=4), "no_correction": dict(correction=False)}.get(variant, {})
+    model = live_model(layers=4, **kw)
+    if variant == "bias":
+        with torch.no_grad():
+            for p in model.base.parameters():
+                if p.ndim == 1:
+                    p.add_(0.05 * torch.randn_like(p))
+    X, args = _step_inputs(model, 3, lo, hi, padded=variant == "padded", partial=variant == "partial")
+    layers, step = DiagonalExecutor(model).layer_stack()
+    assert step is grouped_layer
+    with torch.no_grad():
+        fast = grouped_layer(X, layers=layers, **args)
+        ref = grouped_layer_ref(X, layers=layers, **args)
+    for name, a, b in zip(("Y", "W_mem", "z"), fast, ref):
+        assert a.shape == b.shape, name
+        assert rel(a, b) <= 1e-6, (name, rel(a, b))
+    writes = torch.ones(X.shape[:2], dtype=torch.bool) if args["write_mask"] is None else args["write_mask"]
+    if writes.any():                                   # the write really changed the memory ...
+        assert rel(fast[1][writes], args["W_mem"][writes]) > 1e-3
+    if not writes.all():                               # ... and a row that does not fill its segment keeps it
+        assert torch.equal(fast[1][~writes], args["W_mem"][~writes])
+
+
+def test_twins_take_the_same_keyword_only_arguments():
+    import inspect
+    a, b = inspect.signature(grouped_layer), inspect.signature(grouped_layer_ref)
+    assert list(a.parameters) == list(b.parameters)
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in list(a.parameters.values())[1:])
+
+
+def test_sequential_model_is_the_twin_on_one_layer():
+    """ARMT.forward runs grouped_layer_ref on (l, l): patching the twin to fail shows it is called."""
+    import diaglab.armt as armt
+    model = live_model(layers=2)
+    calls = []
+    real = armt.grouped_layer_ref
+
+    def spy(X, **kw):
+        calls.append((kw["lo"], kw["hi"]))
+        return real(X, **kw)
+    armt.grouped_layer_ref = spy
+    try:
+        with torch.no_grad():
+            model(random_ids(1, 20))
+    finally:
+        armt.grouped_layer_ref = real
+    assert calls == [(l, l) for _ in range(3) for l in range(2)]
