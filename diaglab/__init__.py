@@ -13,8 +13,9 @@ from .config import ARMTConfig
 from .diagonal import DiagonalExecutor
 from .memory import MemoryState, associative_read, associative_write, dpfp
 from .presets import PRESETS, from_preset, tiny_armt
+from .ring import RingExecutor
 from . import presets
 
 __all__ = ["ARMT", "ARMTConfig", "ARMTOutput", "AssociativeLayer", "DiagonalExecutor", "MemoryState",
-           "PRESETS", "associative_read", "associative_write", "dpfp", "from_preset", "presets",
+           "PRESETS", "RingExecutor", "associative_read", "associative_write", "dpfp", "from_preset", "presets",
            "randomize_memory_", "schedule", "tiny_armt"]

@@ -1,0 +1,189 @@
+"""RingExecutor: many requests through one ring of L layer slots (design §3, the serving
+queue), exactly.
+
+Slot k is always layer k. Every step moves each segment in flight one slot down and feeds
+the next queued segment — of the request being fed, or the first segment of the next
+request — into slot 0, so the ramps of the diagonal schedule are paid once per queue
+instead of once per request (schedule.ring draws it). Each request keeps its own
+MemoryState, so a layer's memory starts empty exactly when a new request's first segment
+reaches it, and every request's numbers equal `model(ids_i)` run alone.
+
+A step runs its busy slots as grouped calls (grouped.grouped_layer on stacked weights, or
+its twin where the executor would be bypassed, as in DiagonalExecutor): one call per run
+of consecutive busy slots, so empty slots — at the ends of the queue, or a gap left while
+the queue was empty — are sliced away, never computed on zeros. Requests may join at any
+time (`submit`), also while others run (continuous batching).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .armt import ARMT, ARMTOutput
+from .diagonal import DiagonalExecutor, check_no_dropout
+from .memory import MemoryState, first_after_write
+from .segments import Segmented, SegmentOutputs, SegmentRows, segment_rows, stack_rows
+
+RingStepHook = Callable[[int, list], None]   # on_step(t, cells): cells [(layer, request id, segment)]
+
+
+@dataclass
+class _Request:
+    seg: Segmented
+    state: MemoryState
+    outputs: SegmentOutputs
+    has_memory: list[bool]
+    rows: dict[int, SegmentRows] = field(default_factory=dict)   # segment -> rows, while in flight
+    fed: int = 0                                                   # segments fed into slot 0 so far
+
+
+class RingExecutor:
+    """runner.run([ids_a, ids_b, ...]) -> one ARMTOutput per request, in order, each equal to
+    model(ids_i) alone; or submit(...) requests and call step() until they are done."""
+
+    def __init__(self, model: ARMT, kernel: str = "bmm"):
+        self._diag = DiagonalExecutor(model, kernel=kernel)   # weights, fallback and checks: shared logic
+        self.model = model
+        self.step_count = 0
+        self.history: list[list[tuple[int, int, int]]] = []  # per step: (layer, request id, segment)
+        self._requests: dict[int, _Request] = {}
+        self._queue: list[int] = []                           # request ids not fully fed, in order
+        self._slots: list[tuple[int, int] | None] = [None] * model.num_layers   # slot -> (request, segment)
+        self._inbox: dict[tuple[int, int, int], torch.Tensor] = {}             # (layer, rid, s) -> rows
+        self._next_id = 0
+
+    # ---- requests -------------------------------------------------------------------------
+    def submit(self, input_ids, attention_mask=None, labels=None, keep_logits: str = "all") -> int:
+        """Queue one request: input_ids [1, N] or [N] (any N >= 1), optional attention_mask and
+        labels of the same shape. Returns its request id (0, 1, 2, ... in submission order)."""
+        ids = self._one_row(input_ids, "input_ids")
+        mask = None if attention_mask is None else self._one_row(attention_mask, "attention_mask", like=ids)
+        labels = None if labels is None else self._one_row(labels, "labels", like=ids)
+        seg, state = self.model.prepare(ids, mask, labels, None, keep_logits)
+        rid = self._next_id
+        self._next_id += 1
+        self._requests[rid] = _Request(seg, state, SegmentOutputs(seg, keep_logits, self.model.base.lm_head),
+                                       [False] * self.model.num_layers)
+        self._queue.append(rid)
+        return rid
+
+    @staticmethod
+    def _one_row(t, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor [1, N] or [N], got {type(t).__name__}")
+        if t.dim() == 1:
+            t = t[None]
+        if t.dim() != 2 or t.shape[0] != 1:
+            raise ValueError(f"{name} must be [1, N] or [N] (one request; submit a batch row by row), "
+                             f"got shape {tuple(t.shape)}")
+        if like is not None and t.shape != like.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match input_ids {tuple(like.shape)}")
+        return t
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted and not finished."""
+        return len(self._requests)
+
+    # ---- the ring ---------------------------------------------------------------------------
+    def step(self, on_step: RingStepHook | None = None) -> dict[int, ARMTOutput]:
+        """One ring step: shift every segment one slot down, feed slot 0, run the busy slots.
+        Returns {request id: output} for the requests whose last segment left the ring now."""
+        model = self.model
+        check_no_dropout(model)
+        L = model.num_layers
+        # 1. shift: slot k takes what slot k-1 held; slot 0 takes the next queued segment
+        self._slots = [self._feed()] + self._slots[:-1]
+        busy = [(l, *cell) for l, cell in enumerate(self._slots) if cell is not None]
+        if not busy:
+            return {}
+        layers, grouped = self._diag.layer_stack()
+        t = self.step_count
+        finished = {}
+        with torch.profiler.record_function(f"ring_step {t}"):
+            for run in _runs(busy):   # 2. consecutive busy slots: one grouped call each
+                finished.update(self._run(run, layers, grouped))
+        self.step_count += 1
+        self.history.append(busy)
+        if on_step is not None:
+            on_step(t, busy)
+        return finished
+
+    def _feed(self) -> tuple[int, int] | None:
+        """The next queued (request id, segment), or None when the queue is empty."""
+        while self._queue:
+            rid = self._queue[0]
+            req = self._requests[rid]
+            if req.fed < req.seg.num_segments:
+                s = req.fed
+                req.fed += 1
+                req.rows[s] = segment_rows(self.model, req.seg, s, pad=True)
+                self._inbox[(0, rid, s)] = req.rows[s].X
+                if req.fed == req.seg.num_segments:
+                    self._queue.pop(0)
+                return rid, s
+            self._queue.pop(0)
+        return None
+
+    def _run(self, cells: list[tuple[int, int, int]], layers, grouped) -> dict[int, ARMTOutput]:
+        """One grouped call for the consecutive layers of `cells` [(layer, rid, segment)]."""
+        model, L = self.model, self.model.num_layers
+        lo, hi = cells[0][0], cells[-1][0]
+        reqs = [self._requests[rid] for _, rid, _ in cells]
+        X = torch.stack([self._inbox.pop(cell) for cell in cells])                 # (G, 1, T, d)
+        cos, sin, mask, wmask = stack_rows([req.rows[s] for req, (_, _, s) in zip(reqs, cells)])
+        mems = [req.state.layers(l, l) for req, (l, _, _) in zip(reqs, cells)]    # each (1, 1, ...)
+        W_mem, z, first = (torch.cat(parts) for parts in zip(*mems))               # (G, 1, dk, d), ...
+        Y, W_mem, z = grouped(X, layers=layers, lo=lo, hi=hi, n_text=model.config.segment_size, cos=cos, sin=sin,
+                              mask=mask, W_mem=W_mem, z=z, is_first=first, write_mask=wmask,
+                              read=any(req.has_memory[l] for req, (l, _, _) in zip(reqs, cells)))
+        first = first_after_write(first, wmask)
+        finished = {}
+        for g, (req, (l, rid, s)) in enumerate(zip(reqs, cells)):
+            req.state = req.state.replace(l, l, W_mem[g:g + 1], z[g:g + 1], first[g:g + 1])
+            req.has_memory[l] = True
+            if l < L - 1:
+                self._inbox[(l + 1, rid, s)] = Y[g]
+                continue
+            req.rows.pop(s)          # segment s leaves the ring: final norm + LM head on its text rows
+            if req.outputs.wanted(s):
+                a, e = req.seg.bounds[s]
+                req.outputs.add(s, model.base.model.norm(Y[g, :, :e - a]))
+            if s == req.seg.num_segments - 1:
+                logits, loss = req.outputs.result()
+                finished[rid] = ARMTOutput(logits, loss, req.state.with_open(req.seg.open_ids()))
+                del self._requests[rid]
+        return finished
+
+    def run(self, requests: list, attention_masks: list | None = None, labels: list | None = None,
+            on_step: RingStepHook | None = None) -> list[ARMTOutput]:
+        """Submit every request (with its mask and labels, if given), step until all are done,
+        and return their outputs in order."""
+        if self.pending:
+            raise RuntimeError(f"{self.pending} request(s) submitted earlier are still running, and run() "
+                               "would drop their outputs; drive them with step() until runner.pending == 0")
+        if not isinstance(requests, (list, tuple)) or len(requests) == 0:
+            raise ValueError("run needs a non-empty list of requests (each [1, N] or [N])")
+        for name, extra in (("attention_masks", attention_masks), ("labels", labels)):
+            if extra is not None and len(extra) != len(requests):
+                raise ValueError(f"{name} has {len(extra)} entries for {len(requests)} requests")
+        rids = [self.submit(ids, None if attention_masks is None else attention_masks[i],
+                            None if labels is None else labels[i]) for i, ids in enumerate(requests)]
+        done: dict[int, ARMTOutput] = {}
+        while any(r not in done for r in rids):
+            done.update(self.step(on_step))
+        return [done[r] for r in rids]
+
+
+def _runs(busy: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
+    """Split busy cells (sorted by layer) into runs of consecutive layers."""
+    runs = [[busy[0]]]
+    for cell in busy[1:]:
+        if cell[0] == runs[-1][-1][0] + 1:
+            runs[-1].append(cell)
+        else:
+            runs.append([cell])
+    return runs
