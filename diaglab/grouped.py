@@ -16,6 +16,7 @@ beta = sigmoid(m W_mb^T + b). Stacked weights keep transformers' module names.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -48,9 +49,10 @@ class LayerDims:
                    model.config.normalize_keys, kernel)
 
 
-def _stack_members(model) -> dict[str, list[list[torch.Tensor]]]:
+def _stack_members(model, check: bool = True) -> dict[str, list[list[torch.Tensor]]]:
     """stack name -> per layer, the parameters concatenated (along dim 0) into that stack.
-    q|k|v, gate|up and W_mk|W_mv|W_mb are fused: one matmul each."""
+    q|k|v, gate|up and W_mk|W_mv|W_mb are fused: one matmul each. check: raise unless every
+    layer's members have the same shapes."""
     layers, assoc = model.base.model.layers, model.assoc
     attn = [b.self_attn for b in layers]
     mlp = [b.mlp for b in layers]
@@ -71,7 +73,7 @@ def _stack_members(model) -> dict[str, list[list[torch.Tensor]]]:
     if mlp[0].gate_proj.bias is not None:
         members["gate_up_proj.bias"] = [[m.gate_proj.bias, m.up_proj.bias] for m in mlp]
         members["down_proj.bias"] = [[m.down_proj.bias] for m in mlp]
-    for name, per_layer in members.items():
+    for name, per_layer in members.items() if check else ():
         shapes = {tuple(None if p is None else tuple(p.shape) for p in ps) for ps in per_layer}
         if len(shapes) != 1 or any(p is None for ps in per_layer for p in ps):
             raise ValueError(f"cannot group layers of different shapes ({name}: {sorted(map(str, shapes))}); "
@@ -79,6 +81,7 @@ def _stack_members(model) -> dict[str, list[list[torch.Tensor]]]:
     return members
 
 
+@functools.cache
 def _expected_types() -> tuple[dict[str, type], dict[str, type]]:
     """(decoder layer, associative layer): child name -> the exact class whose computation
     grouped_layer reproduces ("" is the layer itself)."""
@@ -99,20 +102,17 @@ def _hooked(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
-def _global_hooks() -> bool:
-    m = torch.nn.modules.module
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
-                or m._global_backward_pre_hooks)
-
-
 def ungroupable(model) -> list[str]:
     """Why grouped_layer would not compute what the model's own modules compute, one line
     per module: a hook (forward, pre-forward or backward), a class other than the standard
     one (an adapter, a subclass with its own forward), or a changed attribute (attention
     scale, norm epsilon). Parametrized weights (torch.nn.utils.parametrize) are fine: the
-    stacks read the parametrized `.weight`. Empty when grouped_layer is exact."""
-    if _global_hooks():
-        return ["global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"]
+    stacks read the parametrized `.weight`. Empty when grouped_layer is exact.
+
+    Global module hooks (torch.nn.modules.module.register_module_forward_hook) are not
+    checked: tools such as torch.utils.flop_counter.FlopCounterMode register them to observe
+    module calls, and they must see the fast path; a grouped step makes no per-layer module
+    calls, so such observers see none from it."""
     decoder_types, assoc_types = _expected_types()
     dims = LayerDims.of(model)
     problems = []
@@ -120,15 +120,16 @@ def ungroupable(model) -> list[str]:
     units += [(f"assoc.{l}", a, assoc_types) for l, a in enumerate(model.assoc)]
     for prefix, unit, types in units:
         for path, expected in types.items():
-            mod = unit.get_submodule(path)
-            name = f"{prefix}.{path}".rstrip(".")
+            mod = unit
+            for part in path.split(".") if path else ():
+                mod = getattr(mod, part, None)
             cls = type(mod)
-            if torch.nn.utils.parametrize.is_parametrized(mod):
+            if "parametrizations" in getattr(mod, "_modules", ()):
                 cls = cls.__bases__[0]       # parametrize's generated subclass of the real class
-            if cls is not expected:
-                problems.append(f"{name} is a {type(mod).__name__}, not a {expected.__name__}")
-            elif _hooked(mod):
-                problems.append(f"{name} has hooks")
+            if cls is not expected or _hooked(mod):
+                name = f"{prefix}.{path}".rstrip(".")
+                problems.append(f"{name} is a {type(mod).__name__}, not a {expected.__name__}"
+                                if cls is not expected else f"{name} has hooks")
     for l, b in enumerate(model.base.model.layers):
         scaling = getattr(b.self_attn, "scaling", None)
         if scaling != dims.head_dim ** -0.5:
@@ -188,7 +189,7 @@ class TiedStacks:
                 self.tensors[name] = stack
 
     def is_valid(self, model) -> bool:
-        now = [p for per_layer in _stack_members(model).values() for ps in per_layer for p in ps]
+        now = [p for per_layer in _stack_members(model, check=False).values() for ps in per_layer for p in ps]
         return len(now) == len(self._tied) and all(
             p is q and p.data_ptr() == ptr for p, (q, ptr) in zip(now, self._tied))
 
