@@ -16,10 +16,16 @@ differ by dropout (refused in training mode with attention dropout).
 
 The executor can also follow the sequential order through the same grouped kernels
 (`order="sequential"`), which separates the gain of the schedule from the kernels'.
+
+compile=True (opt-in) runs the plateau's full-group step — all L layers busy, no mask:
+fixed shapes — through torch.compile, and the ramps eagerly. The first such step pays
+the compile (`compile_seconds` reports it: tens of seconds on a CPU); later calls reuse it.
+On CUDA, compile_mode="reduce-overhead" adds CUDA graphs.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Callable
 
@@ -56,14 +62,25 @@ def check_no_dropout(model: ARMT) -> None:
 class DiagonalExecutor:
     """Same call signature and outputs as ARMT.forward; built from any ARMT instance."""
 
-    def __init__(self, model: ARMT, order: str = "diagonal", kernel: str = "bmm"):
+    def __init__(self, model: ARMT, order: str = "diagonal", kernel: str = "bmm", compile: bool = False,
+                 compile_mode: str | None = None):
         if not isinstance(model, ARMT):
             raise TypeError(f"DiagonalExecutor needs a diaglab.ARMT, got {type(model).__name__}")
         if order not in ("diagonal", "sequential"):
             raise ValueError(f"order must be 'diagonal' or 'sequential', got {order!r}")
         if kernel not in ("bmm", "grouped_mm") or (kernel == "grouped_mm" and not hasattr(torch, "_grouped_mm")):
             raise ValueError(f"kernel must be 'bmm' or 'grouped_mm' (needs torch._grouped_mm), got {kernel!r}")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {compile!r}")
+        if compile_mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise ValueError(f"compile_mode must be None or a torch.compile mode ('default', 'reduce-overhead', "
+                             f"'max-autotune', 'max-autotune-no-cudagraphs'), got {compile_mode!r}")
+        if compile_mode is not None and not compile:
+            raise ValueError("compile_mode is given but compile=False: pass compile=True as well")
         self.model, self.order, self.kernel = model, order, kernel
+        self.compile, self.compile_mode = compile, compile_mode
+        self.compile_seconds: float | None = None   # wall time of the first compiled step (compile included)
+        self._compiled: Callable | None = None
         self._tied: TiedStacks | None = None
         self._warned: tuple[str, ...] = ()
         if not ungroupable(model):
@@ -98,6 +115,26 @@ class DiagonalExecutor:
                           "into the weights) to get it back.", stacklevel=3)
         return LayerStack(self.model, None, dims), grouped_layer_ref
 
+    def _full_step(self) -> Callable | None:
+        """The compiled full-group step, built on first use; None when not compiling (or under
+        autograd, which runs eagerly)."""
+        if not self.compile or self._needs_autograd():
+            return None
+        if self.compile_mode in ("reduce-overhead", "max-autotune") and self.model.device.type != "cuda":
+            raise ValueError(f"compile_mode={self.compile_mode!r} uses CUDA graphs, which need a CUDA model "
+                             f"(this one is on {self.model.device}); use compile_mode=None on a CPU")
+        if self._compiled is None:
+            compiled = torch.compile(grouped_layer, dynamic=False, mode=self.compile_mode)
+
+            def first_call(*args, **kw):   # times the compile once, then steps aside
+                t0 = time.perf_counter()
+                out = compiled(*args, **kw)
+                self.compile_seconds = time.perf_counter() - t0
+                self._compiled = compiled
+                return out
+            self._compiled = first_call
+        return self._compiled
+
     # ---- the run ----------------------------------------------------------------------
     def iter_steps(self, num_segments: int):
         """The steps of this executor's order, made one at a time."""
@@ -116,6 +153,7 @@ class DiagonalExecutor:
         check_no_dropout(model)
         seg, state = model.prepare(input_ids, attention_mask, labels, state, keep_logits)
         layers, step = self.layer_stack()
+        full_step = self._full_step() if step is grouped_layer else None
         L, n = model.num_layers, model.config.segment_size
         has_memory = model.has_memory(state)
         inbox: dict[tuple[int, int], torch.Tensor] = {}     # (layer, segment) -> its input rows (B, T, d)
@@ -131,9 +169,11 @@ class DiagonalExecutor:
                 X = torch.stack([inbox.pop(cell) for cell in cells])                  # (G, B, T, d)
                 cos, sin, mask, wmask = stack_rows([rows_of[s] for _, s in cells])
                 W_mem, z, first = state.layers(lo, hi)                                # (G, B, dk, d), ...
-                Y, W_mem, z = step(X, layers=layers, lo=lo, hi=hi, n_text=n, cos=cos, sin=sin, mask=mask,
-                                   W_mem=W_mem, z=z, is_first=first, write_mask=wmask,
-                                   read=any(has_memory[lo:hi + 1]))
+                run = full_step if full_step is not None and hi - lo + 1 == L and mask is None \
+                    and wmask is None else step
+                Y, W_mem, z = run(X, layers=layers, lo=lo, hi=hi, n_text=n, cos=cos, sin=sin, mask=mask,
+                                  W_mem=W_mem, z=z, is_first=first, write_mask=wmask,
+                                  read=any(has_memory[lo:hi + 1]))
                 state = state.replace(lo, hi, W_mem, z, first_after_write(first, wmask))
                 for g, (l, s) in enumerate(cells):
                     has_memory[l] = True
