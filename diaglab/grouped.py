@@ -49,36 +49,51 @@ class LayerDims:
                    model.config.normalize_keys, kernel)
 
 
+def _child(module: nn.Module, name: str):
+    """module.name, read from the module's own dicts first (nn.Module.__getattr__ is slow and
+    this runs on every call); parametrized weights are properties, found by getattr."""
+    for table in (module._modules, module._parameters):
+        if name in table:
+            return table[name]
+    return getattr(module, name, None)
+
+
 def _stack_members(model, check: bool = True) -> dict[str, list[list[torch.Tensor]]]:
     """stack name -> per layer, the parameters concatenated (along dim 0) into that stack.
     q|k|v, gate|up and W_mk|W_mv|W_mb are fused: one matmul each. check: raise unless every
     layer's members have the same shapes."""
-    layers, assoc = model.base.model.layers, model.assoc
-    attn = [b.self_attn for b in layers]
-    mlp = [b.mlp for b in layers]
+    def params(units, *paths, attr="weight"):
+        return [[_child(_child(u, p) if p else u, attr) for p in paths] for u in units]
+    layers = list(_child(_child(model.base, "model"), "layers"))
+    attn = [_child(b, "self_attn") for b in layers]
+    mlp = [_child(b, "mlp") for b in layers]
+    assoc = list(model.assoc)
     members = {
-        "qkv_proj.weight": [[a.q_proj.weight, a.k_proj.weight, a.v_proj.weight] for a in attn],
-        "o_proj.weight": [[a.o_proj.weight] for a in attn],
-        "gate_up_proj.weight": [[m.gate_proj.weight, m.up_proj.weight] for m in mlp],
-        "down_proj.weight": [[m.down_proj.weight] for m in mlp],
-        "input_layernorm.weight": [[b.input_layernorm.weight] for b in layers],
-        "post_attention_layernorm.weight": [[b.post_attention_layernorm.weight] for b in layers],
-        "W_mq.weight": [[a.W_mq.weight] for a in assoc],
-        "W_mkvb.weight": [[a.W_mk.weight, a.W_mv.weight, a.W_mb.weight] for a in assoc],
-        "W_mb.bias": [[a.W_mb.bias] for a in assoc],
+        "qkv_proj.weight": params(attn, "q_proj", "k_proj", "v_proj"),
+        "o_proj.weight": params(attn, "o_proj"),
+        "gate_up_proj.weight": params(mlp, "gate_proj", "up_proj"),
+        "down_proj.weight": params(mlp, "down_proj"),
+        "input_layernorm.weight": params(layers, "input_layernorm"),
+        "post_attention_layernorm.weight": params(layers, "post_attention_layernorm"),
+        "W_mq.weight": params(assoc, "W_mq"),
+        "W_mkvb.weight": params(assoc, "W_mk", "W_mv", "W_mb"),
+        "W_mb.bias": params(assoc, "W_mb", attr="bias"),
     }
-    if attn[0].q_proj.bias is not None:
-        members["qkv_proj.bias"] = [[a.q_proj.bias, a.k_proj.bias, a.v_proj.bias] for a in attn]
-        members["o_proj.bias"] = [[a.o_proj.bias] for a in attn]
-    if mlp[0].gate_proj.bias is not None:
-        members["gate_up_proj.bias"] = [[m.gate_proj.bias, m.up_proj.bias] for m in mlp]
-        members["down_proj.bias"] = [[m.down_proj.bias] for m in mlp]
+    if _child(_child(attn[0], "q_proj"), "bias") is not None:
+        members["qkv_proj.bias"] = params(attn, "q_proj", "k_proj", "v_proj", attr="bias")
+        members["o_proj.bias"] = params(attn, "o_proj", attr="bias")
+    if _child(_child(mlp[0], "gate_proj"), "bias") is not None:
+        members["gate_up_proj.bias"] = params(mlp, "gate_proj", "up_proj", attr="bias")
+        members["down_proj.bias"] = params(mlp, "down_proj", attr="bias")
     for name, per_layer in members.items() if check else ():
         shapes = {tuple(None if p is None else tuple(p.shape) for p in ps) for ps in per_layer}
         if len(shapes) != 1 or any(p is None for ps in per_layer for p in ps):
             raise ValueError(f"cannot group layers of different shapes ({name}: {sorted(map(str, shapes))}); "
                              "the diagonal executor needs identical decoder layers — run the model sequentially")
     return members
+
+
+_PATHS: dict[str, tuple[str, ...]] = {}   # "mlp.down_proj" -> ("mlp", "down_proj"), split once
 
 
 @functools.cache
@@ -116,18 +131,18 @@ def ungroupable(model) -> list[str]:
     decoder_types, assoc_types = _expected_types()
     dims = LayerDims.of(model)
     problems = []
-    units = [(f"base.model.layers.{l}", b, decoder_types) for l, b in enumerate(model.base.model.layers)]
-    units += [(f"assoc.{l}", a, assoc_types) for l, a in enumerate(model.assoc)]
-    for prefix, unit, types in units:
+    units = [("base.model.layers", l, b, decoder_types) for l, b in enumerate(model.base.model.layers)]
+    units += [("assoc", l, a, assoc_types) for l, a in enumerate(model.assoc)]
+    for owner, l, unit, types in units:
         for path, expected in types.items():
             mod = unit
-            for part in path.split(".") if path else ():
-                mod = getattr(mod, part, None)
+            for part in _PATHS.setdefault(path, tuple(path.split(".")) if path else ()):
+                mod = _child(mod, part)
             cls = type(mod)
             if "parametrizations" in getattr(mod, "_modules", ()):
                 cls = cls.__bases__[0]       # parametrize's generated subclass of the real class
             if cls is not expected or _hooked(mod):
-                name = f"{prefix}.{path}".rstrip(".")
+                name = f"{owner}.{l}.{path}".rstrip(".")
                 problems.append(f"{name} is a {type(mod).__name__}, not a {expected.__name__}"
                                 if cls is not expected else f"{name} has hooks")
     for l, b in enumerate(model.base.model.layers):
