@@ -220,3 +220,141 @@ def test_stats_refuses_a_schedule_of_another_grid():
 def test_ideal_even_load_refuses_a_bad_time(t):
     with pytest.raises(ValueError, match="full_group_time must be a finite time >= 0"):
         schedule.ideal_even_load(t, 4, 8)
+
+
+# ---- point 7: the train CLI ---------------------------------------------------------------
+
+def _tiny(out, **kw) -> train.TrainConfig:
+    return train.TrainConfig(**{**dict(out=str(out), layers=1, hidden=32, heads=2, kv_heads=1, segment_size=8,
+                                       num_mem_tokens=2, d_mem=8, max_segments=3, steps=1, batch=2, warmup=1,
+                                       eval_every=1, eval_samples=2, progress=False), **kw})
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("work started before the arguments were checked")
+
+
+def run_cli(argv, monkeypatch, capsys) -> tuple[int, str]:
+    """train.main(argv) with training, evaluation and model building replaced by a failure:
+    a bad argument must stop the CLI before any of them."""
+    for name in ("train", "run_eval", "build_model"):
+        monkeypatch.setattr(train, name, _no_work)
+    with pytest.raises(SystemExit) as exit_:
+        train.main([str(a) for a in argv])
+    return exit_.value.code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("python -m diaglab.train: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--max-segments", "0"], "max_segments (--max-segments) must be an int >= 2, got 0"),
+    (["--start-segments", "1"], "--start-segments"),
+    (["--segment-size", "0"], "--segment-size"),
+    (["--batch", "0"], "--batch"),
+    (["--layers", "0"], "--layers"),
+    (["--threads", "0"], "--threads"),
+    (["--eval-samples", "0"], "--eval-samples"),
+    (["--steps", "-5"], "--steps"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--minutes", "0"], "--minutes"),
+    (["--task", "copy"], "--task"),
+    (["--hidden", "30"], "hidden (30) must be divisible by heads (4)"),
+    (["--heads", "4", "--kv-heads", "3"], "heads by kv_heads (3)"),
+    (["--num-mem-tokens", "0"], "--num-mem-tokens"),
+])
+def test_cli_rejects_bad_values_before_any_work(tmp_path, monkeypatch, capsys, argv, needle):
+    code, err = run_cli(["--out", tmp_path / "run", *argv], monkeypatch, capsys)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_eval_needs_a_checkpoint_with_its_log(tmp_path, monkeypatch, capsys):
+    assert_one_line_error(*run_cli(["--eval", tmp_path / "missing"], monkeypatch, capsys), "no such directory")
+    assert_one_line_error(*run_cli(["--eval", tmp_path], monkeypatch, capsys), "armt_config.json not found")
+    live_model().save_pretrained(tmp_path / "bare")
+    assert_one_line_error(*run_cli(["--eval", tmp_path / "bare"], monkeypatch, capsys), "train_log.json not found")
+    assert_one_line_error(*run_cli(["--eval", SHIPPED, "--samples", "0"], monkeypatch, capsys), "--samples")
+
+
+def test_cli_checks_the_output_path_before_training(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(*run_cli(["--out", tmp_path / "file"], monkeypatch, capsys), "is a file")
+    assert_one_line_error(*run_cli(["--out", tmp_path / "file" / "run"], monkeypatch, capsys), "is a file")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    assert_one_line_error(*run_cli(["--out", tmp_path / "notes"], monkeypatch, capsys), "non-empty directory")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked)   # root may write anywhere: simulate
+    assert_one_line_error(*run_cli(["--out", locked / "run"], monkeypatch, capsys), "not writable")
+
+
+def test_training_never_replaces_the_shipped_checkpoint_by_default(tmp_path, monkeypatch, capsys):
+    assert not Path(train.TrainConfig().out).is_absolute() and train.TrainConfig().out.startswith("runs/recall-")
+    assert_one_line_error(*run_cli(["--out", SHIPPED, "--steps", "1"], monkeypatch, capsys),
+                          "already holds a checkpoint", "--force-overwrite")
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "build_model", _no_work)
+    with pytest.raises(FileExistsError, match="--force-overwrite"):
+        train.train(_tiny(SHIPPED))
+    train.preflight(_tiny(SHIPPED, force_overwrite=True))   # explicit: allowed (not run here)
+
+
+def test_init_from_must_match_the_checkpoint(tmp_path, monkeypatch, capsys):
+    first = _tiny(tmp_path / "a")
+    train.save(train.build_model(first), first, [])
+    code, err = run_cli(["--init-from", first.out, "--segment-size", "16", "--out", tmp_path / "b"],
+                        monkeypatch, capsys)
+    assert_one_line_error(code, err, "segment_size (--segment-size) is 16 but the checkpoint", "has 8")
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "make_batch", _no_work)
+    with pytest.raises(ValueError, match="segment_size .* is 16 but the checkpoint"):
+        train.train(_tiny(tmp_path / "b", init_from=first.out, segment_size=16))
+    (tmp_path / "a" / "train_log.json").unlink()
+    with pytest.raises(FileNotFoundError, match="train_log.json not found"):
+        train.train(_tiny(tmp_path / "b", init_from=first.out))
+    # shape flags left out come from the checkpoint
+    args = train.parse_args(["--init-from", str(tmp_path / "x"), "--task", "mix"])
+    assert not hasattr(args, "segment_size") and args.task == "mix"
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_train_restores_the_thread_count(tmp_path, monkeypatch, fail):
+    before = torch.get_num_threads()
+    cfg = _tiny(tmp_path / "run", threads=before + 1)
+    if fail:
+        monkeypatch.setattr(train, "make_batch", _no_work)
+    try:
+        if fail:
+            with pytest.raises(AssertionError, match="work started"):
+                train.train(cfg)
+        else:
+            train.train(cfg)
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_num_mem_tokens_everywhere_and_old_logs_still_read():
+    assert train.TrainConfig(num_mem_tokens=3).num_mem_tokens == 3
+    assert train.parse_args(["--num-mem-tokens", "8"]).num_mem_tokens == 8
+    assert train.parse_args(["--mem-tokens", "8"]).num_mem_tokens == 8        # the old flag
+    config = train.read_log(SHIPPED)["config"]                                # written with mem_tokens
+    assert config["num_mem_tokens"] == 4 and "mem_tokens" not in config
+
+
+def test_cli_error_in_a_real_process(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "diaglab.train", "--steps", "0", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert_one_line_error(proc.returncode, proc.stderr, "--steps")
+    assert proc.stdout == ""
