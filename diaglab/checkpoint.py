@@ -41,7 +41,7 @@ def save(model, path: str | os.PathLike) -> None:
     one back. Other files in an existing checkpoint directory (a train_log.json, an
     eval.json) are carried over into the new one.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))  # '.' gets a name; a symlinked checkpoint is replaced where it lives
     _check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = _sibling(path, "saving")
@@ -60,6 +60,9 @@ def save(model, path: str | os.PathLike) -> None:
 def _check_target(path: Path) -> None:
     """Refuse to replace anything but a missing path, an empty directory or a checkpoint:
     save_pretrained('.') must not swap the user's working directory away."""
+    if path == Path(os.getcwd()).resolve():
+        raise ValueError(f"{path} is the working directory; replacing it would leave this process in a deleted "
+                         "directory: give a path outside it, e.g. from its parent")
     if path.is_file():
         raise FileExistsError(f"{path} is a file; save_pretrained writes a directory: choose another path")
     if path.is_dir() and any(path.iterdir()) and not (path / "armt_config.json").is_file():

@@ -109,6 +109,18 @@ def test_save_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_save_through_a_symlink_and_not_over_the_working_directory(tmp_path, monkeypatch):
+    live_model(seed=5).save_pretrained(tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    b = live_model(seed=6)
+    b.save_pretrained(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert_same_tensors(diaglab.ARMT.from_pretrained(tmp_path / "real"), tensors_of(b))
+    monkeypatch.chdir(tmp_path / "real")
+    with pytest.raises(ValueError, match="is the working directory"):
+        b.save_pretrained(".")
+
+
 def _edit_meta(path: Path, edit) -> None:
     meta = json.loads((path / "armt_config.json").read_text())
     edit(meta)
