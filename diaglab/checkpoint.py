@@ -59,7 +59,7 @@ def save(model, path: str | os.PathLike) -> None:
 
 def _check_target(path: Path) -> None:
     """Refuse to replace anything but a missing path, an empty directory or a checkpoint:
-    save_pretrained('.') must not swap the user's working directory away."""
+    save_pretrained(a_project_dir) must not swap the user's files away."""
     if path == Path(os.getcwd()).resolve():
         raise ValueError(f"{path} is the working directory; replacing it would leave this process in a deleted "
                          "directory: give a path outside it, e.g. from its parent")
@@ -151,7 +151,11 @@ def load(cls, path: str | os.PathLike, device=None):
                                 "save the model again with save_pretrained")
     with _seeded(0):  # the skeleton's random init is overwritten below; keep the caller's RNG
         model = cls(LlamaForCausalLM(base_cfg), meta["armt"])
-    _assign(model, load_file(str(weights)), path)
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+        raise ValueError(f"{weights} cannot be read ({e}): the file is damaged; save the model again") from None
+    _assign(model, tensors, path)
     _match_unsaved_buffers(model)
     if str(model.dtype).removeprefix("torch.") != meta["dtype"]:
         raise ValueError(f"{path}: armt_config.json says dtype {meta['dtype']} but model.memory is stored "

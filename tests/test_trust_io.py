@@ -156,6 +156,9 @@ def test_load_refuses_missing_files_and_mismatched_weights(tmp_path):
     safetensors.torch.save_file(tensors, path / "model.safetensors")
     with pytest.raises(ValueError, match="lacks 'assoc.1.W_mq.weight'"):
         diaglab.ARMT.from_pretrained(path)
+    (path / "model.safetensors").write_bytes(b"half a file")
+    with pytest.raises(ValueError, match="cannot be read .* damaged"):
+        diaglab.ARMT.from_pretrained(path)
 
 
 def test_the_shipped_checkpoint_loads():
