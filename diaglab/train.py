@@ -530,8 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m diaglab.train", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--eval", metavar="DIR", help="evaluate the checkpoint in DIR instead of training")
-    p.add_argument("--no-write", action="store_true", help="with --eval: print only, do not write DIR/eval.json")
-    p.add_argument("--samples", type=int, default=200, help="with --eval: held-out samples per distance")
+    p.add_argument("--no-write", action="store_true", default=argparse.SUPPRESS,
+                   help="with --eval: print only, do not write DIR/eval.json")
+    p.add_argument("--samples", type=int, default=argparse.SUPPRESS,
+                   help="with --eval: held-out samples per distance, default 200")
     # TrainConfig flags: absent unless given (SUPPRESS), so --init-from can tell a shape flag
     # the user set from one it should take from the checkpoint
     for f in TrainConfig.__dataclass_fields__.values():
@@ -577,10 +579,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     threads = getattr(args, "threads", TrainConfig.threads)
+    samples, write = getattr(args, "samples", 200), not getattr(args, "no_write", False)
+    # a flag that would be ignored is refused: the user meant it to do something
+    ignored = ([k for k in vars(args) if k in TrainConfig.__dataclass_fields__ and k != "threads"] if args.eval
+               else [k for k in ("samples", "no_write") if hasattr(args, k)])
+    if ignored:
+        parser.error(f"--{ignored[0].replace('_', '-')} does nothing {'with' if args.eval else 'without'} --eval "
+                     "(--eval takes --samples, --no-write and --threads): drop it")
     try:  # every check before any work; a failure is one line and exit status 2
         check_int("threads (--threads)", threads, 1)
         if args.eval:
-            check_eval_dir(args.eval, args.samples, write=not args.no_write)
+            check_eval_dir(args.eval, samples, write)
         else:
             cfg = config_from_args(args)
             preflight(cfg)
@@ -588,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(e))
     if args.eval:
         with _threads(threads):
-            res = run_eval(args.eval, samples=args.samples, write=not args.no_write)
+            res = run_eval(args.eval, samples=samples, write=write)
         print(format_table(res))
         return
     t0 = time.perf_counter()

@@ -297,6 +297,10 @@ def test_cli_eval_needs_a_checkpoint_with_its_log(tmp_path, monkeypatch, capsys)
     live_model().save_pretrained(tmp_path / "bare")
     assert_one_line_error(*run_cli(["--eval", tmp_path / "bare"], monkeypatch, capsys), "train_log.json not found")
     assert_one_line_error(*run_cli(["--eval", SHIPPED, "--samples", "0"], monkeypatch, capsys), "--samples")
+    assert_one_line_error(*run_cli(["--eval", SHIPPED, "--lr", "0.1"], monkeypatch, capsys),
+                          "--lr does nothing with --eval")
+    assert_one_line_error(*run_cli(["--out", tmp_path / "run", "--no-write"], monkeypatch, capsys),
+                          "--no-write does nothing without --eval")
 
 
 def test_cli_checks_the_output_path_before_training(tmp_path, monkeypatch, capsys):
