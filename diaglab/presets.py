@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import numbers
 
 import torch
 
@@ -72,7 +73,7 @@ def llama_config(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int
         check_int(name, value, 1)
     if intermediate is not None:
         check_int("intermediate", intermediate, 1)
-    if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not math.isfinite(rope_theta) \
+    if isinstance(rope_theta, bool) or not isinstance(rope_theta, numbers.Real) or not math.isfinite(rope_theta) \
             or rope_theta <= 0:
         raise ValueError(f"rope_theta must be a finite number > 0, got {rope_theta!r}")
     _check_bool("tie_word_embeddings", tie_word_embeddings)

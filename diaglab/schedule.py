@@ -11,6 +11,7 @@ run together. No torch here: the executor, the figures and the tests share it.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -222,7 +223,7 @@ def ideal_even_load(full_group_time: float, L: int, S: int) -> float:
     """The paper's yardstick (SPEC §3): a full group of L cells costs full_group_time,
     so one cell costs full_group_time / L under even load, and the grid has S * L cells."""
     _check_sizes(L, S)
-    if isinstance(full_group_time, bool) or not isinstance(full_group_time, (int, float)) \
+    if isinstance(full_group_time, bool) or not isinstance(full_group_time, numbers.Real) \
             or not math.isfinite(full_group_time) or full_group_time < 0:
         raise ValueError(f"full_group_time must be a finite time >= 0, got {full_group_time!r}; "
                          "a nan or inf usually means the measurement failed")

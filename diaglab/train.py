@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import os
 import time
 from collections import deque
@@ -149,7 +150,7 @@ def _name(field_name: str) -> str:
 
 
 def _check_float(name: str, value, positive: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (positive and value == 0):
         raise ValueError(f"{_name(name)} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
 
