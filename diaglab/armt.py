@@ -11,7 +11,6 @@ Only the MemoryState crosses segments.
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import checkpoint
 from .config import ARMTConfig
 from .generation import generate
 from .grouped import LayerDims, LayerStack, grouped_layer_ref
@@ -216,46 +216,17 @@ class ARMT(nn.Module):
         """Greedy (default) or sampled continuation; see diaglab.generation.generate."""
         return generate(self, self, input_ids, max_new_tokens, **sampling)
 
-    # ---- persistence ------------------------------------------------------------------
+    # ---- persistence (diaglab.checkpoint) ----------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write armt_config.json, base_config.json and model.safetensors (offline, no hub)."""
-        from safetensors.torch import save_file
-        os.makedirs(path, exist_ok=True)
-        tensors, seen = {}, {}
-        for name, t in self.state_dict().items():
-            key = (t.data_ptr(), tuple(t.shape), t.dtype)
-            if key in seen:  # tied weights (e.g. lm_head = embed_tokens) are stored once
-                continue
-            seen[key] = name
-            tensors[name] = t.detach().to("cpu").contiguous().clone()
-        save_file(tensors, os.path.join(path, "model.safetensors"))
-        meta = {"armt": self.config.to_dict(), "dtype": str(self.dtype).removeprefix("torch."),
-                "format": "diaglab-armt-1"}
-        with open(os.path.join(path, "armt_config.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-        self.base.config.to_json_file(os.path.join(path, "base_config.json"))
+        """Write armt_config.json, base_config.json and model.safetensors into the directory
+        path, atomically: a failed save leaves the previous checkpoint there intact."""
+        checkpoint.save(self, path)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None) -> "ARMT":
-        """Load a model written by save_pretrained (no network)."""
-        from safetensors.torch import load_file
-        from transformers import LlamaConfig, LlamaForCausalLM
-        cfg_path = os.path.join(path, "armt_config.json")
-        if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"{cfg_path} not found: not a directory written by ARMT.save_pretrained")
-        with open(cfg_path) as f:
-            meta = json.load(f)
-        base_cfg = LlamaConfig.from_json_file(os.path.join(path, "base_config.json"))
-        with _seeded(0):
-            model = cls(LlamaForCausalLM(base_cfg), ARMTConfig.from_dict(meta["armt"]))
-        model = model.to(getattr(torch, meta.get("dtype", "float32")))
-        tensors = load_file(os.path.join(path, "model.safetensors"))
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-        tied = {"base.lm_head.weight"} if base_cfg.tie_word_embeddings else set()
-        if unexpected or set(missing) - tied:
-            raise ValueError(f"checkpoint at {path} does not match the model: missing {missing}, "
-                             f"unexpected {unexpected}")
-        return model.to(device) if device is not None else model
+        """Load a model written by save_pretrained (no network), each tensor in its saved
+        dtype, in eval mode; refuses files it cannot read faithfully."""
+        return checkpoint.load(cls, path, device)
 
 
 @contextmanager

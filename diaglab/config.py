@@ -4,6 +4,7 @@ where it is written, with the field's name and the range it must lie in."""
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -58,5 +59,15 @@ class ARMTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ARMTConfig":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        """The inverse of to_dict. Every field must be present and no other: a missing one
+        would silently take its default, an unknown one (a typo) would be silently dropped."""
+        fields = list(cls.__dataclass_fields__)
+        missing = [k for k in fields if k not in d]
+        if missing:
+            raise ValueError(f"ARMTConfig field {missing[0]!r} is missing; give every field of {fields}")
+        unknown = [k for k in d if k not in cls.__dataclass_fields__]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown ARMTConfig field {unknown[0]!r}{hint}; the fields are {fields}")
+        return cls(**d)

@@ -10,6 +10,8 @@ run together. No torch here: the executor, the figures and the tests share it.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -179,6 +181,7 @@ def stats(steps: Schedule | RingSchedule, L: int, cost: Callable[[int], float] |
     _check_sizes(L, 1)
     if len(steps) == 0 or any(len(step) == 0 for step in steps):
         raise ValueError("a schedule needs at least one step and no empty steps")
+    _check_grid(steps, L)
     cost = cost or (lambda g: 1.0)
     group_sizes = tuple(len(step) for step in steps)
     n_cells = sum(group_sizes)
@@ -194,8 +197,34 @@ def stats(steps: Schedule | RingSchedule, L: int, cost: Callable[[int], float] |
     )
 
 
+def _check_grid(steps: Schedule | RingSchedule, L: int) -> None:
+    """Refuse a schedule that is not of an L-layer grid: a cell off the grid, a cell run
+    twice, or a layer never used (built for another L, its utilisation would be wrong)."""
+    seen, layers = set(), set()
+    for t, step in enumerate(steps):
+        for cell in step:
+            if not (isinstance(cell, tuple) and len(cell) in (2, 3)
+                    and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in cell)):
+                raise ValueError(f"step {t} holds {cell!r}; cells are (layer, segment) or (layer, request, "
+                                 "segment) tuples of ints >= 0, as schedule.diagonal and schedule.ring build them")
+            if cell[0] >= L:
+                raise ValueError(f"cell {cell} at step {t} has layer {cell[0]}, outside L = {L}: "
+                                 "pass the L the schedule was built for")
+            if cell in seen:
+                raise ValueError(f"cell {cell} runs twice (again at step {t}); check the schedule with validate")
+            seen.add(cell)
+            layers.add(cell[0])
+    if len(layers) != L:
+        raise ValueError(f"the schedule uses {len(layers)} of L = {L} layers: it was built for another L; "
+                         "pass the L it was built for")
+
+
 def ideal_even_load(full_group_time: float, L: int, S: int) -> float:
     """The paper's yardstick (SPEC §3): a full group of L cells costs full_group_time,
     so one cell costs full_group_time / L under even load, and the grid has S * L cells."""
     _check_sizes(L, S)
+    if isinstance(full_group_time, bool) or not isinstance(full_group_time, numbers.Real) \
+            or not math.isfinite(full_group_time) or full_group_time < 0:
+        raise ValueError(f"full_group_time must be a finite time >= 0, got {full_group_time!r}; "
+                         "a nan or inf usually means the measurement failed")
     return full_group_time / L * S * L

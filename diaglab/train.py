@@ -16,15 +16,18 @@ Commands (from the repository root):
 
     # the shipped checkpoint data/recall/: two stages, ~7 min on one CPU thread. Stage 1 learns
     # associative recall from scratch (segment curriculum 2 -> 9), stage 2 mixes in the needle task
+    # (its shape comes from stage 1; replacing the shipped checkpoint needs --force-overwrite)
     python -m diaglab.train --out /tmp/recall_stage1 --threads 1 --task recall --normalize-keys 1 \
-        --mem-tokens 8 --queries 3 --minutes 10 --eval-every 250 --eval-samples 50
-    python -m diaglab.train --out data/recall --init-from /tmp/recall_stage1 --threads 1 --task mix \
-        --start-segments 9 --steps 1000 --lr 3e-4 --warmup 50 --minutes 6 --eval-every 500 --eval-samples 50
+        --num-mem-tokens 8 --queries 3 --minutes 10 --eval-every 250 --eval-samples 50
+    python -m diaglab.train --out data/recall --force-overwrite --init-from /tmp/recall_stage1 --threads 1 \
+        --task mix --start-segments 9 --steps 1000 --lr 3e-4 --warmup 50 --minutes 6 --eval-every 500 \
+        --eval-samples 50
     # evaluate a checkpoint: prints the table, writes DIR/eval.json (200 samples per distance)
     python -m diaglab.train --eval data/recall --threads 1
 
 Every TrainConfig field is a flag (--hidden 96, --task recall, --minutes 20, ...);
-`python -m diaglab.train --help` lists them with their defaults.
+`python -m diaglab.train --help` lists them with their defaults. Every value and path is
+checked before any work: a bad one exits with status 2 and a one-line message.
 """
 
 from __future__ import annotations
@@ -32,14 +35,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import os
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
+from . import checkpoint
+from ._checks import check_int
 from .armt import ARMT
+from .config import ARMTConfig
 from .diagonal import DiagonalExecutor
 from .presets import tiny_armt
 from .tasks import TaskBatch, TaskVocab, associative_recall, fixed_samples, needle_in_a_haystack, save_samples
@@ -47,15 +56,20 @@ from .tasks import TaskBatch, TaskVocab, associative_recall, fixed_samples, need
 EVAL_SEED = 10_000_000   # held-out: training batches use seeds seed * 1_000_003 + step, far below this
 
 
+def _default_out() -> str:
+    """runs/recall-<date>-<time>: outside data/, so a run never replaces the shipped checkpoint."""
+    return time.strftime("runs/recall-%Y%m%d-%H%M%S")
+
+
 @dataclass
 class TrainConfig:
-    out: str = "data/recall"    # checkpoint directory (save_pretrained) + train_log.json + eval.json
+    out: str = field(default_factory=_default_out)  # checkpoint directory + train_log.json + eval.json
     layers: int = 2
     hidden: int = 64
     heads: int = 4
     kv_heads: int = 2
     segment_size: int = 16      # n
-    mem_tokens: int = 4         # M
+    num_mem_tokens: int = 4     # M
     d_mem: int = 16
     init_std: float = 0.15      # initializer_range of the LLaMA base (LLaMA uses 0.02; see build_model)
     embed_std: float = 1.0      # token embeddings start at this scale (see build_model)
@@ -80,6 +94,136 @@ class TrainConfig:
     threads: int = 1
     progress: bool = True
     normalize_keys: bool = False  # unit-length DPFP queries and keys (ARMTConfig.normalize_keys)
+    force_overwrite: bool = False  # allow `out` to be an existing checkpoint (it is replaced)
+
+    def __post_init__(self):
+        """Check every value here, so a bad one fails before any work (and names its flag)."""
+        for name in ("layers", "hidden", "heads", "kv_heads", "segment_size", "num_mem_tokens", "d_mem", "pairs",
+                     "fillers", "queries", "steps", "batch", "eval_every", "eval_samples", "threads"):
+            check_int(_name(name), getattr(self, name), 1)
+        for name in ("max_segments", "start_segments"):  # the curriculum needs a pair and its query
+            check_int(_name(name), getattr(self, name), 2)
+        for name in ("warmup", "seed"):
+            check_int(_name(name), getattr(self, name), 0)
+        for name in ("lr", "init_std", "embed_std", "memory_std"):
+            _check_float(name, getattr(self, name), positive=True)
+        _check_float("weight_decay", self.weight_decay, positive=False)
+        if self.minutes is not None:
+            _check_float("minutes", self.minutes, positive=True)
+        _check_float("promote_at", self.promote_at, positive=True)
+        if self.promote_at > 1:
+            raise ValueError(f"{_name('promote_at')} is an accuracy in (0, 1], got {self.promote_at}")
+        for name in ("progress", "normalize_keys", "force_overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{_name(name)} must be True or False, got {getattr(self, name)!r}")
+        if self.task not in (*TASKS, "mix"):
+            raise ValueError(f"{_name('task')} must be one of {(*TASKS, 'mix')}, got {self.task!r}")
+        if not isinstance(self.out, str) or not self.out:
+            raise ValueError(f"{_name('out')} must name a directory, got {self.out!r}")
+        if not isinstance(self.init_from, str):
+            raise ValueError(f"{_name('init_from')} must be a directory name or '', got {self.init_from!r}")
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads}) and heads by "
+                             f"kv_heads ({self.kv_heads}): change --hidden, --heads or --kv-heads")
+        try:  # e.g. d_mem too small for the DPFP order
+            ARMTConfig(segment_size=self.segment_size, num_mem_tokens=self.num_mem_tokens, d_mem=self.d_mem,
+                       normalize_keys=self.normalize_keys)
+        except ValueError as e:
+            raise ValueError(f"the memory settings make no ARMTConfig: {e}") from None
+
+    @classmethod
+    def continuing(cls, init_from: str, **fields) -> "TrainConfig":
+        """A config that trains on from the checkpoint init_from: the model's shape (SHAPE_FIELDS)
+        is read from it; a shape field given here must agree with it."""
+        shape = checkpoint_shape(init_from)
+        _check_shape(init_from, {k: v for k, v in fields.items() if k in shape}, shape)
+        return cls(**{**fields, **shape, "init_from": init_from})
+
+
+# the fields that a checkpoint fixes: with init_from they must match it
+SHAPE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "segment_size", "num_mem_tokens", "d_mem", "normalize_keys")
+
+
+def _name(field_name: str) -> str:
+    """A field as the library and the CLI call it, e.g. 'segment_size (--segment-size)'."""
+    return f"{field_name} (--{field_name.replace('_', '-')})"
+
+
+def _check_float(name: str, value, positive: bool) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        raise ValueError(f"{_name(name)} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+def _base_config(path: str):
+    from transformers import LlamaConfig
+    base_file = Path(path) / "base_config.json"
+    if not base_file.is_file():
+        raise FileNotFoundError(f"{base_file} is missing: the checkpoint at {path} is incomplete")
+    return LlamaConfig.from_json_file(str(base_file))
+
+
+def checkpoint_shape(path: str) -> dict:
+    """The SHAPE_FIELDS of the checkpoint at path, read from its two config files."""
+    armt, base = checkpoint.read_meta(path)["armt"], _base_config(path)
+    return {"layers": base.num_hidden_layers, "hidden": base.hidden_size, "heads": base.num_attention_heads,
+            "kv_heads": base.num_key_value_heads, "segment_size": armt.segment_size,
+            "num_mem_tokens": armt.num_mem_tokens, "d_mem": armt.d_mem, "normalize_keys": armt.normalize_keys}
+
+
+def _check_shape(path: str, given: dict, shape: dict) -> None:
+    for k, v in given.items():
+        if v != shape[k]:
+            raise ValueError(f"{_name(k)} is {v!r} but the checkpoint {path} (--init-from) has {shape[k]!r}: "
+                             f"the model's shape comes from the checkpoint; give {shape[k]!r} or leave it out")
+
+
+def read_log(path: str) -> dict:
+    """The train_log.json of the checkpoint directory path. Logs written before TrainConfig's
+    mem_tokens became num_mem_tokens are read with the new name."""
+    log_file = Path(path) / "train_log.json"
+    if not log_file.is_file():
+        raise FileNotFoundError(f"{log_file} not found: {path} is not a checkpoint written by diaglab.train "
+                                "(its training log says which task and lengths to evaluate or continue)")
+    record = json.loads(log_file.read_text())
+    config = record.get("config", {})
+    if "mem_tokens" in config:
+        config["num_mem_tokens"] = config.pop("mem_tokens")
+    return record
+
+
+def _check_writable_dir(path: str, flag: str) -> None:
+    """Raise unless the directory path exists and is writable, or can be created."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise NotADirectoryError(f"{flag} {path} is a file, not a directory: choose another {flag}")
+    existing = p if p.exists() else next(a for a in p.absolute().parents if a.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{flag} {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: {existing} is not writable; choose another {flag}")
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Everything train() can check before it starts: the output directory is writable and
+    replaces no checkpoint unless cfg.force_overwrite; init_from is a checkpoint with its log,
+    of the shape cfg names; the task's tokens fit the model's vocabulary."""
+    _check_writable_dir(cfg.out, "--out")
+    out = Path(cfg.out)
+    if out.is_dir() and (out / "armt_config.json").exists() and not cfg.force_overwrite:
+        raise FileExistsError(f"--out {cfg.out} already holds a checkpoint; choose another --out, or pass "
+                              "--force-overwrite (force_overwrite=True) to replace it")
+    if out.is_dir() and any(out.iterdir()) and not (out / "armt_config.json").exists():
+        raise FileExistsError(f"--out {cfg.out} is a non-empty directory without a checkpoint: "
+                              "choose a new or empty directory")
+    if cfg.init_from:
+        read_log(cfg.init_from)
+        shape = checkpoint_shape(cfg.init_from)
+        _check_shape(cfg.init_from, {k: getattr(cfg, k) for k in SHAPE_FIELDS}, shape)
+        vocab = _base_config(cfg.init_from).vocab_size
+        if task_vocab(cfg).size > vocab:
+            raise ValueError(f"the tasks need {task_vocab(cfg).size} tokens (--fillers {cfg.fillers}) but the "
+                             f"checkpoint {cfg.init_from} has a vocabulary of {vocab}: lower --fillers")
 
 
 def answer_logits(logits_last: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
@@ -211,7 +355,7 @@ def build_model(cfg: TrainConfig) -> ARMT:
     """
     vocab = 8 * math.ceil(task_vocab(cfg).size / 8)
     model = tiny_armt(layers=cfg.layers, hidden=cfg.hidden, heads=cfg.heads, kv_heads=cfg.kv_heads, vocab=vocab,
-                     segment_size=cfg.segment_size, num_mem_tokens=cfg.mem_tokens, d_mem=cfg.d_mem,
+                     segment_size=cfg.segment_size, num_mem_tokens=cfg.num_mem_tokens, d_mem=cfg.d_mem,
                      seed=cfg.seed, intermediate=2 * cfg.hidden,
                      initializer_range=cfg.init_std, normalize_keys=cfg.normalize_keys)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -229,10 +373,31 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+@contextmanager
+def _threads(n: int):
+    """torch's global thread count set to n inside the block, restored after (errors included)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(cfg: TrainConfig) -> tuple[ARMT, list[dict]]:
-    """Train, evaluate every cfg.eval_every steps, save to cfg.out; returns (model, log)."""
+    """Train, evaluate every cfg.eval_every steps, save to cfg.out; returns (model, log).
+    Checks the paths first (preflight); the caller's torch thread count is restored."""
+    preflight(cfg)
+    with _threads(cfg.threads):
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> tuple[ARMT, list[dict]]:
     from tqdm.auto import tqdm
-    torch.set_num_threads(cfg.threads)
+    init_from_log = None
+    if cfg.init_from:  # read once: with out == init_from the first save replaces it
+        with open(os.path.join(cfg.init_from, "train_log.json")) as f:
+            init_from_log = json.load(f)
     model = ARMT.from_pretrained(cfg.init_from) if cfg.init_from else build_model(cfg)
     model.train()
     ex = DiagonalExecutor(model)
@@ -283,7 +448,7 @@ def train(cfg: TrainConfig) -> tuple[ARMT, list[dict]]:
             bar.write(f"step {step + 1} {elapsed / 60:.1f} min S={current} loss {out.loss.item():.3f} | "
                       + " | ".join(t + " " + " ".join(f"{d}:{a:.2f}" for d, a in entry[f"{t}_by_distance"].items())
                                    for t in TASKS))
-            save(model, cfg, log)
+            save(model, cfg, log, init_from_log)
         if out_of_time:
             break
     bar.close()
@@ -291,34 +456,59 @@ def train(cfg: TrainConfig) -> tuple[ARMT, list[dict]]:
     return model, log
 
 
-def save(model: ARMT, cfg: TrainConfig, log: list[dict]) -> None:
+def save(model: ARMT, cfg: TrainConfig, log: list[dict], init_from_log: dict | None = None) -> None:
     """save_pretrained + train_log.json + samples.json in cfg.out. The log holds this run's
-    config and curve, the model's own ARMTConfig (with --init-from the model's shape comes
-    from that checkpoint, not from the shape flags) and, with --init-from, the log of the
-    run it started from, so a staged training keeps its whole history."""
+    config and curve, the model's own ARMTConfig and, with --init-from, the log of the run
+    it started from (init_from_log, read from cfg.init_from if not given), so a staged
+    training keeps its whole history. The two JSON files are replaced atomically too."""
     model.save_pretrained(cfg.out)
     save_samples(fixed_samples(cfg.max_segments, cfg.segment_size, cfg.pairs, task_vocab(cfg)),
                  os.path.join(cfg.out, "samples.json"))
     record = {"config": asdict(cfg), "armt": model.config.to_dict(), "log": log}
     if cfg.init_from:
-        with open(os.path.join(cfg.init_from, "train_log.json")) as f:
-            record["init_from_log"] = json.load(f)
-    with open(os.path.join(cfg.out, "train_log.json"), "w") as f:
-        json.dump(record, f, indent=1)
+        if init_from_log is None:
+            with open(os.path.join(cfg.init_from, "train_log.json")) as f:
+                init_from_log = json.load(f)
+        record["init_from_log"] = init_from_log
+    _write_json(os.path.join(cfg.out, "train_log.json"), record)
+
+
+def _write_json(path: str, obj) -> None:
+    """Write to a sibling file, then rename over path: a failed write leaves the old file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def check_eval_dir(path: str, samples: int = 200, write: bool = True) -> None:
+    """Raise unless path holds a checkpoint with its train_log.json (and, with write, can take eval.json)."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"--eval {path}: no such directory; give a checkpoint directory written by "
+                                "diaglab.train, e.g. data/recall")
+    check_int("samples (--samples)", samples, 1)
+    checkpoint.read_meta(path)
+    read_log(path)
+    if write and not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"--eval {path} is not writable, so eval.json cannot be written: pass --no-write")
 
 
 def run_eval(path: str, samples: int = 200, write: bool = True) -> dict:
     """Load the checkpoint at path, evaluate at the training length, optionally write path/eval.json."""
+    check_eval_dir(path, samples, write)
     model = ARMT.from_pretrained(path)
-    with open(os.path.join(path, "train_log.json")) as f:
-        tcfg = json.load(f)["config"]
+    tcfg = read_log(path)["config"]
     t0 = time.perf_counter()
     res = evaluate(model, tcfg["max_segments"], samples, tcfg["pairs"], vocab=TaskVocab(num_fillers=tcfg["fillers"]))
     res["trained_on"] = tcfg["task"]
     res["eval_seconds"] = round(time.perf_counter() - t0, 1)
     if write:
-        with open(os.path.join(path, "eval.json"), "w") as f:
-            json.dump(res, f, indent=1)
+        _write_json(os.path.join(path, "eval.json"), res)
     return res
 
 
@@ -330,38 +520,92 @@ def _flag_bool(text: str) -> bool:
     return value
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m diaglab.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+class _Parser(argparse.ArgumentParser):
+    """argparse's exit status 2, but the error on one line (the full usage is long)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m diaglab.train", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--eval", metavar="DIR", help="evaluate the checkpoint in DIR instead of training")
-    p.add_argument("--no-write", action="store_true", help="with --eval: print only, do not write DIR/eval.json")
-    p.add_argument("--samples", type=int, default=200, help="with --eval: held-out samples per distance")
-    defaults = TrainConfig()
-    for name, value in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        if name == "progress":
-            p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the tqdm bar")
-        elif name == "minutes":
-            p.add_argument(flag, type=float, default=None, help="stop training after this many minutes")
-        elif isinstance(value, bool):
-            p.add_argument(flag, type=_flag_bool, default=value, help=f"default {value} (1/0, true/false)")
+    p.add_argument("--no-write", action="store_true", default=argparse.SUPPRESS,
+                   help="with --eval: print only, do not write DIR/eval.json")
+    p.add_argument("--samples", type=int, default=argparse.SUPPRESS,
+                   help="with --eval: held-out samples per distance, default 200")
+    # TrainConfig flags: absent unless given (SUPPRESS), so --init-from can tell a shape flag
+    # the user set from one it should take from the checkpoint
+    for f in TrainConfig.__dataclass_fields__.values():
+        flag = "--" + f.name.replace("_", "-")
+        default = None if f.name == "out" else f.default
+        common = dict(dest=f.name, default=argparse.SUPPRESS)
+        if f.name == "progress":
+            p.add_argument("--no-progress", action="store_false", help="hide the tqdm bar", **common)
+        elif f.name == "force_overwrite":
+            p.add_argument(flag, action="store_true", help="allow --out to be an existing checkpoint "
+                           "(e.g. data/recall), which is replaced", **common)
+        elif f.name == "out":
+            p.add_argument(flag, help="checkpoint directory, default runs/recall-<date>-<time>", **common)
+        elif f.name == "init_from":
+            p.add_argument(flag, metavar="DIR", help="start from this checkpoint (its shape and its history) "
+                           "instead of a fresh model", **common)
+        elif f.name == "minutes":
+            p.add_argument(flag, type=float, help="stop training after this many minutes", **common)
+        elif f.name == "num_mem_tokens":
+            p.add_argument(flag, "--mem-tokens", type=int, help=f"M, default {default}", **common)
+        elif isinstance(default, bool):
+            p.add_argument(flag, type=_flag_bool, help=f"default {default} (1/0, true/false)", **common)
         else:
-            p.add_argument(flag, type=type(value), default=value, help=f"default {value}")
-    return p.parse_args(argv)
+            extra = " (with --init-from: the checkpoint's)" if f.name in SHAPE_FIELDS else ""
+            p.add_argument(flag, type=type(default), help=f"default {default}{extra}", **common)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; TrainConfig flags that were not given are absent from the result."""
+    return build_parser().parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of a command line: defaults, or with --init-from the checkpoint's shape."""
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    if given.get("init_from"):
+        return TrainConfig.continuing(**given)
+    return TrainConfig(**given)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    threads = getattr(args, "threads", TrainConfig.threads)
+    samples, write = getattr(args, "samples", 200), not getattr(args, "no_write", False)
+    # a flag that would be ignored is refused: the user meant it to do something
+    ignored = ([k for k in vars(args) if k in TrainConfig.__dataclass_fields__ and k != "threads"] if args.eval
+               else [k for k in ("samples", "no_write") if hasattr(args, k)])
+    if ignored:
+        parser.error(f"--{ignored[0].replace('_', '-')} does nothing {'with' if args.eval else 'without'} --eval "
+                     "(--eval takes --samples, --no-write and --threads): drop it")
+    try:  # every check before any work; a failure is one line and exit status 2
+        check_int("threads (--threads)", threads, 1)
+        if args.eval:
+            check_eval_dir(args.eval, samples, write)
+        else:
+            cfg = config_from_args(args)
+            preflight(cfg)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
     if args.eval:
-        res = run_eval(args.eval, samples=args.samples, write=not args.no_write)
+        with _threads(threads):
+            res = run_eval(args.eval, samples=samples, write=write)
         print(format_table(res))
         return
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
     t0 = time.perf_counter()
     model, _ = train(cfg)
-    print(f"trained in {(time.perf_counter() - t0) / 60:.1f} min; evaluating")
-    res = run_eval(cfg.out)
+    print(f"trained in {(time.perf_counter() - t0) / 60:.1f} min; saved in {cfg.out}; evaluating")
+    with _threads(cfg.threads):
+        res = run_eval(cfg.out)
     print(format_table(res))
 
 

@@ -61,7 +61,7 @@ def test_stored_eval_json_is_consistent():
 
 def _tiny_config(out) -> train.TrainConfig:
     return train.TrainConfig(out=str(out), layers=1, hidden=32, heads=2, kv_heads=1, segment_size=8,
-                             mem_tokens=2, d_mem=8, max_segments=3, steps=8, batch=4, warmup=2,
+                             num_mem_tokens=2, d_mem=8, max_segments=3, steps=8, batch=4, warmup=2,
                              eval_every=4, eval_samples=4, progress=False)
 
 
@@ -95,12 +95,17 @@ def test_init_from_keeps_the_history_and_bool_flags_parse(tmp_path, capsys):
     first = _tiny_config(tmp_path / "a")
     first = train.TrainConfig(**{**first.__dict__, "normalize_keys": True, "steps": 4})
     train.train(first)
-    second = train.TrainConfig(**{**first.__dict__, "out": str(tmp_path / "b"), "init_from": first.out,
-                                  "normalize_keys": False, "task": "mix"})
+    other_shape = train.TrainConfig(**{**first.__dict__, "out": str(tmp_path / "b"), "init_from": first.out,
+                                       "normalize_keys": False})
+    with pytest.raises(ValueError, match=r"normalize_keys \(--normalize-keys\) is False but the checkpoint"):
+        train.train(other_shape)
+    rest = {k: v for k, v in first.__dict__.items() if k not in (*train.SHAPE_FIELDS, "init_from")}
+    second = train.TrainConfig.continuing(first.out, **{**rest, "out": str(tmp_path / "b"), "task": "mix"})
     model, _ = train.train(second)
-    assert model.config.normalize_keys                        # the shape comes from the checkpoint
+    assert model.config.normalize_keys and second.normalize_keys     # the shape comes from the checkpoint
     record = json.loads((tmp_path / "b" / "train_log.json").read_text())
-    assert record["armt"]["normalize_keys"] is True and record["config"]["task"] == "mix"
+    assert record["armt"]["normalize_keys"] is True and record["config"]["normalize_keys"] is True
+    assert record["config"]["task"] == "mix"
     assert record["init_from_log"]["config"]["out"] == first.out and record["init_from_log"]["log"]
     assert train.parse_args(["--normalize-keys", "1"]).normalize_keys is True
     assert train.parse_args(["--normalize-keys", "false"]).normalize_keys is False

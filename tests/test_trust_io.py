@@ -1,0 +1,379 @@
+"""Issue 11, input/output: no silently wrong answer, no lost checkpoint.
+
+Checkpoints survive a save that fails at any stage and load only what they can load
+faithfully; misspelled or degenerate arguments are refused with the name of the
+argument; the train CLI rejects bad values before any work (exit 2, one line)."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import live_model
+
+import diaglab
+from diaglab import checkpoint, schedule, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "data" / "recall"
+
+
+def tensors_of(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_tensors(model, expected: dict[str, torch.Tensor]) -> None:
+    got = model.state_dict()
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert got[k].dtype == v.dtype, k
+        assert torch.equal(got[k], v), k
+
+
+# ---- point 4: checkpoints ---------------------------------------------------------------
+
+def _partial_write_then_fail():
+    """A writer that leaves half a file behind, then fails (a full disk, a killed process)."""
+    def fail(*args, **kwargs):
+        target = next(a for a in (*args, *kwargs.values()) if isinstance(a, (str, os.PathLike)) or hasattr(a, "write"))
+        if hasattr(target, "write"):
+            target.write("{")
+        else:
+            Path(target).write_bytes(b"half a file")
+        raise OSError("no space left on device (simulated)")
+    return fail
+
+
+def _fail_on_rename(n: int):
+    """os.rename that fails on its n-th call (1-based) and works otherwise."""
+    real, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == n:
+            raise OSError(f"rename {len(calls)} failed (simulated)")
+        return real(src, dst)
+    return rename
+
+
+@pytest.mark.parametrize("stage", ["weights", "armt_config", "base_config", "move_old_aside", "move_new_in"])
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, stage):
+    """Save A, then fail while saving B over it: A loads unchanged, with the other files of
+    its directory, and no temporary directory is left next to it."""
+    path = tmp_path / "ckpt"
+    a = live_model(seed=5)
+    a.save_pretrained(path)
+    (path / "train_log.json").write_text('{"log": []}')
+    expected = tensors_of(a)
+    b = live_model(seed=6)
+    if stage == "weights":
+        monkeypatch.setattr(checkpoint, "save_file", _partial_write_then_fail())
+    elif stage == "armt_config":
+        monkeypatch.setattr(json, "dump", _partial_write_then_fail())
+    elif stage == "base_config":
+        monkeypatch.setattr(type(b.base.config), "to_json_file", lambda self, p, *a, **k: _partial_write_then_fail()(p))
+    else:
+        monkeypatch.setattr(os, "rename", _fail_on_rename(1 if stage == "move_old_aside" else 2))
+    with pytest.raises(OSError, match="simulated"):
+        b.save_pretrained(path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert_same_tensors(diaglab.ARMT.from_pretrained(path), expected)
+    assert (path / "train_log.json").read_text() == '{"log": []}'
+
+
+def test_a_save_replaces_the_checkpoint_and_keeps_its_other_files(tmp_path):
+    path = tmp_path / "ckpt"
+    live_model(seed=5).save_pretrained(path)
+    (path / "eval.json").write_text("{}")
+    path.chmod(0o751)
+    b = live_model(seed=6)
+    b.save_pretrained(path)
+    assert path.stat().st_mode & 0o777 == 0o751
+    assert_same_tensors(diaglab.ARMT.from_pretrained(path), tensors_of(b))
+    assert sorted(p.name for p in path.iterdir()) == ["armt_config.json", "base_config.json", "eval.json",
+                                                     "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_save_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
+    """save_pretrained(some_project_dir) must not swap the project away."""
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="no diaglab checkpoint"):
+        live_model().save_pretrained(tmp_path)
+    with pytest.raises(FileExistsError, match="is a file"):
+        live_model().save_pretrained(tmp_path / "notes.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_save_through_a_symlink_and_not_over_the_working_directory(tmp_path, monkeypatch):
+    live_model(seed=5).save_pretrained(tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    b = live_model(seed=6)
+    b.save_pretrained(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert_same_tensors(diaglab.ARMT.from_pretrained(tmp_path / "real"), tensors_of(b))
+    monkeypatch.chdir(tmp_path / "real")
+    with pytest.raises(ValueError, match="is the working directory"):
+        b.save_pretrained(".")
+
+
+def _edit_meta(path: Path, edit) -> None:
+    meta = json.loads((path / "armt_config.json").read_text())
+    edit(meta)
+    (path / "armt_config.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(format="diaglab-armt-2"), "newer diaglab.*version 2.*upgrade"),
+    (lambda m: m.update(format="other-model-1"), "not a diaglab checkpoint"),
+    (lambda m: m.pop("format"), "not a diaglab checkpoint"),
+    (lambda m: m["armt"].pop("segment_size"), "'segment_size' is missing"),
+    (lambda m: m["armt"].update(segment_sise=16), "unknown ARMTConfig field 'segment_sise'.*'segment_size'"),
+    (lambda m: m.pop("dtype"), "required field 'dtype'"),
+    (lambda m: m.update(quantized=True), "unknown field 'quantized'"),
+])
+def test_load_refuses_what_it_cannot_read(tmp_path, edit, match):
+    path = tmp_path / "ckpt"
+    live_model().save_pretrained(path)
+    _edit_meta(path, edit)
+    with pytest.raises(ValueError, match=match):
+        diaglab.ARMT.from_pretrained(path)
+
+
+def test_load_refuses_missing_files_and_mismatched_weights(tmp_path):
+    path = tmp_path / "ckpt"
+    live_model(layers=2).save_pretrained(path)
+    (path / "base_config.json").rename(tmp_path / "base.json")
+    with pytest.raises(FileNotFoundError, match="base_config.json is missing"):
+        diaglab.ARMT.from_pretrained(path)
+    (tmp_path / "base.json").rename(path / "base_config.json")
+    tensors = safetensors.torch.load_file(path / "model.safetensors")
+    del tensors["assoc.1.W_mq.weight"]
+    safetensors.torch.save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ValueError, match="lacks 'assoc.1.W_mq.weight'"):
+        diaglab.ARMT.from_pretrained(path)
+    (path / "model.safetensors").write_bytes(b"half a file")
+    with pytest.raises(ValueError, match="cannot be read .* damaged"):
+        diaglab.ARMT.from_pretrained(path)
+
+
+def test_the_shipped_checkpoint_loads():
+    model = diaglab.ARMT.from_pretrained(SHIPPED)
+    assert model.config.segment_size == 16 and model.dtype == torch.float32
+
+
+def test_each_part_comes_back_in_its_own_dtype(tmp_path):
+    """A bfloat16 base with float32 memory tokens and associative layers, and tied embeddings
+    (test_armt checks that a uniformly bfloat16 model gives the same logits after loading)."""
+    model = live_model(seed=5, tie_word_embeddings=True)
+    model.base.to(torch.bfloat16)
+    assert model.memory.dtype == model.assoc[0].W_mq.weight.dtype == torch.float32
+    expected = tensors_of(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = diaglab.ARMT.from_pretrained(tmp_path / "ckpt")
+    assert_same_tensors(loaded, expected)
+    assert loaded.base.lm_head.weight is loaded.base.model.embed_tokens.weight
+
+
+def test_loading_gives_eval_mode_and_leaves_the_global_rng_alone(tmp_path):
+    live_model(seed=5).save_pretrained(tmp_path / "ckpt")
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    loaded = diaglab.ARMT.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(torch.rand(4), expected)
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+
+
+# ---- point 6: arguments -----------------------------------------------------------------
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: diaglab.tiny_armt(num_mem_token=2), "'num_mem_token'.*did you mean 'num_mem_tokens'"),
+    (lambda: diaglab.from_preset("tiny", segment_sise=16), "'segment_sise'.*did you mean 'segment_size'"),
+    (lambda: diaglab.tiny_armt(initializer_rang=0.1), "'initializer_rang'.*did you mean 'initializer_range'"),
+    (lambda: diaglab.tiny_armt(hidden_size=64), "hidden_size is set from the argument hidden"),
+])
+def test_misspelled_keywords_are_named(build, match):
+    with pytest.raises(TypeError, match=match):
+        build()
+
+
+def test_real_llama_fields_and_preset_keywords_pass():
+    model = diaglab.tiny_armt(layers=1, attention_bias=True, rms_norm_eps=1e-5, rope_theta=500000.0)
+    assert model.base.config.attention_bias and model.base.config.rms_norm_eps == 1e-5
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(layers=0), "layers"), (dict(heads=0), "heads"), (dict(kv_heads=0), "kv_heads"),
+    (dict(hidden=0), "hidden"), (dict(vocab=-1), "vocab"), (dict(intermediate=0), "intermediate"),
+    (dict(layers=True), "layers"), (dict(hidden=128.0), "hidden"),
+    (dict(tie_word_embeddings=1), "tie_word_embeddings"), (dict(llama3_rope="yes"), "llama3_rope"),
+    (dict(correction="no"), "correction"), (dict(normalize_keys=1), "normalize_keys"),
+])
+def test_degenerate_sizes_and_non_bool_flags_are_named(kw, name):
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        diaglab.tiny_armt(**kw)
+
+
+def test_stats_refuses_a_schedule_of_another_grid():
+    with pytest.raises(ValueError, match="layer 2, outside L = 2"):
+        schedule.stats(schedule.diagonal(4, 8), 2)
+    with pytest.raises(ValueError, match="uses 2 of L = 4 layers"):
+        schedule.stats(schedule.diagonal(2, 8), 4)
+    with pytest.raises(ValueError, match="ints >= 0"):
+        schedule.stats([[(0, -1)]], 1)
+    with pytest.raises(ValueError, match="runs twice"):
+        schedule.stats([[(0, 0)], [(0, 0)]], 1)
+    assert schedule.stats(schedule.ring(2, [2, 1]), 2).n_cells == 6
+
+
+@pytest.mark.parametrize("t", [-1.0, math.nan, math.inf, "2 ms"])
+def test_ideal_even_load_refuses_a_bad_time(t):
+    with pytest.raises(ValueError, match="full_group_time must be a finite time >= 0"):
+        schedule.ideal_even_load(t, 4, 8)
+
+
+# ---- point 7: the train CLI ---------------------------------------------------------------
+
+def _tiny(out, **kw) -> train.TrainConfig:
+    return train.TrainConfig(**{**dict(out=str(out), layers=1, hidden=32, heads=2, kv_heads=1, segment_size=8,
+                                       num_mem_tokens=2, d_mem=8, max_segments=3, steps=1, batch=2, warmup=1,
+                                       eval_every=1, eval_samples=2, progress=False), **kw})
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("work started before the arguments were checked")
+
+
+def run_cli(argv, monkeypatch, capsys) -> tuple[int, str]:
+    """train.main(argv) with training, evaluation and model building replaced by a failure:
+    a bad argument must stop the CLI before any of them."""
+    for name in ("train", "run_eval", "build_model"):
+        monkeypatch.setattr(train, name, _no_work)
+    with pytest.raises(SystemExit) as exit_:
+        train.main([str(a) for a in argv])
+    return exit_.value.code, capsys.readouterr().err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("python -m diaglab.train: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--max-segments", "0"], "max_segments (--max-segments) must be an int >= 2, got 0"),
+    (["--start-segments", "1"], "--start-segments"),
+    (["--segment-size", "0"], "--segment-size"),
+    (["--batch", "0"], "--batch"),
+    (["--layers", "0"], "--layers"),
+    (["--threads", "0"], "--threads"),
+    (["--eval-samples", "0"], "--eval-samples"),
+    (["--steps", "-5"], "--steps"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--minutes", "0"], "--minutes"),
+    (["--task", "copy"], "--task"),
+    (["--hidden", "30"], "hidden (30) must be divisible by heads (4)"),
+    (["--heads", "4", "--kv-heads", "3"], "heads by kv_heads (3)"),
+    (["--num-mem-tokens", "0"], "--num-mem-tokens"),
+])
+def test_cli_rejects_bad_values_before_any_work(tmp_path, monkeypatch, capsys, argv, needle):
+    code, err = run_cli(["--out", tmp_path / "run", *argv], monkeypatch, capsys)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_eval_needs_a_checkpoint_with_its_log(tmp_path, monkeypatch, capsys):
+    assert_one_line_error(*run_cli(["--eval", tmp_path / "missing"], monkeypatch, capsys), "no such directory")
+    assert_one_line_error(*run_cli(["--eval", tmp_path], monkeypatch, capsys), "armt_config.json not found")
+    live_model().save_pretrained(tmp_path / "bare")
+    assert_one_line_error(*run_cli(["--eval", tmp_path / "bare"], monkeypatch, capsys), "train_log.json not found")
+    assert_one_line_error(*run_cli(["--eval", SHIPPED, "--samples", "0"], monkeypatch, capsys), "--samples")
+    assert_one_line_error(*run_cli(["--eval", SHIPPED, "--lr", "0.1"], monkeypatch, capsys),
+                          "--lr does nothing with --eval")
+    assert_one_line_error(*run_cli(["--out", tmp_path / "run", "--no-write"], monkeypatch, capsys),
+                          "--no-write does nothing without --eval")
+
+
+def test_cli_checks_the_output_path_before_training(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(*run_cli(["--out", tmp_path / "file"], monkeypatch, capsys), "is a file")
+    assert_one_line_error(*run_cli(["--out", tmp_path / "file" / "run"], monkeypatch, capsys), "is a file")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    assert_one_line_error(*run_cli(["--out", tmp_path / "notes"], monkeypatch, capsys), "non-empty directory")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked)   # root may write anywhere: simulate
+    assert_one_line_error(*run_cli(["--out", locked / "run"], monkeypatch, capsys), "not writable")
+
+
+def test_training_never_replaces_the_shipped_checkpoint_by_default(tmp_path, monkeypatch, capsys):
+    assert not Path(train.TrainConfig().out).is_absolute() and train.TrainConfig().out.startswith("runs/recall-")
+    assert_one_line_error(*run_cli(["--out", SHIPPED, "--steps", "1"], monkeypatch, capsys),
+                          "already holds a checkpoint", "--force-overwrite")
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "build_model", _no_work)
+    with pytest.raises(FileExistsError, match="--force-overwrite"):
+        train.train(_tiny(SHIPPED))
+    train.preflight(_tiny(SHIPPED, force_overwrite=True))   # explicit: allowed (not run here)
+
+
+def test_init_from_must_match_the_checkpoint(tmp_path, monkeypatch, capsys):
+    first = _tiny(tmp_path / "a")
+    train.save(train.build_model(first), first, [])
+    code, err = run_cli(["--init-from", first.out, "--segment-size", "16", "--out", tmp_path / "b"],
+                        monkeypatch, capsys)
+    assert_one_line_error(code, err, "segment_size (--segment-size) is 16 but the checkpoint", "has 8")
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "make_batch", _no_work)
+    with pytest.raises(ValueError, match="segment_size .* is 16 but the checkpoint"):
+        train.train(_tiny(tmp_path / "b", init_from=first.out, segment_size=16))
+    (tmp_path / "a" / "train_log.json").unlink()
+    with pytest.raises(FileNotFoundError, match="train_log.json not found"):
+        train.train(_tiny(tmp_path / "b", init_from=first.out))
+    # shape flags left out come from the checkpoint
+    args = train.parse_args(["--init-from", str(tmp_path / "x"), "--task", "mix"])
+    assert not hasattr(args, "segment_size") and args.task == "mix"
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_train_restores_the_thread_count(tmp_path, monkeypatch, fail):
+    before = torch.get_num_threads()
+    cfg = _tiny(tmp_path / "run", threads=before + 1)
+    if fail:
+        monkeypatch.setattr(train, "make_batch", _no_work)
+    try:
+        if fail:
+            with pytest.raises(AssertionError, match="work started"):
+                train.train(cfg)
+        else:
+            train.train(cfg)
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_num_mem_tokens_everywhere_and_old_logs_still_read():
+    assert train.TrainConfig(num_mem_tokens=3).num_mem_tokens == 3
+    assert train.parse_args(["--num-mem-tokens", "8"]).num_mem_tokens == 8
+    assert train.parse_args(["--mem-tokens", "8"]).num_mem_tokens == 8        # the old flag
+    config = train.read_log(SHIPPED)["config"]                                # written with mem_tokens
+    assert config["num_mem_tokens"] == 4 and "mem_tokens" not in config
+
+
+def test_cli_error_in_a_real_process(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "diaglab.train", "--steps", "0", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert_one_line_error(proc.returncode, proc.stderr, "--steps")
+    assert proc.stdout == ""
