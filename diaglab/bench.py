@@ -226,7 +226,7 @@ def speedups(by_mode: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-_PEAK_SOURCES = {"cuda": "CUDA bytes allocated", "cpu": "growth of the process's resident set"}
+_PEAK_SOURCES = {"cuda": "CUDA allocations", "cpu": "process RSS growth"}
 
 
 def table(rows: list[dict]) -> str:
@@ -241,8 +241,8 @@ def table(rows: list[dict]) -> str:
             ratio = "-" if diag is None else f"{r['seconds'] / diag['seconds']:.2f}x"
             body.append([dtype, str(S), str(N), mode, f"{r['seconds'] * 1e3:.1f}", peak, ratio])
     sources = dict.fromkeys(_PEAK_SOURCES.get(torch.device(r["device"]).type, "none") for r in rows)
-    legend = f"a speed-up is x / diagonal; ms is the median; MiB is peak memory measured as {' or '.join(sources)}"
-    return format_table(["dtype", "S", "tokens", "mode", "ms", "peak MiB", "speed-up"], body, [legend])
+    legend = f"a speed-up is x / diagonal; MiB is peak memory measured as {' or '.join(sources)}"
+    return format_table(["dtype", "S", "tokens", "mode", "median ms", "peak MiB", "speed-up"], body, [legend])
 
 
 def write_rows(rows: list[dict], json_path: str | None = None, csv_path: str | None = None) -> None:

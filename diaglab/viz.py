@@ -42,9 +42,9 @@ SERIES_STYLES = (("blue", "circle"), ("orange", "square"), ("green", "diamond"),
 DASHES = ("solid", "dash", "dot", "dashdot")   # the second category of a line: dtype, memory zeroed
 GROUP_SCALE = [[0.0, PALETTE["yellow"]], [0.5, PALETTE["green"]], [1.0, PALETTE["blue"]]]  # G: light = small
 ORDERS: dict[str, Callable[[int, int], Schedule]] = {"diagonal": diagonal, "sequential": sequential}
-# A cell label ("✓12") needs about 25 px: past 32 columns the default width leaves slivers, and
-# past 600 cells the rows get too short as well, so labels go (the hover still names each cell).
-MAX_LABELLED_COLUMNS, MAX_LABELLED_CELLS = 32, 600
+# A cell label ("▶12") needs about 28 px: past 24 columns a notebook-wide figure leaves slivers,
+# and past 600 cells the rows get too short as well, so labels go (the hover still names each cell).
+MAX_LABELLED_COLUMNS, MAX_LABELLED_CELLS = 24, 600
 _TEMPLATE = "plotly_white"
 
 
@@ -485,8 +485,10 @@ def bench_figure(rows: list[dict]) -> go.Figure:
                          if f"{base}/diagonal" in ratios)
             if pts:
                 x, y = zip(*pts)
+                # the mode's own legend entry stands for its speed-up line too (same colour,
+                # marker and dash; one click hides both)
                 fig.add_trace(go.Scatter(x=x, y=y, name=f"vs {base} ({dtype})", mode="lines+markers",
-                                         legendgroup=base, **_style(base, dash),
+                                         legendgroup=base, showlegend=False, **_style(base, dash),
                                          hovertemplate="%{x} tokens: %{y:.2f}x<extra>vs " + base + "</extra>"),
                               row=1, col=2)
     fig.add_hline(y=1, line=dict(color=PALETTE["black"], width=1, dash="dot"), row=1, col=2)
@@ -495,12 +497,12 @@ def bench_figure(rows: list[dict]) -> go.Figure:
     fig.update_yaxes(type="log", title_text="seconds (median, min-max bars)",
                      **_log_ticks([r["seconds"] for r in rows]), row=1, col=1)
     fig.update_yaxes(title_text="speed-up", row=1, col=2)
-    # a legend entry per mode and dtype: five to a row below the plots, never over them
-    legend_rows = math.ceil(len(fig.data) / 5)
+    # below the plots, never over them: a column per mode, a line per dtype in it; room is kept
+    # for the columns to wrap once on a narrow page
+    legend_lines = 2 * len(dashes)
     fig.update_layout(template=_TEMPLATE, title="ARMT execution orders vs full attention",
-                      height=420 + 24 * legend_rows, margin=dict(b=90 + 24 * legend_rows),
-                      legend=dict(orientation="h", x=0, xanchor="left", y=-0.18, yanchor="top",
-                                  entrywidth=0.2, entrywidthmode="fraction"))
+                      height=420 + 22 * legend_lines, margin=dict(b=90 + 22 * legend_lines),
+                      legend=dict(orientation="h", x=0, xanchor="left", y=-0.18, yanchor="top"))
     return fig
 
 

@@ -110,9 +110,9 @@ def test_cli_writes_json_csv_html_and_a_table(tmp_path, capsys):
     assert [r["mode"] for r in table[:3]] == ["sequential", "diagonal", "ideal"]
     assert "plotly" in out["html"].read_text()[:20000].lower()
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].split() == ["dtype", "S", "tokens", "mode", "ms", "peak", "MiB", "speed-up"]
+    assert printed[0].split() == ["dtype", "S", "tokens", "mode", "median", "ms", "peak", "MiB", "speed-up"]
     assert len(printed) == 1 + 3 * 3 + 1                          # header + a line per point and mode + legend
-    assert printed[-1].startswith("a speed-up is x / diagonal; ms is the median; MiB is peak memory measured as")
+    assert printed[-1] == "a speed-up is x / diagonal; MiB is peak memory measured as process RSS growth"
     for line, r in zip(printed[1:-1], rows):                      # each mode's time over diagonal's
         diag = next(d for d in rows if d["mode"] == "diagonal" and d["tokens"] == r["tokens"])
         assert line.split()[2:4] == [str(r["tokens"]), r["mode"]]
@@ -211,16 +211,17 @@ def test_old_reports_that_say_mem_tokens_are_read(tmp_path):
 
 
 def test_table_fits_100_columns_and_ends_with_its_legend():
-    """Two dtypes, every mode, the longest inputs and slowest times of the GPU run: still under
-    100 columns. A row without a peak shows '-'."""
-    rows = [dict(mode=m, dtype=d, device="cuda", preset="llama_1b", segments=128, tokens=131072,
+    """Two dtypes, every mode, the longest inputs and slowest times of the GPU run joined with
+    a CPU run: still under 100 columns. A row without a peak shows '-'."""
+    rows = [dict(mode=m, dtype=d, device=device, preset="llama_1b", segments=128, tokens=131072,
                  seconds=123.456 * (k + 1), peak_mem_bytes=None if m == "ideal" else 75 * 2**30)
-            for d in ("float32", "bfloat16") for k, m in enumerate(bench.MODES)]
+            for device in ("cuda:0", "cpu") for d in ("float32", "bfloat16") for k, m in enumerate(bench.MODES)]
     lines = bench.table(rows).splitlines()
-    assert len(lines) == 1 + 2 * len(bench.MODES) + 1
+    assert len(lines) == 1 + 2 * 2 * len(bench.MODES) + 1
     assert max(len(line) for line in lines) <= 100
-    assert lines[-1] == ("a speed-up is x / diagonal; ms is the median; MiB is peak memory measured as "
-                         "CUDA bytes allocated")
+    assert lines[-1] == ("a speed-up is x / diagonal; MiB is peak memory measured as CUDA allocations "
+                         "or process RSS growth")
+    assert bench.table(rows[:5]).splitlines()[-1].endswith("measured as CUDA allocations")
     ideal = next(line for line in lines if line.split()[3] == "ideal")
     assert ideal.split()[-2:] == ["-", f"{5 / 4:.2f}x"]
 

@@ -168,14 +168,19 @@ def bench_rows(tokens, dtypes=("float32",), seconds_per_token=1e-4):
 
 
 def test_bench_figure_legend_sits_below_the_plots():
-    """16 legend entries (5 modes and 3 speed-ups, 2 dtypes): a horizontal legend anchored
-    below the plot area, five to a row, with the bottom margin grown to hold its rows."""
+    """5 modes in 2 dtypes plus 3 speed-up lines each: a horizontal legend anchored below the
+    plot area, one entry per mode and dtype (a speed-up line shares its mode's entry), with
+    the bottom margin grown to hold the legend's lines twice over."""
     fig = bench_figure(bench_rows([32, 1024, 131072], dtypes=("float32", "bfloat16")))
     assert len(fig.data) == 16
     legend = fig.layout.legend
     assert legend.orientation == "h" and legend.yanchor == "top" and legend.y < 0
-    assert legend.entrywidthmode == "fraction" and legend.entrywidth == 0.2
-    assert fig.layout.margin.b >= 90 + 24 * 4                     # ceil(16 / 5) = 4 legend rows
+    shown = [t for t in fig.data if t.showlegend is not False]
+    assert [t.name for t in shown[:5]] == [f"{m} (float32)" for m in ("full", "sequential", "sequential_grouped",
+                                                                      "diagonal", "ideal")]
+    assert len(shown) == 10 and all(t.xaxis == "x" for t in shown)
+    assert {t.legendgroup for t in fig.data if t.xaxis == "x2"} <= {t.legendgroup for t in shown}
+    assert fig.layout.margin.b >= 90 + 22 * 4
     symbols = {t.marker.symbol for t in fig.data if t.xaxis == "x"}
     assert len(symbols) == 5                                      # a marker per mode, not only a colour
     assert {t.line.dash for t in fig.data} == {"solid", "dash"}   # a dash per dtype
@@ -208,10 +213,10 @@ def test_accuracy_figure_one_style_per_task_and_memory():
 
 
 def test_cells_are_labelled_only_where_the_label_fits():
-    """Labels need about 25 px a cell: 32 segments keep them, 40 do not (however few layers),
+    """Labels need about 28 px a cell: 24 segments keep them, 25 do not (however few layers),
     nor do 600+ cells."""
-    assert grid_figure(4, 32, diagonal(4, 32)).data[0].texttemplate == "%{text}"
-    for L, S in ((4, 40), (2, 128), (20, 32)):
+    assert grid_figure(4, 24, diagonal(4, 24)).data[0].texttemplate == "%{text}"
+    for L, S in ((4, 25), (2, 128), (26, 24)):
         trace = grid_figure(L, S, diagonal(L, S)).data[0]
         assert trace.text is None and trace.texttemplate is None
 
