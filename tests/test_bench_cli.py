@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from diaglab import bench
 
@@ -70,6 +71,13 @@ def rejected(monkeypatch, capsys):
 ])
 def test_bad_flag_is_one_line_and_exit_code_2(rejected, argv, says):
     assert says in rejected(bench.main, argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the missing-CUDA message cannot be shown")
+def test_missing_cuda_is_one_line_that_says_what_to_do(rejected):
+    err = rejected(bench.main, ["--device", "cuda", "--segments", "1"])
+    assert "--device: device 'cuda' asked for, but CUDA is not available here" in err
+    assert "use device 'cpu' (or 'auto'), or install a CUDA build of torch" in err
 
 
 def test_unwritable_outputs_are_rejected_before_measuring(rejected, tmp_path):
