@@ -1,5 +1,5 @@
 """Latency and peak memory of one ARMT forward pass in each execution order, against
-full attention over the whole sequence (the measurements of SPEC §7).
+full attention over the whole sequence, and the command line that measures them.
 
 Modes, all inference under torch.no_grad on one model and one input:
   full                the base LlamaForCausalLM on all N tokens at once (SDPA, no KV cache,
@@ -15,8 +15,9 @@ ARMT modes keep only the last segment's logits (keep_logits="last_segment").
 Modes run interleaved — every repeat visits each mode once, starting from a different
 mode each round — so load from other processes hits all of them alike and the ratios
 stay fair on a noisy machine. Latency is the median over repeats, with min and max.
-Peak memory comes from one more call per mode after the timed ones (profiling.PeakMemory:
-CUDA allocations, or resident-set growth on CPU).
+Peak memory comes from one more call per mode after the timed ones (peakmem.PeakMemory:
+CUDA allocations, or resident-set growth on CPU). The figures of these rows are
+viz.bench_figure; scripts/merge_reports.py joins the JSON files of several runs.
 
     python -m diaglab.bench --preset tiny --segments 1,2,4,8,16,32,64,128 \
         --dtype float32,bfloat16 --json data/bench/cpu_tiny.json
@@ -30,41 +31,61 @@ import json
 import math
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from . import schedule
 from .armt import ARMT, randomize_memory_
 from .diagonal import DiagonalExecutor
-from .presets import PRESETS, from_preset
-from .profiling import PeakMemory, Timer
-
-if TYPE_CHECKING:
-    import plotly.graph_objects as go
+from .peakmem import PeakMemory
+from .presets import PRESETS, from_preset, llama_config
+from .profiling import Timer
+from .tables import format_table
 
 MODES = ("full", "sequential", "sequential_grouped", "diagonal", "ideal")
 ROW_KEYS = ("mode", "dtype", "device", "preset", "layers", "segments", "tokens", "seconds", "seconds_min",
-            "seconds_max", "tokens_per_s", "peak_mem_bytes", "batch", "segment_size", "mem_tokens",
+            "seconds_max", "tokens_per_s", "peak_mem_bytes", "batch", "segment_size", "num_mem_tokens",
             "repeats", "threads")
-MODE_COLOURS = {"full": "#000000", "sequential": "#E69F00", "sequential_grouped": "#56B4E9",
-                "diagonal": "#0072B2", "ideal": "#009E73"}  # Okabe-Ito
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ---- the model and input every benchmark uses --------------------------------------------
+def check_device(device: str | torch.device) -> torch.device:
+    """torch.device(device), or a ValueError that says how to get CUDA when it is missing."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU build of torch" if torch.version.cuda is None else "no visible GPU"
+        raise ValueError(f"device {str(dev)!r} asked for, but CUDA is not available here ({build}, torch "
+                         f"{torch.__version__}): use device 'cpu' (or 'auto'), or install a CUDA build of torch "
+                         "(README: GPU users)")
+    return dev
+
+
 def live_preset(preset: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                 seed: int = 0, **overrides) -> ARMT:
     """The named preset (random weights) with its memory path switched on (randomize_memory_:
     with the paper's W_mv = 0 the read and write would be skipped work), in eval mode."""
-    return randomize_memory_(from_preset(preset, seed=seed, dtype=dtype, device=device, **overrides)).eval()
+    dev = check_device(device)
+    return randomize_memory_(from_preset(preset, seed=seed, dtype=dtype, device=dev, **overrides)).eval()
 
 
 def random_tokens(model: ARMT, tokens: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
     """(batch, tokens) random ids from the model's vocabulary, seeded, on the model's device."""
     return torch.randint(0, model.base.config.vocab_size, (batch, tokens),
                          generator=torch.Generator().manual_seed(seed)).to(model.device)
+
+
+def make_inputs(model: ARMT, segments: Sequence[int] | None = None, lengths: Sequence[int] | None = None,
+                batch: int = 1, seed: int = 0) -> list[torch.Tensor]:
+    """One (batch, N) random_tokens input per point: N = S * n for each S of segments, or
+    each N of lengths (cut into ceil(N / n) segments, the last one partial)."""
+    if (segments is None) == (lengths is None):
+        raise ValueError("give exactly one of segments or lengths")
+    n = model.config.segment_size
+    tokens = [S * n for S in segments] if segments is not None else list(lengths)
+    return [random_tokens(model, N, seed + i, batch) for i, N in enumerate(tokens)]
 
 
 # ---- what each mode runs --------------------------------------------------------------
@@ -137,82 +158,54 @@ def measure(fns: dict[str, Callable[[], object]], device: torch.device, warmup: 
 
 
 # ---- the benchmark ------------------------------------------------------------------
-def _points(segment_size: int, segments: list[int] | None, lengths: list[int] | None) -> list[tuple[int, int]]:
-    """(S, N) per point: S segments of n tokens, or N tokens cut into ceil(N / n) segments."""
-    if segments is not None:
-        return [(S, S * segment_size) for S in segments]
-    return [(math.ceil(N / segment_size), N) for N in lengths]
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """torch.device(device), or a ValueError that says how to get CUDA when it is missing."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        build = "a CPU build of torch" if torch.version.cuda is None else "no visible GPU"
-        raise ValueError(f"device {str(dev)!r} asked for, but CUDA is not available here ({build}, torch "
-                         f"{torch.__version__}): use device 'cpu' (or 'auto'), or install a CUDA build of torch "
-                         "(README: GPU users)")
-    return dev
-
-
-def run_bench(preset: str = "tiny", segments: list[int] | None = None, lengths: list[int] | None = None,
-              dtypes: tuple[str, ...] = ("float32",), device: str = "cpu", modes: tuple[str, ...] = MODES,
-              warmup: int = 1, repeats: int = 3, batch: int = 1, full_max_tokens: int | None = None,
-              seed: int = 0, log: Callable[[str], None] | None = None,
-              on_rows: Callable[[list[dict]], None] | None = None, progress: bool = False,
-              **overrides) -> list[dict]:
-    """Measure every mode at every point and dtype; returns one row (ROW_KEYS) per
-    (dtype, point, mode). overrides change preset fields (e.g. layers=4 for a quick test).
+def run_bench(model: ARMT, inputs: Sequence[torch.Tensor], modes: Sequence[str] = MODES, warmup: int = 1,
+              repeats: int = 3, full_max_tokens: int | None = None, preset: str = "custom",
+              on_point: Callable[[list[dict]], None] | None = None, progress: bool = False) -> list[dict]:
+    """Measure every mode on every input (each (B, N) token ids, e.g. from make_inputs);
+    returns one row (ROW_KEYS) per (input, mode), `preset` naming the model in them.
     full_max_tokens skips full attention above that many tokens (it is O(N^2)).
-    log(message) is called after each point with a one-line summary, on_rows(rows so far)
-    too (main saves them then, so a run stopped part-way keeps its finished points).
-    progress: a tqdm.auto bar over the points (a widget in a notebook), the last point's
-    speed-up of diagonal over sequential as its postfix."""
+    on_point(rows of the point) is called after each input (the command line saves there,
+    so a run stopped part-way keeps its finished points). progress: a tqdm.auto bar over
+    the inputs (a widget in a notebook), the last speed-up of diagonal over sequential as
+    its postfix."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
-    if (segments is None) == (lengths is None):
-        raise ValueError("give exactly one of segments or lengths")
-    dev = check_device(device)
+    if len(inputs) == 0:
+        raise ValueError("inputs is empty: give at least one (B, N) tensor of token ids "
+                         "(make_inputs(model, segments=[1, 4]) builds them)")
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(dtypes) * len(segments or lengths), unit="point", desc=f"bench {preset}",
-               disable=not progress)
+    dtype = str(model.dtype).removeprefix("torch.")
+    execs = executors(model)
+    L, n = model.num_layers, model.config.segment_size
     rows = []
-    for dtype_name in dtypes:
-        dtype = getattr(torch, dtype_name)
-        model = live_preset(preset, dtype, dev, seed, **overrides)
-        execs = executors(model)
-        L, n = model.num_layers, model.config.segment_size
-        gen = torch.Generator().manual_seed(seed)
-        for S, N in _points(n, segments, lengths):
-            ids = torch.randint(0, model.base.config.vocab_size, (batch, N), generator=gen).to(dev)  # (B, N)
+    with tqdm(total=len(inputs), unit="point", desc=f"bench {preset} {dtype}", disable=not progress) as bar:
+        for ids in inputs:                                                              # (B, N)
+            B, N = ids.shape
+            S = math.ceil(N / n)
             point_modes = tuple(m for m in modes if m != "full" or full_max_tokens is None or N <= full_max_tokens)
             with torch.no_grad():
-                result = measure(mode_runners(model, ids, point_modes, execs), dev, warmup, repeats)
+                result = measure(mode_runners(model, ids, point_modes, execs), model.device, warmup, repeats)
+            point = []
             for mode, (secs, peak) in result.items():
                 if mode == "ideal":
                     secs = [schedule.ideal_even_load(s, L, S) for s in secs]
                 median = statistics.median(secs)
-                rows.append(dict(mode=mode, dtype=dtype_name, device=str(dev), preset=preset, layers=L,
-                                 segments=S, tokens=N, seconds=median, seconds_min=min(secs),
-                                 seconds_max=max(secs), tokens_per_s=batch * N / median,
-                                 peak_mem_bytes=peak, batch=batch, segment_size=n,
-                                 mem_tokens=model.config.num_mem_tokens, repeats=repeats,
-                                 threads=torch.get_num_threads()))
-            if log is not None:
-                log(f"{dtype_name} S={S} N={N}: " + ", ".join(
-                    f"{r['mode']} {r['seconds'] * 1e3:.1f} ms" for r in rows[-len(result):]))
-            if on_rows is not None:
-                on_rows(rows)
-            ratio = speedups({r["mode"]: r for r in rows[-len(result):]}).get("sequential/diagonal")
-            bar.set_postfix_str(f"{dtype_name} N={N}" + (f": sequential/diagonal {ratio:.2f}x" if ratio else ""))
+                point.append(dict(mode=mode, dtype=dtype, device=str(model.device), preset=preset, layers=L,
+                                  segments=S, tokens=N, seconds=median, seconds_min=min(secs),
+                                  seconds_max=max(secs), tokens_per_s=B * N / median, peak_mem_bytes=peak,
+                                  batch=B, segment_size=n, num_mem_tokens=model.config.num_mem_tokens,
+                                  repeats=repeats, threads=torch.get_num_threads()))
+            rows += point
+            if on_point is not None:
+                on_point(point)
+            ratio = speedups({r["mode"]: r for r in point}).get("sequential/diagonal")
+            bar.set_postfix_str(f"N={N}" + (f": sequential/diagonal {ratio:.2f}x" if ratio else ""))
             bar.update(1)
-        del model, execs  # free this dtype's weights before building the next
-    bar.close()
     return rows
 
 
-# ---- reporting ----------------------------------------------------------------------
-def _by_point(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
+# ---- reading the rows ---------------------------------------------------------------
+def by_point(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     """(dtype, device, preset, segments, tokens) -> mode -> row, in first-seen order."""
     points: dict[tuple, dict[str, dict]] = {}
     for r in rows:
@@ -232,69 +225,23 @@ def speedups(by_mode: dict[str, dict]) -> dict[str, float]:
     return out
 
 
-def format_table(rows: list[dict]) -> str:
-    """A plain-text table: ms per mode (median), peak MiB, then the speed-ups."""
-    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    ratio_names = sorted({k for by_mode in _by_point(rows).values() for k in speedups(by_mode)},
-                         key=["sequential/diagonal", "sequential_grouped/diagonal", "full/diagonal",
-                              "diagonal/ideal"].index)
-    head = ["dtype", "S", "tokens"] + [f"{m} ms" for m in modes] + [f"{m} MiB" for m in modes if m != "ideal"]
-    head += ratio_names
-    lines = []
-    for (dtype, _, _, S, N), by_mode in _by_point(rows).items():
-        cells = [dtype, str(S), str(N)]
-        cells += [f"{by_mode[m]['seconds'] * 1e3:.1f}" if m in by_mode else "-" for m in modes]
-        cells += [f"{by_mode[m]['peak_mem_bytes'] / 2**20:.1f}"
-                  if m in by_mode and by_mode[m]["peak_mem_bytes"] is not None else "-"
-                  for m in modes if m != "ideal"]
-        ratios = speedups(by_mode)
-        cells += [f"{ratios[k]:.2f}x" if k in ratios else "-" for k in ratio_names]
-        lines.append(cells)
-    widths = [max(len(c) for c in col) for col in zip(head, *lines)]
-    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    return "\n".join([fmt.format(*head)] + [fmt.format(*cells) for cells in lines])
+_PEAK_SOURCES = {"cuda": "CUDA allocations", "cpu": "process RSS growth"}
 
 
-def bench_figure(rows: list[dict]) -> go.Figure:
-    """Latency vs tokens per mode (log-log; one line per mode and dtype) and diagonal's
-    speed-up over sequential, sequential_grouped and full attention."""
-    import plotly.graph_objects as go  # only here: the measurements themselves need torch alone
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("latency", "diagonal speed-up (x, > 1 = faster)"))
-    dashes = {}
-    for r in rows:
-        dashes.setdefault(r["dtype"], ("solid", "dash", "dot", "dashdot")[len(dashes) % 4])
-    for dtype, dash in dashes.items():
-        for mode in MODES:
-            pts = sorted((r["tokens"], r["seconds"], r["seconds_min"], r["seconds_max"])
-                         for r in rows if r["mode"] == mode and r["dtype"] == dtype)
-            if not pts:
-                continue
-            x, y, lo, hi = zip(*pts)
-            fig.add_trace(go.Scatter(x=x, y=y, name=f"{mode} ({dtype})", mode="lines+markers",
-                                     line=dict(color=MODE_COLOURS[mode], dash=dash), legendgroup=mode,
-                                     error_y=dict(type="data", symmetric=False,
-                                                  array=[h - m for h, m in zip(hi, y)],
-                                                  arrayminus=[m - l for m, l in zip(y, lo)]),
-                                     hovertemplate="%{x} tokens: %{y:.4f} s<extra>" + mode + "</extra>"),
-                          row=1, col=1)
-        points = [(key, speedups(by_mode)) for key, by_mode in _by_point(rows).items() if key[0] == dtype]
-        for base in ("sequential", "sequential_grouped", "full"):
-            pts = sorted((key[4], ratios[f"{base}/diagonal"]) for key, ratios in points
-                         if f"{base}/diagonal" in ratios)
-            if pts:
-                x, y = zip(*pts)
-                fig.add_trace(go.Scatter(x=x, y=y, name=f"vs {base} ({dtype})", mode="lines+markers",
-                                         line=dict(color=MODE_COLOURS[base], dash=dash), legendgroup=base,
-                                         hovertemplate="%{x} tokens: %{y:.2f}x<extra>vs " + base + "</extra>"),
-                              row=1, col=2)
-    fig.add_hline(y=1, line=dict(color="grey", width=1), row=1, col=2)
-    fig.update_xaxes(type="log", title_text="tokens N")
-    fig.update_yaxes(type="log", title_text="seconds (median, min-max bars)", row=1, col=1)
-    fig.update_yaxes(title_text="speed-up", row=1, col=2)
-    fig.update_layout(template="plotly_white", title="ARMT execution orders vs full attention")
-    return fig
+def table(rows: list[dict]) -> str:
+    """The rows as text under 100 columns: a line per point and mode with its median ms,
+    peak MiB and speed-up (the mode's time over diagonal's), then a legend line."""
+    body = []
+    for (dtype, _, _, S, N), by_mode in by_point(rows).items():
+        diag = by_mode.get("diagonal")
+        for mode in (m for m in MODES if m in by_mode):
+            r = by_mode[mode]
+            peak = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
+            ratio = "-" if diag is None else f"{r['seconds'] / diag['seconds']:.2f}x"
+            body.append([dtype, str(S), str(N), mode, f"{r['seconds'] * 1e3:.1f}", peak, ratio])
+    sources = dict.fromkeys(_PEAK_SOURCES.get(torch.device(r["device"]).type, "none") for r in rows)
+    legend = f"a speed-up is x / diagonal; MiB is peak memory measured as {' or '.join(sources)}"
+    return format_table(["dtype", "S", "tokens", "mode", "median ms", "peak MiB", "speed-up"], body, [legend])
 
 
 def write_rows(rows: list[dict], json_path: str | None = None, csv_path: str | None = None) -> None:
@@ -314,6 +261,9 @@ def read_rows(paths: list[str]) -> list[dict]:
     """Rows from JSON files written by write_rows (e.g. one run per length), ordered by
     dtype (first seen), tokens and mode, so they print and plot as one run."""
     rows = [r for path in paths for r in json.loads(Path(path).read_text())]
+    for r in rows:
+        if "mem_tokens" in r:   # files written before the rows took ARMTConfig's name
+            r["num_mem_tokens"] = r.pop("mem_tokens")
     missing = [k for r in rows for k in ROW_KEYS if k not in r]
     if missing:
         raise ValueError(f"not a diaglab.bench JSON (row lacks {missing[0]!r}): {paths}")
@@ -322,8 +272,36 @@ def read_rows(paths: list[str]) -> list[dict]:
 
 
 # ---- command line ---------------------------------------------------------------------
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit code 2), without the
+    usage block: each names the flag and what it accepts, and --help has the rest."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (--help lists every flag)\n")
+
+
+def _int_list(low: int) -> Callable[[str], list[int]]:
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            values = []
+        if not values or min(values) < low:
+            raise argparse.ArgumentTypeError(f"expected a comma list of integers >= {low} like 1,4,16; got {text!r}")
+        return values
+    return parse
+
+
+def _int(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {text!r}")
+        return value
+    return parse
 
 
 def _names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
@@ -336,74 +314,129 @@ def _names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m diaglab.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list (saved again after every point)")
+    p.add_argument("--csv", metavar="PATH", help="write the rows as CSV (saved again after every point)")
+    p.add_argument("--html", metavar="PATH", help="write viz.bench_figure as a standalone HTML page (needs plotly)")
+
+
+def unwritable(path: str) -> str | None:
+    """Why a file cannot be written at path (it is a directory, its directory cannot be
+    created, no permission), or None. Creates the missing directories; leaves no file."""
+    target = Path(path)
+    if target.is_dir():
+        return f"{path} is a directory: give a file path inside it"
+    existed = target.exists()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a"):
+            pass
+    except OSError as err:
+        return f"cannot write {path} ({err.strerror or err}): choose a writable location"
+    if not existed:
+        target.unlink()
+    return None
+
+
+def check_outputs(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject unwritable --json/--csv/--html paths, and --html without plotly, before any
+    work (a failure after minutes of measuring would lose them)."""
+    for flag in ("json", "csv", "html"):
+        path = getattr(args, flag)
+        problem = None if path is None else unwritable(path)
+        if problem:
+            p.error(f"--{flag}: {problem}")
+    if args.html:
+        try:
+            import plotly  # noqa: F401
+        except ImportError:
+                p.error("--html needs plotly, which is not installed here: pip install plotly, or drop --html "
+                    "(JSON and CSV need only torch)")
+
+
+def write_outputs(rows: list[dict], args: argparse.Namespace) -> None:
+    """Write the files the output flags ask for, then print the table."""
+    write_rows(rows, args.json, args.csv)
+    if args.html:
+        from .viz import bench_figure   # plotly only here: measuring needs torch alone
+        bench_figure(rows).write_html(args.html, include_plotlyjs=True)
+    print(table(rows))
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m diaglab.bench", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                   help="model size, random weights (default tiny: 8 layers, width 128, segments of 32)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--segments", type=_ints, help="comma list of segment counts S (default 1,2,...,64)")
-    size.add_argument("--lengths", type=_ints, help="comma list of token counts N (S = ceil(N / n))")
-    p.add_argument("--modes", type=_names(MODES), default=MODES, help=f"comma list from {','.join(MODES)}")
-    p.add_argument("--dtype", type=_names(("float32", "bfloat16", "float16")), default=("float32",),
-                   help="comma list of model dtypes (default float32)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--full-max-tokens", type=int, help="skip full attention above this many tokens")
-    p.add_argument("--layers", type=int, help="override the preset's layer count")
-    p.add_argument("--json", help="write rows as a JSON list")
-    p.add_argument("--csv", help="write rows as CSV")
-    p.add_argument("--html", help="write a plotly chart")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    p.add_argument("--report", type=lambda t: [v for v in t.split(",") if v],
-                   help="measure nothing: read these comma-separated JSON files of earlier runs, print "
-                        "their table and write --json/--csv/--html from them")
+    size.add_argument("--segments", type=_int_list(1),
+                      help="comma list of segment counts S, N = S * n tokens each (default 1,2,4,8,16,32,64)")
+    size.add_argument("--lengths", type=_int_list(1), help="comma list of token counts N (S = ceil(N / n))")
+    p.add_argument("--modes", type=_names(MODES), default=MODES, help=f"comma list from {','.join(MODES)} (default all)")
+    p.add_argument("--dtype", type=_names(DTYPES), default=("float32",),
+                   help=f"comma list of model dtypes from {','.join(DTYPES)}, measured one after the other "
+                        "(default float32)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where to run (default auto: cuda when available)")
+    p.add_argument("--batch", type=_int(1), default=1, help="sequences per input B (default 1)")
+    p.add_argument("--warmup", type=_int(0), default=1, help="untimed rounds over all modes first (default 1)")
+    p.add_argument("--repeats", type=_int(1), default=3, help="timed rounds; the median is reported (default 3)")
+    p.add_argument("--threads", type=_int(1), help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--full-max-tokens", type=_int(1), metavar="N",
+                   help="skip full attention above N tokens: it is O(N^2) (default: never skip)")
+    p.add_argument("--layers", type=_int(1), help="override the preset's layer count")
+    p.add_argument("--heads", type=_int(1), help="override the preset's attention heads (must divide its width)")
+    p.add_argument("--kv-heads", type=_int(1), help="override the preset's key/value heads (must divide the heads)")
+    add_output_flags(p)
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar; one line per point on stderr instead")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, every value checked before any work: a bad one exits with code 2 and one line."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.segments is None and args.lengths is None:
         args.segments = [1, 2, 4, 8, 16, 32, 64]
+    args.overrides = {k: v for k in ("layers", "heads", "kv_heads") if (v := getattr(args, k)) is not None}
+    shape = {k: v for k, v in {**PRESETS[args.preset], **args.overrides}.items()
+             if k not in ("segment_size", "num_mem_tokens", "d_mem")}   # those belong to ARMTConfig
+    try:
+        llama_config(**shape)
+    except ValueError as err:
+        p.error(f"--heads/--kv-heads: {err} (preset {args.preset!r} has width {shape['hidden']})")
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        check_device(args.device)
+    except ValueError as err:
+        p.error(f"--device: {err}")
+    check_outputs(p, args)
     return args
-
-
-def _report(rows: list[dict], args: argparse.Namespace) -> list[dict]:
-    """Write the files asked for and print the table."""
-    write_rows(rows, args.json, args.csv)
-    if args.html:
-        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
-        bench_figure(rows).write_html(args.html, include_plotlyjs=True)
-    print(format_table(rows))
-    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    if args.html:
-        try:
-            import plotly  # noqa: F401  (fail before minutes of measuring, not after)
-        except ImportError:
-            raise SystemExit("--html needs plotly, which is not installed here: pip install plotly, "
-                             "or drop --html (JSON and CSV need only torch)") from None
-    if args.report:
-        missing = [path for path in args.report if not Path(path).is_file()]
-        if missing:
-            raise SystemExit(f"--report: no such file {', '.join(missing)} (give the JSON files a run wrote with --json)")
-        return _report(read_rows(args.report), args)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        check_device(device)
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {"layers": args.layers} if args.layers else {}
     from tqdm.auto import tqdm
-    rows = run_bench(args.preset, args.segments, args.lengths, args.dtype, device, args.modes, args.warmup,
-                     args.repeats, args.batch, args.full_max_tokens,
-                     log=lambda msg: tqdm.write(msg, file=sys.stderr) if args.progress else print(msg, file=sys.stderr),
-                     on_rows=lambda so_far: write_rows(so_far, args.json, args.csv), progress=args.progress,
-                     **overrides)
-    return _report(rows, args)
+    log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if args.progress else (lambda msg: print(msg, file=sys.stderr))
+    rows: list[dict] = []
+
+    def on_point(point: list[dict]) -> None:
+        rows.extend(point)
+        write_rows(rows, args.json, args.csv)
+        r = point[0]
+        log(f"{r['dtype']} S={r['segments']} N={r['tokens']}: "
+            + ", ".join(f"{p['mode']} {p['seconds'] * 1e3:.1f} ms" for p in point))
+
+    for dtype in args.dtype:
+        model = live_preset(args.preset, getattr(torch, dtype), args.device, **args.overrides)
+        run_bench(model, make_inputs(model, args.segments, args.lengths, args.batch), args.modes, args.warmup,
+                  args.repeats, args.full_max_tokens, args.preset, on_point, args.progress)
+        del model   # free this dtype's weights before building the next
+    write_outputs(rows, args)
+    return rows
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from .armt import ARMT
 from .config import ARMTConfig
 from .diagonal import DiagonalExecutor
 from .presets import tiny_armt
+from .tables import format_table
 from .tasks import TaskBatch, TaskVocab, associative_recall, fixed_samples, needle_in_a_haystack, save_samples
 
 EVAL_SEED = 10_000_000   # held-out: training batches use seeds seed * 1_000_003 + step, far below this
@@ -304,37 +305,18 @@ def evaluate(model: ARMT, num_segments: int = 9, samples: int = 100, pairs: int 
             "diagonal_equals_sequential": same == total, "predictions_compared": total}
 
 
-def format_table(result: dict) -> str:
-    """The evaluation as a plain-text table."""
+def eval_table(result: dict) -> str:
+    """An evaluate() result as text: accuracy per distance and task, then a summary line per task."""
     cols = [c for t in result["tasks"] for c in (t, t + "_zeroed")]
-    lines = [f"{'distance':>8} " + " ".join(f"{c:>14}" for c in cols)]
-    lines += [f"{r['distance']:>8} " + " ".join(f"{r[c]:>14.3f}" for c in cols) for r in result["by_distance"]]
+    body = [[str(r["distance"])] + [f"{r[c]:.3f}" for c in cols] for r in result["by_distance"]]
+    notes = []
     for t in result["tasks"]:
         far = result[t + "_at_distance_ge_4"]
-        lines.append(f"{t}: accuracy at distance >= 4 {'n/a' if far is None else f'{far:.3f}'}, "
+        notes.append(f"{t}: accuracy at distance >= 4 {'n/a' if far is None else f'{far:.3f}'}, "
                      f"memory zeroed {result[t + '_zeroed_mean']:.3f} (chance {result['chance']:.3f})")
-    lines.append(f"diagonal == sequential on {result['predictions_compared']} predictions: "
+    notes.append(f"diagonal == sequential on {result['predictions_compared']} predictions: "
                  f"{result['diagonal_equals_sequential']}")
-    return "\n".join(lines)
-
-
-def accuracy_figure(result: dict, title: str = "Accuracy by distance: memory on vs memory zeroed"):
-    """A plotly figure of an evaluate() result: accuracy against distance in segments."""
-    import plotly.graph_objects as go
-    rows = result["by_distance"]
-    d = [r["distance"] for r in rows]
-    fig = go.Figure()
-    names = {"needle": "needle in a haystack", "recall": "associative recall"}
-    for t in result["tasks"]:
-        fig.add_scatter(x=d, y=[r[t] for r in rows], mode="lines+markers", name=f"{names[t]}: memory on")
-        fig.add_scatter(x=d, y=[r[t + "_zeroed"] for r in rows], mode="lines+markers", line={"dash": "dot"},
-                        name=f"{names[t]}: memory zeroed")
-    fig.add_hline(y=result["chance"], line_dash="dash", line_color="grey",
-                  annotation_text=f"chance 1/{round(1 / result['chance'])}")
-    fig.update_layout(title=title, xaxis_title="distance: segments between the pair and its query",
-                      yaxis_title=f"accuracy ({result['samples_per_distance']} held-out samples per point)",
-                      yaxis_range=[0, 1.05], xaxis_dtick=1, template="plotly_white")
-    return fig
+    return format_table(["distance", *cols], body, notes)
 
 
 def task_vocab(cfg: TrainConfig) -> TaskVocab:
@@ -599,14 +581,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.eval:
         with _threads(threads):
             res = run_eval(args.eval, samples=samples, write=write)
-        print(format_table(res))
+        print(eval_table(res))
         return
     t0 = time.perf_counter()
     model, _ = train(cfg)
     print(f"trained in {(time.perf_counter() - t0) / 60:.1f} min; saved in {cfg.out}; evaluating")
     with _threads(cfg.threads):
         res = run_eval(cfg.out)
-    print(format_table(res))
+    print(eval_table(res))
 
 
 if __name__ == "__main__":

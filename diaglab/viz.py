@@ -1,33 +1,57 @@
-"""Plotly figures of the layer x segment grid, its schedules and what they cost.
+"""Every plotly figure of diaglab: the layer x segment grid and its schedules, what the
+schedules cost, the measured steps of a run, the benchmark's latencies and the trained
+model's accuracy.
 
 Every function here is a pure builder: it takes sizes, a schedule (from
-`diaglab.schedule`) or measured records and returns a `go.Figure`; nothing is shown.
+`diaglab.schedule`), measured records or rows and returns a `go.Figure`; nothing is shown.
 The grid puts layer 0 at the bottom and segments left to right, so a diagonal step is
-an anti-diagonal (SPEC §3). Cell states use the Okabe-Ito colour-blind-safe palette,
-and each cell also carries a glyph (✓ done, ▶ running) so colour is never the only cue.
-Animations are plotly frames with Play/Pause and a step slider: they keep working in
-a static HTML export. Each frame carries only the small per-step arrays (state codes
-and labels), so a 32 x 128 diagonal animation (159 frames) builds in well under a second.
+an anti-diagonal (SPEC §3). All figures share one colour-blind-safe palette (Okabe-Ito,
+`PALETTE`), and colour is never the only cue: cells carry a glyph (✓ done, ▶ running),
+lines a marker symbol or a dash. Animations are plotly frames with Play/Pause and a step
+slider: they keep working in a static HTML export. Each frame carries only the small
+per-step arrays (state codes and labels), so a 32 x 128 diagonal animation (159 frames)
+builds in well under a second.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from diaglab.bench import MODES, by_point, speedups
 from diaglab.schedule import Schedule, back_to_back, diagonal, ring, sequential, stats, validate
 
+# Okabe & Ito's colours stay distinct under the common colour-vision deficiencies; grey (not
+# theirs) is the background state of a waiting cell. Every colour below is picked from here.
+PALETTE = {"black": "#000000", "orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow": "#F0E442",
+           "blue": "#0072B2", "vermillion": "#D55E00", "purple": "#CC79A7", "grey": "#DDDDDD"}
 WAITING, RUNNING, DONE = 0, 1, 2
 STATE_NAMES = ("waiting", "running", "done")
-STATE_COLOURS = ("#DDDDDD", "#E69F00", "#0072B2")  # light grey, Okabe-Ito orange and blue
+STATE_COLOURS = (PALETTE["grey"], PALETTE["orange"], PALETTE["blue"])
 STATE_GLYPHS = np.array(["", "▶", "✓"], dtype=object)
-REQUEST_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
+REQUEST_COLOURS = tuple(PALETTE[c] for c in ("orange", "sky", "green", "yellow", "blue", "vermillion", "purple"))
+MODE_STYLES = {"full": ("black", "square"), "sequential": ("orange", "circle"),   # bench mode -> colour, marker
+               "sequential_grouped": ("sky", "diamond"), "diagonal": ("blue", "triangle-up"), "ideal": ("green", "x")}
+SERIES_STYLES = (("blue", "circle"), ("orange", "square"), ("green", "diamond"),   # any other categories
+                 ("vermillion", "triangle-up"), ("purple", "x"), ("sky", "cross"))
+DASHES = ("solid", "dash", "dot", "dashdot")   # the second category of a line: dtype, memory zeroed
+GROUP_SCALE = [[0.0, PALETTE["yellow"]], [0.5, PALETTE["green"]], [1.0, PALETTE["blue"]]]  # G: light = small
 ORDERS: dict[str, Callable[[int, int], Schedule]] = {"diagonal": diagonal, "sequential": sequential}
-MAX_LABELLED_CELLS = 600  # above this many cells the labels are unreadable: drop them
+# A cell label ("▶12") needs about 28 px: past 24 columns a notebook-wide figure leaves slivers,
+# and past 600 cells the rows get too short as well, so labels go (the hover still names each cell).
+MAX_LABELLED_COLUMNS, MAX_LABELLED_CELLS = 24, 600
 _TEMPLATE = "plotly_white"
+
+
+def _style(mode: str, dash: str = "solid") -> dict:
+    """Scatter line and marker of a mode (MODE_STYLES): its colour, its marker symbol, and a dash."""
+    colour, symbol = MODE_STYLES[mode]
+    return {"line": dict(color=PALETTE[colour], dash=dash), "marker": dict(symbol=symbol, size=8)}
 
 
 # --- per-step arrays ------------------------------------------------------------------
@@ -50,8 +74,8 @@ def _states(step_of: np.ndarray, t: int | None) -> np.ndarray:
     return np.where(step_of < t, DONE, np.where(step_of == t, RUNNING, WAITING)).astype(np.int8)
 
 
-def _labelled(n_cells: int) -> bool:
-    return n_cells <= MAX_LABELLED_CELLS
+def _labelled(rows: int, columns: int) -> bool:
+    return columns <= MAX_LABELLED_COLUMNS and rows * columns <= MAX_LABELLED_CELLS
 
 
 def cell_arrays(step_of: np.ndarray, t: int | None) -> dict:
@@ -59,7 +83,7 @@ def cell_arrays(step_of: np.ndarray, t: int | None) -> dict:
     when the grid is small enough to label, text (glyph + step number)."""
     z = _states(step_of, t)
     arrays = {"z": z}
-    if _labelled(step_of.size):
+    if _labelled(*step_of.shape):
         arrays["text"] = STATE_GLYPHS[z] + step_of.astype(str).astype(object)
     return arrays
 
@@ -74,7 +98,7 @@ def _grid_trace(step_of: np.ndarray, t: int | None, name: str = "") -> go.Heatma
         xgap=1,
         ygap=1,
         name=name,
-        texttemplate="%{text}" if _labelled(step_of.size) else None,
+        texttemplate="%{text}" if _labelled(L, S) else None,
         hovertemplate="layer %{y}, segment %{x}<br>runs in step %{customdata}"
         "<br>reads/writes memory of layer %{y}<extra>" + name + "</extra>",
         **cell_arrays(step_of, t),
@@ -253,10 +277,11 @@ def ring_figure(L: int, lengths: Sequence[int], step: int | None = None) -> go.F
     R = len(lengths)
     scale = []
     for r in range(R):
-        scale += [[r / R, REQUEST_COLOURS[r % len(REQUEST_COLOURS)]], [(r + 1) / R, REQUEST_COLOURS[r % len(REQUEST_COLOURS)]]]
+        colour = REQUEST_COLOURS[r % len(REQUEST_COLOURS)]
+        scale += [[r / R, colour], [(r + 1) / R, colour]]
     fig = go.Figure(go.Heatmap(
         x=np.arange(len(steps)), y=np.arange(L), coloraxis="coloraxis", xgap=2, ygap=2, hoverongaps=False,
-        texttemplate="%{text}" if _labelled(L * len(steps)) else None,
+        texttemplate="%{text}" if _labelled(L, len(steps)) else None,
         hovertemplate="slot = layer %{y}, step %{x}<br>%{text}<extra></extra>", **_ring_arrays(L, steps, step),
     ))
     ringed, baseline = stats(steps, L), stats(back_to_back(L, list(lengths)), L)
@@ -302,9 +327,9 @@ def utilisation_figure(L: int, S_values: Sequence[int]) -> go.Figure:
     diag = [stats(diagonal(L, S), L).utilisation for S in S_values]
     fig = go.Figure([
         go.Scatter(x=list(S_values), y=diag, mode="lines+markers", name="diagonal: S / (L + S − 1)",
-                   line_color=STATE_COLOURS[DONE]),
-        go.Scatter(x=list(S_values), y=[1 / L] * len(S_values), mode="lines", name="sequential: 1 / L",
-                   line=dict(color=STATE_COLOURS[RUNNING], dash="dash")),
+                   **_style("diagonal")),
+        go.Scatter(x=list(S_values), y=[1 / L] * len(S_values), mode="lines+markers", name="sequential: 1 / L",
+                   **_style("sequential", "dash")),
     ])
     fig.update_layout(template=_TEMPLATE, title=f"Utilisation of {L} layer slots", xaxis_title="segments S",
                       yaxis_title="busy share of slots", yaxis_range=[0, 1.05], yaxis_tickformat=".0%")
@@ -318,11 +343,11 @@ def speedup_figure(L: int, S_values: Sequence[int], cost: Callable[[int], float]
     S_list = list(S_values)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("grouped calls", "ideal speed-up over sequential"))
     fig.add_trace(go.Scatter(x=S_list, y=[S * L for S in S_list], name="sequential S·L", mode="lines+markers",
-                             line_color=STATE_COLOURS[RUNNING]), row=1, col=1)
+                             **_style("sequential")), row=1, col=1)
     fig.add_trace(go.Scatter(x=S_list, y=[L + S - 1 for S in S_list], name="diagonal L + S − 1", mode="lines+markers",
-                             line_color=STATE_COLOURS[DONE]), row=1, col=1)
+                             **_style("diagonal")), row=1, col=1)
     fig.add_trace(go.Scatter(x=S_list, y=[stats(diagonal(L, S), L, cost_fn).ideal_speedup for S in S_list],
-                             name="diagonal speed-up", mode="lines+markers", line_color="#009E73"), row=1, col=2)
+                             name="diagonal speed-up", mode="lines+markers", **_style("ideal")), row=1, col=2)
     limit = L * cost_fn(1) / cost_fn(L)
     fig.add_hline(y=limit, line_dash="dot", row=1, col=2, annotation_text=f"S → ∞: {limit:.3g}×")
     fig.update_xaxes(title="segments S")
@@ -332,20 +357,175 @@ def speedup_figure(L: int, S_values: Sequence[int], cost: Callable[[int], float]
     return fig
 
 
-def step_times_figure(records: Sequence[dict]) -> go.Figure:
-    """Measured time of each step (records with keys step, group_size, ms), bars
-    coloured by group size."""
-    if len(records) == 0:
-        raise ValueError("records is empty")
-    missing = {"step", "group_size", "ms"} - set(records[0])
-    if missing:
-        raise ValueError(f"records need keys step, group_size, ms; missing {sorted(missing)}")
-    fig = go.Figure(go.Bar(
-        x=[r["step"] for r in records], y=[r["ms"] for r in records],
-        customdata=[r["group_size"] for r in records],
-        marker=dict(color=[r["group_size"] for r in records], coloraxis="coloraxis"),
-        hovertemplate="step %{x}: %{y:.3f} ms, G = %{customdata}<extra></extra>",
-    ))
-    fig.update_layout(template=_TEMPLATE, title="Measured time per step", xaxis_title="step",
-                      yaxis_title="ms", coloraxis=dict(colorscale="Viridis", colorbar=dict(title="group size G")))
+# --- a measured run, step by step -------------------------------------------------------
+
+_RECORD_FIELDS = ("step", "group_size", "layers", "segments", "ms", "tokens_done")
+
+
+def _record_dicts(records: Sequence) -> list[dict]:
+    """profiling.StepRecords, or dicts with their fields (as scripts/gpu_checks.py saves them)."""
+    dicts = [r if isinstance(r, dict) else dataclasses.asdict(r) for r in records]
+    for r in dicts:
+        missing = [k for k in _RECORD_FIELDS if k not in r]
+        if missing:
+            raise ValueError(f"a step record lacks {missing}: pass profiling.StepRecords (profiling.profile_steps "
+                             f"returns them) or dicts with the fields {list(_RECORD_FIELDS)}")
+    return dicts
+
+
+def step_arrays(records: Sequence) -> dict:
+    """What the step figure draws, as plain lists: per-step bars and the cumulative rate."""
+    elapsed, done, rate = 0.0, 0, []
+    dicts = _record_dicts(records)
+    for r in dicts:
+        elapsed, done = elapsed + r["ms"] / 1e3, done + r["tokens_done"]
+        rate.append(done / elapsed if elapsed > 0 else 0.0)
+    return {
+        "step": [r["step"] for r in dicts],
+        "ms": [r["ms"] for r in dicts],
+        "group": [r["group_size"] for r in dicts],
+        "hover": [[f"{r['layers'][0]}-{r['layers'][1]}", ", ".join(map(str, r["segments"])), r["group_size"]]
+                  for r in dicts],
+        "rate": rate,
+        "elapsed": elapsed,
+        "done": done,
+    }
+
+
+def progress_text(records: Sequence, n_steps: int | None = None, total_tokens: int | None = None) -> str:
+    """'step 12/135 · 2,048/4,096 tokens · 9,871 tokens/s · 207 ms' for the figure title."""
+    a = step_arrays(records)
+    steps = f"step {len(a['step'])}" + (f"/{n_steps}" if n_steps else "")
+    tokens = f"{a['done']:,}" + (f"/{total_tokens:,}" if total_tokens else "") + " tokens"
+    rate = a["rate"][-1] if a["rate"] else 0.0
+    return f"{steps} · {tokens} · {rate:,.0f} tokens/s · {a['elapsed'] * 1e3:,.0f} ms"
+
+
+def step_figure(records: Sequence, max_group: int | None = None, n_steps: int | None = None,
+                total_tokens: int | None = None) -> go.Figure:
+    """Per-step latency bars coloured and labelled by group size G, with the cumulative
+    tokens/s (tokens whose segment has left the last layer, over the time so far) on a
+    second axis. records: profiling.StepRecords or dicts with their fields.
+    max_group / n_steps / total_tokens fix the colour range and the progress title before
+    all records exist (a live run); by default they come from the records."""
+    a = step_arrays(records)
+    cmax = max_group or max(a["group"], default=1)
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Bar(x=a["step"], y=a["ms"], name="step latency", customdata=a["hover"], text=a["group"],
+                         textposition="inside", marker=dict(color=a["group"], coloraxis="coloraxis"),
+                         hovertemplate="step %{x}: %{y:.2f} ms<br>layers %{customdata[0]} · G = "
+                                       "%{customdata[2]}<br>segments %{customdata[1]}<extra></extra>"),
+                  secondary_y=False)
+    fig.add_trace(go.Scatter(x=a["step"], y=a["rate"], name="tokens/s so far", mode="lines",
+                             line=dict(color=PALETTE["vermillion"], width=2),
+                             hovertemplate="after step %{x}: %{y:,.0f} tokens/s<extra></extra>"),
+                  secondary_y=True)
+    fig.update_layout(template=_TEMPLATE, title=progress_text(records, n_steps, total_tokens),
+                      coloraxis=dict(colorscale=GROUP_SCALE, cmin=1, cmax=max(cmax, 2),
+                                     colorbar=dict(title="G", x=1.12)),
+                      # a bar too thin for its G label drops the label instead of shrinking it away
+                      uniformtext=dict(minsize=9, mode="hide"),
+                      legend=dict(orientation="h", y=-0.2), bargap=0.1)
+    fig.update_xaxes(title_text="step t")
+    fig.update_yaxes(title_text="ms per step", rangemode="tozero", secondary_y=False)
+    fig.update_yaxes(title_text="tokens/s (cumulative)", rangemode="tozero", showgrid=False, secondary_y=True)
+    return fig
+
+
+# --- the benchmark ----------------------------------------------------------------------
+
+
+def _tokens_label(N: int) -> str:
+    return f"{N // 1024}K" if N >= 1024 and N % 1024 == 0 else f"{N:,}"
+
+
+def _log_ticks(values: Sequence[float]) -> dict:
+    """Ticks for a log axis over values that plotly would otherwise label with bare minor
+    digits ("2", "5") between decades: one tick per decade over two decades or more, else
+    one per power of two, each labelled in full."""
+    lo, hi = min(values), max(values)
+    if hi / lo >= 100:
+        return dict(dtick=1, tickformat="~g", minor=dict(ticks="outside", dtick="D1"))
+    return dict(dtick=math.log10(2), tickformat=".2~g")
+
+
+def _token_ticks(tokens: Sequence[int], most: int = 10) -> dict:
+    """The measured token counts themselves as ticks (every k-th past `most`), labelled 4K, 128K."""
+    shown = sorted(set(tokens))
+    shown = shown[::math.ceil(len(shown) / most)]
+    return dict(tickvals=shown, ticktext=[_tokens_label(N) for N in shown])
+
+
+def bench_figure(rows: list[dict]) -> go.Figure:
+    """Latency vs tokens per mode (log-log; one line per mode and dtype, min-max bars) and
+    diagonal's speed-up over sequential, sequential_grouped and full attention. rows: as
+    bench.run_bench returns them, or as bench.read_rows reads them back."""
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+                        subplot_titles=("latency", "diagonal speed-up (x, > 1 = faster)"))
+    dashes: dict[str, str] = {}
+    for r in rows:
+        dashes.setdefault(r["dtype"], DASHES[len(dashes) % len(DASHES)])
+    for dtype, dash in dashes.items():
+        for mode in MODES:
+            pts = sorted((r["tokens"], r["seconds"], r["seconds_min"], r["seconds_max"])
+                         for r in rows if r["mode"] == mode and r["dtype"] == dtype)
+            if not pts:
+                continue
+            x, y, lo, hi = zip(*pts)
+            fig.add_trace(go.Scatter(x=x, y=y, name=f"{mode} ({dtype})", mode="lines+markers", legendgroup=mode,
+                                     error_y=dict(type="data", symmetric=False,
+                                                  array=[h - m for h, m in zip(hi, y)],
+                                                  arrayminus=[m - l for m, l in zip(y, lo)]),
+                                     hovertemplate="%{x} tokens: %{y:.4f} s<extra>" + mode + "</extra>",
+                                     **_style(mode, dash)),
+                          row=1, col=1)
+        points = [(key, speedups(by_mode)) for key, by_mode in by_point(rows).items() if key[0] == dtype]
+        for base in ("sequential", "sequential_grouped", "full"):
+            pts = sorted((key[4], ratios[f"{base}/diagonal"]) for key, ratios in points
+                         if f"{base}/diagonal" in ratios)
+            if pts:
+                x, y = zip(*pts)
+                # the mode's own legend entry stands for its speed-up line too (same colour,
+                # marker and dash; one click hides both)
+                fig.add_trace(go.Scatter(x=x, y=y, name=f"vs {base} ({dtype})", mode="lines+markers",
+                                         legendgroup=base, showlegend=False, **_style(base, dash),
+                                         hovertemplate="%{x} tokens: %{y:.2f}x<extra>vs " + base + "</extra>"),
+                              row=1, col=2)
+    fig.add_hline(y=1, line=dict(color=PALETTE["black"], width=1, dash="dot"), row=1, col=2)
+    tokens = [r["tokens"] for r in rows]
+    fig.update_xaxes(type="log", title_text="tokens N", **_token_ticks(tokens))
+    fig.update_yaxes(type="log", title_text="seconds (median, min-max bars)",
+                     **_log_ticks([r["seconds"] for r in rows]), row=1, col=1)
+    fig.update_yaxes(title_text="speed-up", row=1, col=2)
+    # below the plots, never over them: a column per mode, a line per dtype in it; room is kept
+    # for the columns to wrap once on a narrow page
+    legend_lines = 2 * len(dashes)
+    fig.update_layout(template=_TEMPLATE, title="ARMT execution orders vs full attention",
+                      height=420 + 22 * legend_lines, margin=dict(b=90 + 22 * legend_lines),
+                      legend=dict(orientation="h", x=0, xanchor="left", y=-0.18, yanchor="top"))
+    return fig
+
+
+# --- a trained model's accuracy ---------------------------------------------------------
+
+TASK_NAMES = {"needle": "needle in a haystack", "recall": "associative recall"}
+
+
+def accuracy_figure(result: dict, title: str = "Accuracy by distance: memory on vs memory zeroed") -> go.Figure:
+    """Accuracy against distance in segments of a train.evaluate() result: one colour and
+    marker per task, solid with memory, dotted with the memory zeroed."""
+    rows = result["by_distance"]
+    d = [r["distance"] for r in rows]
+    fig = go.Figure()
+    for i, task in enumerate(result["tasks"]):
+        colour, symbol = SERIES_STYLES[i % len(SERIES_STYLES)]
+        name = TASK_NAMES.get(task, task)
+        for key, memory, dash in ((task, "memory on", "solid"), (task + "_zeroed", "memory zeroed", "dot")):
+            fig.add_scatter(x=d, y=[r[key] for r in rows], mode="lines+markers", name=f"{name}: {memory}",
+                            line=dict(color=PALETTE[colour], dash=dash), marker=dict(symbol=symbol, size=8))
+    fig.add_hline(y=result["chance"], line_dash="dash", line_color=PALETTE["black"],
+                  annotation_text=f"chance 1/{round(1 / result['chance'])}")
+    fig.update_layout(title=title, xaxis_title="distance: segments between the pair and its query",
+                      yaxis_title=f"accuracy ({result['samples_per_distance']} held-out samples per point)",
+                      yaxis_range=[0, 1.05], xaxis_dtick=1, template=_TEMPLATE)
     return fig

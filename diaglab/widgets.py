@@ -6,14 +6,23 @@ button. Moving the step rewrites only the heatmap's state arrays, in place; chan
 S or the order recomputes the schedule and redraws the same FigureWidget. Clicking a
 cell selects it and draws its two dependency arrows. A notebook cell that ends with
 `schedule_explorer()` displays it.
+
+`LiveRun` / `live_profile()` show an executor call while it runs: viz.step_figure in a
+`go.FigureWidget`, redrawn from profiling.profile_steps' records as the steps complete.
 """
 
 from __future__ import annotations
 
+import math
+import time
+
 import ipywidgets as widgets
 import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
 
-from diaglab.viz import ORDERS, cell_arrays, cell_steps, grid_figure, grid_title
+from diaglab.profiling import StepRecord, profile_steps
+from diaglab.viz import ORDERS, cell_arrays, cell_steps, grid_figure, grid_title, progress_text, step_arrays, step_figure
 
 _GRID_KEYS = ("x", "y", "z", "text", "texttemplate", "customdata")  # trace attributes that depend on L and S
 
@@ -110,3 +119,82 @@ class ScheduleExplorer:
 def schedule_explorer(L: int = 4, S: int = 8, order: str = "diagonal") -> ScheduleExplorer:
     """The schedule explorer for an L x S grid (display it, or its `.widget`)."""
     return ScheduleExplorer(L, S, order)
+
+
+class LiveRun:
+    """A go.FigureWidget (`.figure`) and a tqdm bar that fill in while an executor runs.
+
+    The figure redraws at most every refresh_s seconds (and once at the end), inside
+    fig.batch_update() so each redraw is one message to the frontend. With no frontend
+    attached (scripts, tests, nbval) the widget simply holds the final state.
+    """
+
+    def __init__(self, executor, input_ids: torch.Tensor, refresh_s: float = 0.2, progress: bool = True):
+        model = executor.model
+        self.executor, self.input_ids = executor, input_ids
+        self.refresh_s, self.progress = refresh_s, progress
+        S = math.ceil(input_ids.shape[1] / model.config.segment_size)
+        steps = executor.steps(S)
+        self.n_steps = len(steps)
+        self.max_group = max(len(cells) for cells in steps)
+        self.total_tokens = input_ids.numel()
+        self.records: list[StepRecord] = []
+        self.figure = go.FigureWidget(step_figure([], self.max_group, self.n_steps, self.total_tokens))
+
+    def run(self, **call_kw) -> list[StepRecord]:
+        """Profile one executor call (see profiling.profile_steps), redrawing as steps complete."""
+        self.records = []
+        last_draw = [time.perf_counter()]
+        bar = tqdm(total=self.n_steps, unit="step", desc=f"{self.executor.order} steps",
+                   disable=not self.progress)
+
+        def on_record(record: StepRecord) -> None:
+            self.records.append(record)
+            bar.update(1)
+            if time.perf_counter() - last_draw[0] >= self.refresh_s:
+                self.draw()
+                last_draw[0] = time.perf_counter()
+
+        try:
+            profile_steps(self.executor, self.input_ids, on_record=on_record, **call_kw)
+        finally:
+            bar.close()
+        self.draw()
+        return self.records
+
+    def draw(self) -> None:
+        """Rewrite the figure's arrays and title from the records so far."""
+        a = step_arrays(self.records)
+        with self.figure.batch_update():
+            self.figure.data[0].update(x=a["step"], y=a["ms"], customdata=a["hover"], text=a["group"],
+                                       marker_color=a["group"])
+            self.figure.data[1].update(x=a["step"], y=a["rate"])
+            self.figure.layout.title.text = progress_text(self.records, self.n_steps, self.total_tokens)
+
+
+def _display_in_notebook(fig: go.FigureWidget) -> None:
+    """Show fig now when running inside a Jupyter kernel; do nothing elsewhere."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        display(fig)
+
+
+def live_profile(executor, input_ids: torch.Tensor, show: bool = True, progress: bool = True,
+                 refresh_s: float = 0.2, **call_kw) -> go.FigureWidget:
+    """Profile one executor call with a live per-step figure; returns the FigureWidget.
+
+    In a notebook the widget is displayed before the run starts (show=True) so it fills
+    in as steps complete — assign the result (`fig = live_profile(...)`) rather than
+    ending the cell with it, or it is shown twice. To keep the StepRecords as well, use
+    LiveRun directly (`live = LiveRun(ex, ids); display(live.figure); live.run()`).
+    """
+    live = LiveRun(executor, input_ids, refresh_s, progress)
+    if show:
+        _display_in_notebook(live.figure)
+    live.run(**call_kw)
+    return live.figure

@@ -7,18 +7,19 @@
 #      per-step records of one 131K diagonal run, a torch.profiler table at 16K;
 #   2. gpu_llama1b_131k.json: the target point, 131,072 tokens, measured FIRST so a run cut
 #      short still has it; then gpu_llama1b_short.json: 4K..64K;
-#   3. gpu_llama1b.json / .csv: both joined (python -m diaglab.bench --report), and the table.
+#   3. gpu_llama1b.json / .csv: both joined (scripts/merge_reports.py), and the table.
 # Modes full / sequential / sequential_grouped / diagonal / ideal run interleaved, warmup 1,
 # repeats 3. Needs only torch + transformers (a bare CUDA image has them; plotly is not
-# needed — make the HTML chart afterwards with --report ... --html). Estimated 3-4 minutes
-# on an H200, most of it building the 1.2B-parameter model twice and full attention at 131K.
+# needed — make the HTML chart afterwards with scripts/merge_reports.py ... --html).
+# Estimated 3-4 minutes on an H200, most of it building the 1.2B-parameter model twice and
+# full attention at 131K.
 #
 #   OUT=bench-out bash scripts/gpu_bench.sh
 #   OUT=/tmp/dry PRESET=tiny DEVICE=cpu LONG=2048 SHORT=256,1024 PROFILE=256 bash scripts/gpu_bench.sh  # CPU dry run
 #
 # On the device machine (run from the repository root; $OUT is set there):
 #   PYTHONUNBUFFERED=1 bash scripts/gpu_bench.sh 2>&1 | tee $OUT/gpu_log.txt
-# then here: python -m diaglab.bench --report data/bench/gpu_llama1b.json --html data/bench/gpu_llama1b.html
+# then here: python scripts/merge_reports.py data/bench/gpu_llama1b.json --html data/bench/gpu_llama1b.html
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,6 +57,6 @@ bench "$LONG" "$OUT/${NAME}_131k.json"
 bench "$SHORT" "$OUT/${NAME}_short.json"
 
 echo "== 3. all points"
-"$PY" -m diaglab.bench --report "$OUT/${NAME}_short.json,$OUT/${NAME}_131k.json" \
+"$PY" scripts/merge_reports.py "$OUT/${NAME}_short.json" "$OUT/${NAME}_131k.json" \
     --json "$OUT/$NAME.json" --csv "$OUT/$NAME.csv"
 exit $status

@@ -1,24 +1,49 @@
 """The benchmark runs end to end at tiny sizes: one row per (dtype, point, mode) with
 the documented keys, JSON / CSV / HTML written, the table's ratios computed from the
-rows. No timing thresholds."""
+rows, runs joined by scripts/merge_reports.py. No timing thresholds. (Bad flags:
+test_bench_cli.py.)"""
 
 import csv
+import importlib.util
 import json
+from pathlib import Path
 
 import plotly.graph_objects as go
 import pytest
 import torch
 
 import diaglab
-from diaglab import bench
+from diaglab import bench, viz
 
 TINY = dict(layers=2)   # the tiny preset (segment 32) cut to 2 layers: a run takes well under a second
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(dtype=torch.float32):
+    return bench.live_preset("tiny", dtype, **TINY)
+
+
+def run_tiny(segments=None, lengths=None, dtypes=(torch.float32,), **kw):
+    """run_bench on the 2-layer tiny preset in each dtype, as the command line loops them."""
+    rows = []
+    for dtype in dtypes:
+        model = tiny_model(dtype)
+        rows += bench.run_bench(model, bench.make_inputs(model, segments, lengths), preset="tiny", **kw)
+    return rows
+
+
+def merge_reports():
+    """scripts/merge_reports.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("merge_reports", ROOT / "scripts" / "merge_reports.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 REQUIRED = {"mode", "dtype", "device", "preset", "layers", "segments", "tokens", "seconds", "seconds_min",
             "seconds_max", "tokens_per_s", "peak_mem_bytes"}
 
 
 def test_run_bench_rows_per_point_and_mode():
-    rows = bench.run_bench("tiny", segments=[1, 3], dtypes=("float32", "bfloat16"), warmup=0, repeats=2, **TINY)
+    rows = run_tiny(segments=[1, 3], dtypes=(torch.float32, torch.bfloat16), warmup=0, repeats=2)
     assert len(rows) == 2 * 2 * len(bench.MODES)
     assert {(r["dtype"], r["segments"], r["mode"]) for r in rows} == {
         (d, S, m) for d in ("float32", "bfloat16") for S in (1, 3) for m in bench.MODES}
@@ -28,20 +53,19 @@ def test_run_bench_rows_per_point_and_mode():
         assert r["device"] == "cpu" and r["repeats"] == 2
         assert 0 < r["seconds_min"] <= r["seconds"] <= r["seconds_max"]
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+        assert r["num_mem_tokens"] == 8 and r["segment_size"] == 32 and r["batch"] == 1
 
 
 def test_progress_bar_counts_points(capsys):
-    bench.run_bench("tiny", segments=[1, 2], modes=("sequential", "diagonal"), warmup=0, repeats=1,
-                    progress=True, **TINY)
+    run_tiny(segments=[1, 2], modes=("sequential", "diagonal"), warmup=0, repeats=1, progress=True)
     err = capsys.readouterr().err
     assert "bench tiny" in err and "2/2" in err and "sequential/diagonal" in err
-    bench.run_bench("tiny", segments=[1], modes=("diagonal",), warmup=0, repeats=1, **TINY)
+    run_tiny(segments=[1], modes=("diagonal",), warmup=0, repeats=1)
     assert capsys.readouterr().err == ""                          # quiet unless asked
 
 
 def test_lengths_cut_into_segments_and_full_attention_can_be_capped():
-    rows = bench.run_bench("tiny", lengths=[40, 100], modes=("full", "diagonal"), full_max_tokens=64,
-                           warmup=0, repeats=1, **TINY)
+    rows = run_tiny(lengths=[40, 100], modes=("full", "diagonal"), full_max_tokens=64, warmup=0, repeats=1)
     assert [(r["mode"], r["tokens"], r["segments"]) for r in rows] == [
         ("full", 40, 2), ("diagonal", 40, 2), ("diagonal", 100, 4)]
 
@@ -66,7 +90,7 @@ def test_ideal_rows_are_the_full_group_step_times_S(monkeypatch):
     step_seconds = [0.010, 0.012, 0.011]
     monkeypatch.setattr(bench, "measure", lambda fns, device, warmup, repeats: {m: (list(step_seconds), None)
                                                                                for m in fns})
-    rows = bench.run_bench("tiny", segments=[1, 4, 16], modes=("diagonal", "ideal"), **TINY)
+    rows = run_tiny(segments=[1, 4, 16], modes=("diagonal", "ideal"))
     for r in rows:
         scale = r["segments"] if r["mode"] == "ideal" else 1
         assert r["seconds"] == pytest.approx(0.011 * scale)
@@ -86,8 +110,13 @@ def test_cli_writes_json_csv_html_and_a_table(tmp_path, capsys):
     assert [r["mode"] for r in table[:3]] == ["sequential", "diagonal", "ideal"]
     assert "plotly" in out["html"].read_text()[:20000].lower()
     printed = capsys.readouterr().out.splitlines()
-    assert "sequential/diagonal" in printed[0] and "diagonal/ideal" in printed[0]
-    assert len(printed) == 1 + 3                                  # header + one line per point
+    assert printed[0].split() == ["dtype", "S", "tokens", "mode", "median", "ms", "peak", "MiB", "speed-up"]
+    assert len(printed) == 1 + 3 * 3 + 1                          # header + a line per point and mode + legend
+    assert printed[-1] == "a speed-up is x / diagonal; MiB is peak memory measured as process RSS growth"
+    for line, r in zip(printed[1:-1], rows):                      # each mode's time over diagonal's
+        diag = next(d for d in rows if d["mode"] == "diagonal" and d["tokens"] == r["tokens"])
+        assert line.split()[2:4] == [str(r["tokens"]), r["mode"]]
+        assert line.split()[-1] == f"{r['seconds'] / diag['seconds']:.2f}x"
 
 
 def test_cli_rejects_unknown_modes_and_both_size_flags(capsys):
@@ -98,7 +127,7 @@ def test_cli_rejects_unknown_modes_and_both_size_flags(capsys):
         bench.parse_args(["--segments", "1", "--lengths", "32"])
     assert "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(ValueError, match="exactly one of segments or lengths"):
-        bench.run_bench("tiny", **TINY)
+        bench.make_inputs(tiny_model())
     assert bench.parse_args([]).segments == [1, 2, 4, 8, 16, 32, 64]
 
 
@@ -106,7 +135,7 @@ def test_bench_figure_lines_per_mode_and_speedups():
     rows = [dict(mode=m, dtype="float32", tokens=N, segments=N // 32, seconds=s * N, seconds_min=s * N,
                  seconds_max=s * N, device="cpu", preset="tiny")
             for N in (32, 64) for m, s in (("sequential", 2.0), ("diagonal", 1.0), ("full", 3.0))]
-    fig = bench.bench_figure(rows)
+    fig = viz.bench_figure(rows)
     assert isinstance(fig, go.Figure)
     names = [t.name for t in fig.data]
     assert names == ["full (float32)", "sequential (float32)", "diagonal (float32)",
@@ -114,9 +143,9 @@ def test_bench_figure_lines_per_mode_and_speedups():
     assert list(fig.data[3].y) == [2.0, 2.0] and list(fig.data[4].y) == [3.0, 3.0]
 
 
-def test_cli_saves_each_finished_point_and_report_merges_runs(tmp_path, capsys, monkeypatch):
-    """A run stopped part-way keeps its finished points; --report joins runs (e.g. the long
-    length measured first) into one table ordered by tokens, measuring nothing."""
+def test_cli_saves_each_finished_point_and_merge_reports_joins_runs(tmp_path, capsys, monkeypatch):
+    """A run stopped part-way keeps its finished points; scripts/merge_reports.py joins runs
+    (e.g. the long length measured first) into one table ordered by tokens, measuring nothing."""
     saved_after_point = []
     real_write = bench.write_rows
     monkeypatch.setattr(bench, "write_rows",
@@ -127,14 +156,14 @@ def test_cli_saves_each_finished_point_and_report_merges_runs(tmp_path, capsys, 
     bench.main(common + ["--lengths", "32,64", "--json", str(tmp_path / "short.json")])
     assert saved_after_point == [2, 2, 2, 4, 4]                   # after each point, then at the end
     capsys.readouterr()
-    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("--report must not measure"))
-    rows = bench.main(["--report", f"{tmp_path / 'long.json'},{tmp_path / 'short.json'}",
-                       "--json", str(tmp_path / "all.json")])
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("merging must not measure"))
+    rows = merge_reports().main([str(tmp_path / "long.json"), str(tmp_path / "short.json"),
+                                 "--json", str(tmp_path / "all.json")])
     assert [(r["tokens"], r["mode"]) for r in rows] == [(32, "sequential"), (32, "diagonal"), (64, "sequential"),
                                                         (64, "diagonal"), (128, "sequential"), (128, "diagonal")]
     assert json.loads((tmp_path / "all.json").read_text()) == rows
     printed = capsys.readouterr().out.splitlines()
-    assert [line.split()[2] for line in printed[1:]] == ["32", "64", "128"]
+    assert [line.split()[2] for line in printed[1:-1]] == ["32", "32", "64", "64", "128", "128"]
     (tmp_path / "bad.json").write_text('[{"mode": "diagonal"}]')
     with pytest.raises(ValueError, match="not a diaglab.bench JSON"):
         bench.read_rows([str(tmp_path / "bad.json")])
@@ -152,22 +181,49 @@ def test_bench_runs_without_plotly(tmp_path):
     done = subprocess.run([sys.executable, "-c", blocker, *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert len(json.loads((tmp_path / "b.json").read_text())) == len(bench.MODES)
-    assert "sequential/diagonal" in done.stdout
+    assert "a speed-up is x / diagonal" in done.stdout
     done = subprocess.run([sys.executable, "-c", blocker, *args, "--html", str(tmp_path / "b.html")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "--html needs plotly" in done.stderr
     assert not (tmp_path / "b.html").exists()
 
 
-def test_bad_device_and_missing_report_files_say_what_to_do(tmp_path):
+def test_bad_device_and_missing_report_files_say_what_to_do(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the missing-CUDA message cannot be shown")
     with pytest.raises(ValueError, match="CUDA is not available here.*install a CUDA build"):
-        bench.run_bench("tiny", segments=[1], device="cuda", **TINY)
-    with pytest.raises(SystemExit, match="CUDA is not available here"):
+        bench.live_preset("tiny", device="cuda", **TINY)
+    with pytest.raises(SystemExit):
         bench.main(["--device", "cuda", "--segments", "1", "--layers", "2"])
-    with pytest.raises(SystemExit, match="--report: no such file .*nope.json"):
-        bench.main(["--report", str(tmp_path / "nope.json")])
+    assert "CUDA is not available here" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        merge_reports().main([str(tmp_path / "nope.json")])
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_old_reports_that_say_mem_tokens_are_read(tmp_path):
+    """Rows name ARMTConfig's num_mem_tokens; files from before (data/bench/) said mem_tokens."""
+    old = json.loads((ROOT / "data" / "bench" / "cpu_tiny.json").read_text())
+    assert "mem_tokens" in old[0] and "num_mem_tokens" not in old[0]
+    rows = bench.read_rows([str(ROOT / "data" / "bench" / "cpu_tiny.json")])
+    assert len(rows) == len(old) and {r["num_mem_tokens"] for r in rows} == {r["mem_tokens"] for r in old}
+    assert all(set(r) == set(bench.ROW_KEYS) for r in rows)
+
+
+def test_table_fits_100_columns_and_ends_with_its_legend():
+    """Two dtypes, every mode, the longest inputs and slowest times of the GPU run joined with
+    a CPU run: still under 100 columns. A row without a peak shows '-'."""
+    rows = [dict(mode=m, dtype=d, device=device, preset="llama_1b", segments=128, tokens=131072,
+                 seconds=123.456 * (k + 1), peak_mem_bytes=None if m == "ideal" else 75 * 2**30)
+            for device in ("cuda:0", "cpu") for d in ("float32", "bfloat16") for k, m in enumerate(bench.MODES)]
+    lines = bench.table(rows).splitlines()
+    assert len(lines) == 1 + 2 * 2 * len(bench.MODES) + 1
+    assert max(len(line) for line in lines) <= 100
+    assert lines[-1] == ("a speed-up is x / diagonal; MiB is peak memory measured as CUDA allocations "
+                         "or process RSS growth")
+    assert bench.table(rows[:5]).splitlines()[-1].endswith("measured as CUDA allocations")
+    ideal = next(line for line in lines if line.split()[3] == "ideal")
+    assert ideal.split()[-2:] == ["-", f"{5 / 4:.2f}x"]
 
 
 def test_gpu_script_dry_run_on_cpu(tmp_path):

@@ -1,6 +1,7 @@
 """The figures and the explorer widget: frames match the schedule cell for cell, the
-HTML export keeps the animation, the widget patches its figure in place, and the
-largest grids build fast."""
+HTML export keeps the animation, the widget patches its figure in place, the largest
+grids stay small, and the figures stay readable (labels only where they fit, legends
+outside the plots, log ticks labelled in full)."""
 
 
 import numpy as np
@@ -10,8 +11,11 @@ import pytest
 from diaglab.schedule import diagonal, ring, sequential
 from diaglab.viz import (
     DONE,
+    PALETTE,
     RUNNING,
     WAITING,
+    accuracy_figure,
+    bench_figure,
     compare_animation,
     grid_figure,
     group_size_figure,
@@ -19,7 +23,7 @@ from diaglab.viz import (
     ring_figure,
     schedule_animation,
     speedup_figure,
-    step_times_figure,
+    step_figure,
     utilisation_figure,
 )
 from diaglab.widgets import schedule_explorer
@@ -141,13 +145,80 @@ def test_cost_figures():
     assert list(speed.data[2].y) == pytest.approx([1.0, 32 / 11])
 
 
-def test_step_times_figure():
-    records = [{"step": 0, "group_size": 1, "ms": 0.5}, {"step": 1, "group_size": 2, "ms": 0.7}]
-    fig = step_times_figure(records)
+def test_step_figure_from_saved_records():
+    """Step records as scripts/gpu_checks.py saves them (dicts): bars of ms coloured and
+    labelled by G; a record without the fields is refused with what it needs."""
+    records = [{"step": 0, "group_size": 1, "layers": (0, 0), "segments": (0,), "ms": 0.5, "peak_mem": None,
+                "tokens_done": 0},
+               {"step": 1, "group_size": 2, "layers": (0, 1), "segments": (1, 0), "ms": 0.7, "peak_mem": None,
+                "tokens_done": 32}]
+    fig = step_figure(records)
     assert list(fig.data[0].y) == [0.5, 0.7]
-    assert list(fig.data[0].marker.color) == [1, 2]
-    with pytest.raises(ValueError):
-        step_times_figure([{"step": 0, "ms": 1.0}])
+    assert list(fig.data[0].marker.color) == [1, 2] and list(fig.data[0].text) == ["1", "2"]
+    assert fig.layout.uniformtext.mode == "hide"                  # a label that does not fit is dropped
+    with pytest.raises(ValueError, match=r"lacks \['group_size', 'layers', 'segments', 'tokens_done'\]"):
+        step_figure([{"step": 0, "ms": 1.0}])
+
+
+def bench_rows(tokens, dtypes=("float32",), seconds_per_token=1e-4):
+    modes = (("full", 3.0), ("sequential", 2.0), ("sequential_grouped", 1.5), ("diagonal", 1.0), ("ideal", 0.9))
+    return [dict(mode=m, dtype=d, device="cpu", preset="tiny", tokens=N, segments=N // 32,
+                 seconds=f * N * seconds_per_token, seconds_min=f * N * seconds_per_token,
+                 seconds_max=f * N * seconds_per_token) for d in dtypes for N in tokens for m, f in modes]
+
+
+def test_bench_figure_legend_sits_below_the_plots():
+    """5 modes in 2 dtypes plus 3 speed-up lines each: a horizontal legend anchored below the
+    plot area, one entry per mode and dtype (a speed-up line shares its mode's entry), with
+    the bottom margin grown to hold the legend's lines twice over."""
+    fig = bench_figure(bench_rows([32, 1024, 131072], dtypes=("float32", "bfloat16")))
+    assert len(fig.data) == 16
+    legend = fig.layout.legend
+    assert legend.orientation == "h" and legend.yanchor == "top" and legend.y < 0
+    shown = [t for t in fig.data if t.showlegend is not False]
+    assert [t.name for t in shown[:5]] == [f"{m} (float32)" for m in ("full", "sequential", "sequential_grouped",
+                                                                      "diagonal", "ideal")]
+    assert len(shown) == 10 and all(t.xaxis == "x" for t in shown)
+    assert {t.legendgroup for t in fig.data if t.xaxis == "x2"} <= {t.legendgroup for t in shown}
+    assert fig.layout.margin.b >= 90 + 22 * 4
+    symbols = {t.marker.symbol for t in fig.data if t.xaxis == "x"}
+    assert len(symbols) == 5                                      # a marker per mode, not only a colour
+    assert {t.line.dash for t in fig.data} == {"solid", "dash"}   # a dash per dtype
+
+
+def test_bench_figure_log_ticks_are_labelled_in_full():
+    """No bare minor-tick digits: the token axis ticks at the measured lengths (4K, 128K) and
+    the seconds axis at decades (wide range) or powers of two (narrow range)."""
+    wide = bench_figure(bench_rows([32, 4096, 131072]))
+    assert list(wide.layout.xaxis.tickvals) == [32, 4096, 131072]
+    assert list(wide.layout.xaxis.ticktext) == ["32", "4K", "128K"]
+    assert wide.layout.xaxis.type == wide.layout.yaxis.type == "log"
+    assert wide.layout.yaxis.dtick == 1 and wide.layout.yaxis.minor.dtick == "D1"
+    narrow = bench_figure(bench_rows([64, 128]))
+    assert narrow.layout.yaxis.dtick == pytest.approx(np.log10(2)) and narrow.layout.yaxis.tickformat == ".2~g"
+    assert speedup_figure(4, [1, 8]).layout.yaxis.dtick == 1
+
+
+def test_accuracy_figure_one_style_per_task_and_memory():
+    result = {"tasks": ["needle", "recall"], "chance": 1 / 16, "samples_per_distance": 50,
+              "by_distance": [{"distance": d, "needle": 1.0, "needle_zeroed": 0.1, "recall": 0.9,
+                               "recall_zeroed": 0.05} for d in (1, 2, 3)]}
+    fig = accuracy_figure(result)
+    assert [t.name for t in fig.data] == ["needle in a haystack: memory on", "needle in a haystack: memory zeroed",
+                                          "associative recall: memory on", "associative recall: memory zeroed"]
+    assert [t.line.dash for t in fig.data] == ["solid", "dot", "solid", "dot"]
+    assert fig.data[0].marker.symbol != fig.data[2].marker.symbol
+    assert {t.line.color for t in fig.data} <= set(PALETTE.values())
+    assert list(fig.data[3].y) == [0.05] * 3
+
+
+def test_cells_are_labelled_only_where_the_label_fits():
+    """Labels need about 28 px a cell: 24 segments keep them, 25 do not (however few layers),
+    nor do 600+ cells."""
+    assert grid_figure(4, 24, diagonal(4, 24)).data[0].texttemplate == "%{text}"
+    for L, S in ((4, 25), (2, 128), (26, 24)):
+        trace = grid_figure(L, S, diagonal(L, S)).data[0]
+        assert trace.text is None and trace.texttemplate is None
 
 
 def test_explorer_patches_the_same_figure_in_place():
@@ -180,6 +251,11 @@ def test_explorer_follows_sizes_and_order():
     explorer.layers.value, explorer.segments.value = 32, 128  # too many cells to label
     assert np.asarray(figure.data[0].z).shape == (32, 128)
     assert figure.data[0].text is None and figure.data[0].texttemplate is None
+    explorer.layers.value = 4                                 # few layers, but 128 columns: slivers
+    assert np.asarray(figure.data[0].z).shape == (4, 128)
+    assert figure.data[0].text is None and figure.data[0].texttemplate is None
+    explorer.segments.value = 8                               # labels come back where they fit
+    assert figure.data[0].texttemplate == "%{text}" and np.asarray(figure.data[0].text).shape == (4, 8)
 
 
 def test_explorer_selects_a_cell_and_displays():

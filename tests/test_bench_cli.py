@@ -1,0 +1,137 @@
+"""`python -m diaglab.bench` and scripts/merge_reports.py reject every bad value before
+any work, the argparse way: exit code 2 and one line on stderr that names the flag, no
+traceback. Measuring is stubbed to fail, so a value that slips through fails the test
+instead of starting a benchmark."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diaglab import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def merge_main(argv):
+    spec = importlib.util.spec_from_file_location("merge_reports", ROOT / "scripts" / "merge_reports.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+@pytest.fixture
+def rejected(monkeypatch, capsys):
+    """rejected(main, argv) -> the one stderr line, after checking exit code 2 and that
+    nothing was built or measured."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the flags were checked")
+
+    monkeypatch.setattr(bench, "live_preset", no_work)
+    monkeypatch.setattr(bench, "run_bench", no_work)
+    monkeypatch.setattr(bench, "read_rows", no_work)
+
+    def check(main, argv):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        return err
+    return check
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--segments", "0"], "--segments: expected a comma list of integers >= 1"),
+    (["--segments", "4,-1"], "--segments: expected a comma list of integers >= 1"),
+    (["--segments", ""], "--segments: expected a comma list"),
+    (["--segments", "1,,2"], "--segments: expected a comma list"),
+    (["--lengths", "0"], "--lengths: expected a comma list of integers >= 1"),
+    (["--lengths", "32,x"], "--lengths: expected a comma list"),
+    (["--batch", "0"], "--batch: expected an integer >= 1"),
+    (["--repeats", "0"], "--repeats: expected an integer >= 1"),
+    (["--layers", "0"], "--layers: expected an integer >= 1"),
+    (["--threads", "0"], "--threads: expected an integer >= 1"),
+    (["--threads", "-2"], "--threads: expected an integer >= 1"),
+    (["--full-max-tokens", "0"], "--full-max-tokens: expected an integer >= 1"),
+    (["--warmup", "-1"], "--warmup: expected an integer >= 0"),
+    (["--dtype", "float8"], "--dtype: choose from float32,bfloat16,float16"),
+    (["--dtype", ""], "--dtype: choose from"),
+    (["--modes", "diagonal,warp"], "--modes: choose from full,sequential"),
+    (["--modes", ","], "--modes: choose from"),
+    (["--preset", "huge"], "--preset: invalid choice: 'huge'"),
+    (["--device", "tpu"], "--device: invalid choice: 'tpu'"),
+    (["--heads", "5"], "--heads/--kv-heads: hidden (128) must be divisible by heads (5)"),
+    (["--heads", "8", "--kv-heads", "3"], "and heads by kv_heads (3)"),
+    (["--segments", "1", "--lengths", "32"], "not allowed with argument"),
+])
+def test_bad_flag_is_one_line_and_exit_code_2(rejected, argv, says):
+    assert says in rejected(bench.main, argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the missing-CUDA message cannot be shown")
+def test_missing_cuda_is_one_line_that_says_what_to_do(rejected):
+    err = rejected(bench.main, ["--device", "cuda", "--segments", "1"])
+    assert "--device: device 'cuda' asked for, but CUDA is not available here" in err
+    assert "use device 'cpu' (or 'auto'), or install a CUDA build of torch" in err
+
+
+def test_unwritable_outputs_are_rejected_before_measuring(rejected, tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a directory")
+    assert "--json: " in rejected(bench.main, ["--json", str(tmp_path)])                 # a directory
+    assert "is a directory" in rejected(bench.main, ["--json", str(tmp_path)])
+    err = rejected(bench.main, ["--csv", str(a_file / "sub" / "rows.csv")])             # under a file
+    assert err.startswith("python -m diaglab.bench: error: --csv: cannot write") and "writable" in err
+    if sys.platform == "linux":                                                       # no new dirs in /proc
+        assert "--html: cannot write" in rejected(bench.main, ["--html", "/proc/diaglab_bench/figure.html"])
+    assert not list(tmp_path.glob("*.json"))
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write into a read-only directory")
+def test_read_only_directory_is_rejected(rejected, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert "--json: cannot write" in rejected(bench.main, ["--json", str(locked / "rows.json")])
+
+
+def test_merge_reports_rejects_an_empty_or_missing_list(rejected, tmp_path):
+    assert "the following arguments are required: REPORT.json" in rejected(merge_main, [])
+    assert "no such file" in rejected(merge_main, [str(tmp_path / "nope.json")])
+    assert "no such file ''" in rejected(merge_main, [""])
+    (tmp_path / "a.json").write_text("[]")
+    assert "--json: " in rejected(merge_main, [str(tmp_path / "a.json"), "--json", str(tmp_path)])
+
+
+def test_merge_reports_rejects_files_that_are_not_bench_rows(tmp_path, capsys):
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "other.json").write_text('[{"mode": "diagonal"}]')
+    for name, says in (("broken.json", "Expecting property name"), ("other.json", "not a diaglab.bench JSON")):
+        with pytest.raises(SystemExit) as exit_info:
+            merge_main([str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and says in err
+
+
+def test_every_flag_has_help():
+    """--help describes every flag: no option without a help text."""
+    parser = bench.build_parser()
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    text = parser.format_help()
+    for flag in ("--segments", "--lengths", "--warmup", "--heads", "--kv-heads", "--json", "--html", "--no-progress"):
+        assert flag in text
+
+
+def test_the_command_itself_prints_one_line():
+    """The real entry point: exit code 2, one stderr line, no traceback, nothing on stdout."""
+    done = subprocess.run([sys.executable, "-m", "diaglab.bench", "--segments", "0"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "python -m diaglab.bench: error: argument --segments: expected a comma list of integers >= 1 like 1,4,16; "
+        "got '0' (--help lists every flag)"]
