@@ -94,7 +94,6 @@ class RingExecutor:
         Returns {request id: output} for the requests whose last segment left the ring now."""
         model = self.model
         check_no_dropout(model)
-        L = model.num_layers
         # 1. shift: slot k takes what slot k-1 held; slot 0 takes the next queued segment
         self._slots = [self._feed()] + self._slots[:-1]
         busy = [(l, *cell) for l, cell in enumerate(self._slots) if cell is not None]
