@@ -119,6 +119,7 @@ class ARMT(nn.Module):
         segments; an open segment carried by `state` goes in front of input_ids."""
         if keep_logits not in _KEEP_LOGITS:
             raise ValueError(f"keep_logits must be one of {_KEEP_LOGITS}, got {keep_logits!r}")
+        self.check_dtypes()
         ids = validate_ids(input_ids, self.base.config.vocab_size, self.device)
         mask = validate_mask(attention_mask, ids)
         B = ids.shape[0]
@@ -127,6 +128,16 @@ class ARMT(nn.Module):
         self.check_state(state, B)
         seg = segment(ids, self.config.segment_size, mask, labels, state.open_ids)
         return seg, state.with_open(None)
+
+    def check_dtypes(self) -> None:
+        """Raise unless the weights share one dtype (W_mem and z keep config.memory_dtype)."""
+        parts = {"memory": self.memory.dtype, "base.model.embed_tokens": self.base.model.embed_tokens.weight.dtype,
+                 "assoc.0.W_mq": self.assoc[0].W_mq.weight.dtype}
+        if len(set(parts.values())) > 1:
+            found = ", ".join(f"{k} {str(v).removeprefix('torch.')}" for k, v in parts.items())
+            raise TypeError(f"the model's weights have different dtypes ({found}); both execution orders run "
+                            "one dtype (the memory's W_mem and z keep config.memory_dtype): cast the whole "
+                            "model, e.g. model.to(torch.bfloat16) or model.float()")
 
     def check_state(self, state: MemoryState, batch_size: int) -> None:
         """Raise unless state fits this model and a batch of batch_size rows, naming the tensor."""
