@@ -31,6 +31,7 @@ import json
 import math
 import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -204,6 +205,127 @@ def run_bench(model: ARMT, inputs: Sequence[torch.Tensor], modes: Sequence[str] 
     return rows
 
 
+# ---- many requests: one queue through the ring, back to back, or batched ----------------
+QUEUE_MODES = ("ring", "back_to_back", "batched", "ideal")
+
+
+def queue_requests(model: ARMT, requests: int = 8, segments: tuple[int, int] = (2, 8),
+                   seed: int = 0) -> list[torch.Tensor]:
+    """A seeded queue: `requests` token rows [1, N_i], each of S_i segments with S_i drawn
+    from segments (low, high) and a partial last segment of random length."""
+    low, high = segments
+    if not (isinstance(requests, int) and requests >= 1 and 1 <= low <= high):
+        raise ValueError(f"need requests >= 1 and 1 <= low <= high segments, got {requests} and {segments}")
+    n, g = model.config.segment_size, torch.Generator().manual_seed(seed)
+    S = torch.randint(low, high + 1, (requests,), generator=g).tolist()
+    cut = torch.randint(0, n, (requests,), generator=g).tolist()
+    return [random_tokens(model, S_i * n - c, seed + 1 + i) for i, (S_i, c) in enumerate(zip(S, cut))]
+
+
+def queue_runners(model: ARMT, requests: Sequence[torch.Tensor],
+                  modes: Sequence[str] = QUEUE_MODES) -> dict[str, Callable[[], list[float]]]:
+    """mode -> a callable that serves the whole queue and returns each request's finish time
+    (seconds from the start). ideal: the even-load time of the queue's segments (one timed
+    full-group step x sum S_i), all finishing at the end."""
+    from .ring import RingExecutor
+    unknown = set(modes) - set(QUEUE_MODES)
+    if unknown:
+        raise ValueError(f"unknown queue modes {sorted(unknown)}; choose from {QUEUE_MODES}")
+    dev, n = model.device, model.config.segment_size
+    ex = DiagonalExecutor(model)
+
+    def clock(t0: float) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
+
+    def ring() -> list[float]:
+        runner, t0 = RingExecutor(model), time.perf_counter()
+        rids = [runner.submit(ids, keep_logits="last_segment") for ids in requests]
+        done: dict[int, float] = {}
+        while runner.pending:
+            for rid in runner.step():
+                done[rid] = clock(t0)
+        return [done[r] for r in rids]
+
+    def back_to_back() -> list[float]:
+        t0, ends = time.perf_counter(), []
+        for ids in requests:
+            ex(ids, keep_logits="last_segment")
+            ends.append(clock(t0))
+        return ends
+
+    longest = max(ids.shape[1] for ids in requests)
+    padded = torch.stack([torch.nn.functional.pad(ids[0], (0, longest - ids.shape[1])) for ids in requests])
+    mask = torch.stack([torch.arange(longest, device=dev) < ids.shape[1] for ids in requests]).long()
+
+    def batched() -> list[float]:
+        t0 = time.perf_counter()
+        model(padded, attention_mask=mask, keep_logits="last_segment")
+        return [clock(t0)] * len(requests)
+
+    total_segments = sum(math.ceil(ids.shape[1] / n) for ids in requests)
+    step = full_group_step(model, ex, 1)
+
+    def ideal() -> list[float]:
+        t0 = time.perf_counter()
+        step()
+        return [schedule.ideal_even_load(clock(t0), model.num_layers, total_segments)] * len(requests)
+    runs = {"ring": ring, "back_to_back": back_to_back, "batched": batched, "ideal": ideal}
+    return {m: runs[m] for m in modes}
+
+
+def run_queue_bench(model: ARMT, requests: Sequence[torch.Tensor], modes: Sequence[str] = QUEUE_MODES,
+                    warmup: int = 1, repeats: int = 3, preset: str = "custom") -> list[dict]:
+    """Serve one queue of requests ([1, N_i] each) in every mode, interleaved like run_bench;
+    one row per mode: total seconds (median, min, max), tokens/s, each request's median
+    latency (time to finish) in ms, the steps the mode takes and the even-load steps."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+    fns = queue_runners(model, requests, modes)
+    names = list(fns)
+    ends: dict[str, list[list[float]]] = {m: [] for m in names}
+    with torch.no_grad():
+        for r in range(warmup + repeats):
+            k = r % len(names)
+            for mode in names[k:] + names[:k]:
+                finish = fns[mode]()
+                if r >= warmup:
+                    ends[mode].append(finish)
+    L, n = model.num_layers, model.config.segment_size
+    S = [math.ceil(ids.shape[1] / n) for ids in requests]
+    steps = {"ring": sum(S) + L - 1, "back_to_back": sum(s + L - 1 for s in S), "batched": max(S) * L,
+             "ideal": sum(S)}
+    tokens = sum(ids.shape[1] for ids in requests)
+    rows = []
+    for mode in names:
+        totals = [max(e) for e in ends[mode]]
+        median = statistics.median(totals)
+        rows.append(dict(mode=mode, dtype=str(model.dtype).removeprefix("torch."), device=str(model.device),
+                         preset=preset, layers=L, requests=len(requests), request_segments=S, segments=sum(S),
+                         tokens=tokens, seconds=median, seconds_min=min(totals), seconds_max=max(totals),
+                         tokens_per_s=tokens / median,
+                         latency_ms=[statistics.median(e[i] for e in ends[mode]) * 1e3 for i in range(len(S))],
+                         steps=steps[mode], even_load_steps=sum(S), segment_size=n,
+                         num_mem_tokens=model.config.num_mem_tokens, repeats=repeats,
+                         threads=torch.get_num_threads()))
+    return rows
+
+
+def queue_table(rows: list[dict]) -> str:
+    """Queue rows as text: total ms, tokens/s, mean and worst latency, steps, time over ring."""
+    ring = next((r for r in rows if r["mode"] == "ring"), None)
+    body = [[r["mode"], f"{r['seconds'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}",
+             f"{statistics.mean(r['latency_ms']):.1f}", f"{max(r['latency_ms']):.1f}", str(r["steps"]),
+             "-" if ring is None else f"{r['seconds'] / ring['seconds']:.2f}x"] for r in rows]
+    r0 = rows[0]
+    notes = [f"{r0['requests']} requests, segments {r0['request_segments']} (sum {r0['segments']}), "
+             f"{r0['tokens']} tokens; even load takes {r0['even_load_steps']} steps",
+             "x / ring: a mode's total time over the ring's; latency: time until a request's last logits"]
+    return format_table(["mode", "total ms", "tokens/s", "mean latency ms", "worst ms", "steps", "x / ring"],
+                        body, notes)
+
+
 # ---- reading the rows ---------------------------------------------------------------
 def by_point(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     """(dtype, device, preset, segments, tokens) -> mode -> row, in first-seen order."""
@@ -245,14 +367,15 @@ def table(rows: list[dict]) -> str:
 
 
 def write_rows(rows: list[dict], json_path: str | None = None, csv_path: str | None = None) -> None:
-    """Save rows as a JSON list and/or a CSV with ROW_KEYS columns."""
+    """Save rows as a JSON list and/or a CSV with one column per key (ROW_KEYS for the
+    single-input modes)."""
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
     if csv_path:
         Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
         with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=ROW_KEYS)
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else list(ROW_KEYS))
             writer.writeheader()
             writer.writerows(rows)
 
@@ -357,10 +480,11 @@ def check_outputs(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def write_outputs(rows: list[dict], args: argparse.Namespace) -> None:
     """Write the files the output flags ask for, then print the table."""
     write_rows(rows, args.json, args.csv)
+    queue = getattr(args, "queue", None) is not None
     if args.html:
-        from .viz import bench_figure   # plotly only here: measuring needs torch alone
-        bench_figure(rows).write_html(args.html, include_plotlyjs=True)
-    print(table(rows))
+        from . import viz   # plotly only here: measuring needs torch alone
+        (viz.queue_figure if queue else viz.bench_figure)(rows).write_html(args.html, include_plotlyjs=True)
+    print(queue_table(rows) if queue else table(rows))
 
 
 def build_parser() -> OneLineParser:
@@ -387,6 +511,13 @@ def build_parser() -> OneLineParser:
     p.add_argument("--layers", type=_int(1), help="override the preset's layer count")
     p.add_argument("--heads", type=_int(1), help="override the preset's attention heads (must divide its width)")
     p.add_argument("--kv-heads", type=_int(1), help="override the preset's key/value heads (must divide the heads)")
+    p.add_argument("--queue", type=_int(1), metavar="R",
+                   help="instead of single inputs: serve a seeded queue of R requests through the ring, back to "
+                        "back (diagonal, one request after another), batched (sequential, padded to the longest) "
+                        "and the even-load ideal; reports total time, tokens/s and each request's latency")
+    p.add_argument("--queue-segments", type=_int_list(1), default=[2, 8], metavar="LOW,HIGH",
+                   help="segments per queued request, drawn uniformly from LOW..HIGH (default 2,8)")
+    p.add_argument("--seed", type=_int(0), default=0, help="seed of the inputs and of the queue (default 0)")
     add_output_flags(p)
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar; one line per point on stderr instead")
@@ -397,6 +528,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags, every value checked before any work: a bad one exits with code 2 and one line."""
     p = build_parser()
     args = p.parse_args(argv)
+    if args.queue is not None:
+        if args.segments is not None or args.lengths is not None or args.modes != MODES:
+            p.error("--queue measures one queue of requests in its own modes: drop --segments, --lengths "
+                    "and --modes")
+        if len(args.queue_segments) != 2 or args.queue_segments[0] > args.queue_segments[1]:
+            p.error(f"--queue-segments: expected LOW,HIGH with LOW <= HIGH, got {args.queue_segments}")
     if args.segments is None and args.lengths is None:
         args.segments = [1, 2, 4, 8, 16, 32, 64]
     args.overrides = {k: v for k in ("layers", "heads", "kv_heads") if (v := getattr(args, k)) is not None}
@@ -432,7 +569,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     for dtype in args.dtype:
         model = live_preset(args.preset, getattr(torch, dtype), args.device, **args.overrides)
-        run_bench(model, make_inputs(model, args.segments, args.lengths, args.batch), args.modes, args.warmup,
+        if args.queue is not None:
+            requests = queue_requests(model, args.queue, tuple(args.queue_segments), args.seed)
+            rows += run_queue_bench(model, requests, QUEUE_MODES, args.warmup, args.repeats, args.preset)
+            write_rows(rows, args.json, args.csv)
+            continue
+        run_bench(model, make_inputs(model, args.segments, args.lengths, args.batch, args.seed), args.modes, args.warmup,
                   args.repeats, args.full_max_tokens, args.preset, on_point, args.progress)
         del model   # free this dtype's weights before building the next
     write_outputs(rows, args)

@@ -529,3 +529,35 @@ def accuracy_figure(result: dict, title: str = "Accuracy by distance: memory on 
                       yaxis_title=f"accuracy ({result['samples_per_distance']} held-out samples per point)",
                       yaxis_range=[0, 1.05], xaxis_dtick=1, template=_TEMPLATE)
     return fig
+
+
+# --- many requests: the measured queue ----------------------------------------------------
+_QUEUE_STYLE = {"ring": ("blue", "circle"), "back_to_back": ("orange", "square"),
+                "batched": ("sky", "diamond"), "ideal": ("green", "x")}
+
+
+def queue_figure(rows: list[dict]) -> go.Figure:
+    """bench.run_queue_bench rows: total time per mode (bars), and each request's latency —
+    the time until its last logits — per mode (markers), requests in queue order."""
+    from plotly.subplots import make_subplots
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.35, 0.65],
+                        subplot_titles=("total time (ms)", "latency per request (ms)"))
+    for r in rows:
+        colour, symbol = _QUEUE_STYLE.get(r["mode"], ("black", "circle"))
+        fig.add_trace(go.Bar(x=[r["mode"]], y=[r["seconds"] * 1e3], marker_color=PALETTE[colour], showlegend=False,
+                             text=[f"{r['seconds'] * 1e3:.0f}"], textposition="outside",
+                             hovertemplate=f"{r['mode']}: %{{y:.1f}} ms, {r['tokens_per_s']:.0f} tokens/s"
+                                           "<extra></extra>"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=list(range(len(r["latency_ms"]))), y=r["latency_ms"], mode="lines+markers",
+                                 name=r["mode"], line=dict(color=PALETTE[colour]),
+                                 marker=dict(symbol=symbol, size=9),
+                                 customdata=r["request_segments"],
+                                 hovertemplate="request %{x} (%{customdata} segments): %{y:.1f} ms<extra>"
+                                               + r["mode"] + "</extra>"), row=1, col=2)
+    r0 = rows[0]
+    fig.update_xaxes(title="request (queue order)", dtick=1, row=1, col=2)
+    fig.update_layout(template=_TEMPLATE, height=420, margin=dict(b=90),
+                      legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="center", x=0.65),
+                      title=f"{r0['requests']} requests, {r0['segments']} segments, {r0['layers']} layers "
+                            f"({r0['dtype']}, {r0['device']}, {r0['threads']} threads)")
+    return fig

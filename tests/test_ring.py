@@ -123,3 +123,28 @@ def test_memory_resets_when_a_new_request_reaches_a_layer():
     assert rel(second.logits, first.logits) <= 1e-6 and rel(second.state.W_mem, first.state.W_mem) <= 1e-6
     assert rel(leaked.logits, first.logits) > 1e-3
     assert diaglab.MemoryState is type(first.state)
+
+
+def test_queue_bench_rows_and_cli(tmp_path, capsys):
+    from diaglab import bench
+    model = live_model(layers=2)
+    reqs = bench.queue_requests(model, requests=3, segments=(1, 3), seed=4)
+    assert [r.shape[0] for r in reqs] == [1, 1, 1] and all(1 <= r.shape[1] <= 24 for r in reqs)
+    assert [torch.equal(a, b) for a, b in zip(reqs, bench.queue_requests(model, 3, (1, 3), seed=4))] == [True] * 3
+    rows = bench.run_queue_bench(model, reqs, warmup=0, repeats=1)
+    by = {r["mode"]: r for r in rows}
+    assert set(by) == set(bench.QUEUE_MODES)
+    S = by["ring"]["request_segments"]
+    assert by["ring"]["steps"] == sum(S) + 1 and by["back_to_back"]["steps"] == sum(s + 1 for s in S)
+    assert all(len(r["latency_ms"]) == 3 and r["seconds"] > 0 for r in rows)
+    assert by["batched"]["latency_ms"] == [by["batched"]["latency_ms"][0]] * 3      # one batch: all at the end
+    lat = by["back_to_back"]["latency_ms"]
+    assert lat == sorted(lat)                                                         # one after another
+    out = tmp_path / "q.json"
+    bench.main(["--queue", "2", "--queue-segments", "1,2", "--layers", "2", "--warmup", "0", "--repeats", "1",
+                "--no-progress", "--json", str(out)])
+    assert "x / ring" in capsys.readouterr().out and len(__import__("json").loads(out.read_text())) == 4
+    for bad in (["--queue", "2", "--segments", "4"], ["--queue", "0"], ["--queue", "2", "--queue-segments", "5,2"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(bad)
+        assert e.value.code == 2
