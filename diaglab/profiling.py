@@ -118,6 +118,41 @@ def profile_steps(executor, input_ids: torch.Tensor,
     return records
 
 
+@dataclass
+class RingStepRecord:
+    step: int                                  # t: the ring step's index
+    cells: tuple[tuple[int, int, int], ...]    # (slot = layer, request id, segment) of each busy slot
+    ms: float                                  # wall time of the step
+    finished: tuple[int, ...]                  # request ids whose last segment left the ring in this step
+
+    @property
+    def resets(self) -> tuple[int, ...]:
+        """Slots whose memory starts empty in this step: a request's first segment reached them."""
+        return tuple(l for l, _, s in self.cells if s == 0)
+
+
+def profile_ring(runner, requests: list[torch.Tensor],
+                 on_record: Callable[[RingStepRecord], None] | None = None) -> tuple[list, list[RingStepRecord]]:
+    """Submit `requests` to a RingExecutor and step it to the end under torch.no_grad, timing
+    every step. Returns (outputs in request order, one RingStepRecord per step)."""
+    device = runner.model.device
+    records: list[RingStepRecord] = []
+    with torch.no_grad():
+        rids = [runner.submit(ids) for ids in requests]
+        done: dict = {}
+        while runner.pending:
+            t0 = time.perf_counter()
+            finished = runner.step()
+            synchronize(device)
+            record = RingStepRecord(runner.step_count - 1, tuple(runner.history[-1]),
+                                    (time.perf_counter() - t0) * 1e3, tuple(finished))
+            records.append(record)
+            done.update(finished)
+            if on_record is not None:
+                on_record(record)
+    return [done[r] for r in rids], records
+
+
 # ---- torch.profiler -----------------------------------------------------------------
 def _profiled_run(executor, input_ids: torch.Tensor, **call_kw) -> torch.profiler.profile:
     """One executor call under torch.no_grad and torch.profiler (CPU, plus CUDA kernels on a GPU)."""

@@ -252,12 +252,13 @@ def compare_animation(L: int, S: int, duration_ms: int = 300, max_frames: int = 
 
 
 def _ring_arrays(L: int, steps: list, upto: int | None) -> dict:
-    """(L, n_steps) request index (NaN where the slot idles or the step is after `upto`)."""
+    """(L, n_steps) request index (NaN where the slot idles or the step is after `upto`);
+    a request's first segment is marked ⟲: the layer's memory starts empty there."""
     z = np.full((L, len(steps)), np.nan)
     text = np.full((L, len(steps)), "", dtype=object)
     for t, step in enumerate(steps[: None if upto is None else upto + 1]):
         for l, r, s in step:
-            z[l, t], text[l, t] = r, f"r{r}<br>s{s}"
+            z[l, t], text[l, t] = r, f"r{r}<br>s{s}" + ("⟲" if s == 0 else "")
     return {"z": z, "text": text}
 
 
@@ -267,11 +268,28 @@ def _ring_shapes(L: int, step: int | None) -> list[dict]:
     return [dict(type="rect", x0=step - 0.5, x1=step + 0.5, y0=-0.5, y1=L - 0.5, line=dict(color="black", width=3))]
 
 
-def ring_figure(L: int, lengths: Sequence[int], step: int | None = None) -> go.Figure:
+def _ring_steps(L: int, lengths: Sequence[int] | None, steps: list | None) -> tuple[list, list[int]]:
+    """The steps to draw (schedule.ring of lengths, or a run's own history) and the
+    segments per request."""
+    if steps is None:
+        if lengths is None:
+            raise ValueError("give lengths (segments per request) or steps (a RingExecutor's history)")
+        return ring(L, list(lengths)), list(lengths)
+    per_request: dict[int, int] = {}
+    for step in steps:
+        for _, r, s in step:
+            per_request[r] = max(per_request.get(r, 0), s + 1)
+    return steps, [per_request[r] for r in sorted(per_request)]
+
+
+def ring_figure(L: int, lengths: Sequence[int] | None = None, step: int | None = None,
+                steps: list | None = None) -> go.Figure:
     """Slots (= layers) x time of the multi-request ring, each cell coloured by request
-    and labelled r (request) / s (segment). `step` shows only the cells run up to then.
-    The title compares the ring with running each request's diagonal back to back."""
-    steps = ring(L, list(lengths))
+    and labelled r (request) / s (segment), ⟲ where a request's first segment resets the
+    layer's memory. `steps`: a run's own history (RingExecutor.history: requests may join
+    late, slots may idle) instead of schedule.ring(L, lengths). `step` shows only the cells
+    run up to then. The title compares with each request's diagonal back to back."""
+    steps, lengths = _ring_steps(L, lengths, steps)
     if step is not None and not 0 <= step < len(steps):
         raise ValueError(f"step must be in [0, {len(steps) - 1}], got {step}")
     R = len(lengths)
@@ -297,10 +315,11 @@ def ring_figure(L: int, lengths: Sequence[int], step: int | None = None) -> go.F
     return fig
 
 
-def ring_animation(L: int, lengths: Sequence[int], duration_ms: int = 400) -> go.Figure:
+def ring_animation(L: int, lengths: Sequence[int] | None = None, duration_ms: int = 400,
+                   steps: list | None = None) -> go.Figure:
     """ring_figure with one frame per step, filling the time axis left to right."""
-    steps = ring(L, list(lengths))
-    fig = ring_figure(L, lengths, step=0)
+    steps, lengths = _ring_steps(L, lengths, steps)
+    fig = ring_figure(L, lengths, step=0, steps=steps)
     fig.frames = [go.Frame(name=str(t), traces=[0], layout={"shapes": _ring_shapes(L, t)},
                            data=[go.Heatmap(**_ring_arrays(L, steps, t))]) for t in range(len(steps))]
     fig.update_layout(margin=dict(b=110))

@@ -148,3 +148,19 @@ def test_queue_bench_rows_and_cli(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             bench.main(bad)
         assert e.value.code == 2
+
+
+def test_ring_step_records_and_figure():
+    from diaglab import profiling, viz
+    model = live_model(layers=3)
+    reqs = [random_ids(1, 20, seed=1), random_ids(1, 9, seed=2)]
+    outs, records = profiling.profile_ring(RingExecutor(model), reqs)
+    assert [r.step for r in records] == list(range(3 + 2 + 3 - 1))
+    assert records[0].cells == ((0, 0, 0),) and records[0].resets == (0,)
+    assert records[3].cells[0] == (0, 1, 0) and 0 in records[3].resets          # request 1 starts: slot 0 resets
+    assert {rid for r in records for rid in r.finished} == {0, 1} and all(r.ms > 0 for r in records)
+    with torch.no_grad():
+        assert rel(outs[1].logits, model(reqs[1]).logits) <= 1e-5
+    fig = viz.ring_figure(3, steps=[list(r.cells) for r in records])
+    assert "⟲" in "".join(str(t) for row in fig.data[0].text for t in row)
+    assert len(viz.ring_animation(3, steps=[list(r.cells) for r in records]).frames) == len(records)
