@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from . import schedule
+from . import flops, schedule
 from .armt import ARMT, randomize_memory_
 from .diagonal import DiagonalExecutor
 from .peakmem import PeakMemory
@@ -159,9 +159,21 @@ def measure(fns: dict[str, Callable[[], object]], device: torch.device, warmup: 
 
 
 # ---- the benchmark ------------------------------------------------------------------
+def anchor(model: ARMT, batch: int = 1, sizes: Sequence[int] | None = None, repeats: int = 3) -> dict:
+    """What this machine can do, measured now: torch.mm GFLOP/s at large square sizes in the
+    model's dtype (the peak the rows are put against), bmm GFLOP/s on the plateau step's own
+    GEMM shapes, and the machine's identity."""
+    if sizes is None:
+        sizes = (2048, 4096) if model.device.type == "cuda" else (512, 1024)
+    peak = flops.mm_peak(model.dtype, model.device, tuple(sizes), repeats)
+    return {"peak_gflops": peak["peak"], "mm_gflops_by_size": peak["gflops_by_size"],
+            "plateau_gemm_gflops": flops.gemm_rates(model, batch, repeats), "machine": flops.machine(model.device)}
+
+
 def run_bench(model: ARMT, inputs: Sequence[torch.Tensor], modes: Sequence[str] = MODES, warmup: int = 1,
               repeats: int = 3, full_max_tokens: int | None = None, preset: str = "custom",
-              on_point: Callable[[list[dict]], None] | None = None, progress: bool = False) -> list[dict]:
+              on_point: Callable[[list[dict]], None] | None = None, progress: bool = False,
+              anchor_sizes: Sequence[int] | None = None) -> list[dict]:
     """Measure every mode on every input (each (B, N) token ids, e.g. from make_inputs);
     returns one row (ROW_KEYS) per (input, mode), `preset` naming the model in them.
     full_max_tokens skips full attention above that many tokens (it is O(N^2)).
@@ -178,6 +190,7 @@ def run_bench(model: ARMT, inputs: Sequence[torch.Tensor], modes: Sequence[str] 
     dtype = str(model.dtype).removeprefix("torch.")
     execs = executors(model)
     L, n = model.num_layers, model.config.segment_size
+    limit = anchor(model, inputs[0].shape[0], anchor_sizes)   # the same run, the same machine state
     rows = []
     with tqdm(total=len(inputs), unit="point", desc=f"bench {preset} {dtype}", disable=not progress) as bar:
         for ids in inputs:                                                              # (B, N)
@@ -191,11 +204,14 @@ def run_bench(model: ARMT, inputs: Sequence[torch.Tensor], modes: Sequence[str] 
                 if mode == "ideal":
                     secs = [schedule.ideal_even_load(s, L, S) for s in secs]
                 median = statistics.median(secs)
+                gflop = flops.run_flops(model, N, B, mode)["total"] / 1e9
                 point.append(dict(mode=mode, dtype=dtype, device=str(model.device), preset=preset, layers=L,
                                   segments=S, tokens=N, seconds=median, seconds_min=min(secs),
                                   seconds_max=max(secs), tokens_per_s=B * N / median, peak_mem_bytes=peak,
                                   batch=B, segment_size=n, num_mem_tokens=model.config.num_mem_tokens,
-                                  repeats=repeats, threads=torch.get_num_threads()))
+                                  repeats=repeats, threads=torch.get_num_threads(), hidden=model.hidden_size,
+                                  gflop=gflop, gflops=gflop / median,
+                                  pct_of_peak=100 * gflop / median / limit["peak_gflops"], **limit))
             rows += point
             if on_point is not None:
                 on_point(point)
@@ -328,10 +344,12 @@ def queue_table(rows: list[dict]) -> str:
 
 # ---- reading the rows ---------------------------------------------------------------
 def by_point(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
-    """(dtype, device, preset, segments, tokens) -> mode -> row, in first-seen order."""
+    """(dtype, device, preset, segments, tokens, batch, hidden) -> mode -> row, in first-seen
+    order (rows of files written before the width sweep have hidden None)."""
     points: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        points.setdefault((r["dtype"], r["device"], r["preset"], r["segments"], r["tokens"]), {})[r["mode"]] = r
+        key = (r["dtype"], r["device"], r["preset"], r["segments"], r["tokens"], r["batch"], r.get("hidden"))
+        points.setdefault(key, {})[r["mode"]] = r
     return points
 
 
@@ -354,16 +372,29 @@ def table(rows: list[dict]) -> str:
     """The rows as text under 100 columns: a line per point and mode with its median ms,
     peak MiB and speed-up (the mode's time over diagonal's), then a legend line."""
     body = []
-    for (dtype, _, _, S, N), by_mode in by_point(rows).items():
+    sweeps = [name for name, i in (("B", 5), ("d", 6)) if len({key[i] for key in by_point(rows)}) > 1]
+    for (dtype, _, _, S, N, B, d), by_mode in by_point(rows).items():
         diag = by_mode.get("diagonal")
+        swept = [str(v) for name, v in (("B", B), ("d", d)) if name in sweeps]
         for mode in (m for m in MODES if m in by_mode):
             r = by_mode[mode]
             peak = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
             ratio = "-" if diag is None else f"{r['seconds'] / diag['seconds']:.2f}x"
-            body.append([dtype, str(S), str(N), mode, f"{r['seconds'] * 1e3:.1f}", peak, ratio])
+            rate = (f"{r['gflops']:.1f}", f"{r['pct_of_peak']:.0f}") if "gflops" in r else ("-", "-")
+            body.append([dtype, *swept, str(S), str(N), mode, f"{r['seconds'] * 1e3:.1f}", peak, ratio, *rate])
     sources = dict.fromkeys(_PEAK_SOURCES.get(torch.device(r["device"]).type, "none") for r in rows)
-    legend = f"a speed-up is x / diagonal; MiB is peak memory measured as {' or '.join(sources)}"
-    return format_table(["dtype", "S", "tokens", "mode", "median ms", "peak MiB", "speed-up"], body, [legend])
+    notes = [f"a speed-up is x / diagonal; MiB is peak memory measured as {' or '.join(sources)}"]
+    peaks: dict[str, list[float]] = {}
+    for r in rows:
+        if "peak_gflops" in r:
+            peaks.setdefault(r["dtype"], []).append(r["peak_gflops"])
+    if peaks:
+        span = ", ".join(f"{dt} {min(p):.0f}" + (f"-{max(p):.0f}" if max(p) > min(p) else "") for dt, p in peaks.items())
+        m = next(r["machine"] for r in rows if "machine" in r)
+        notes += [f"% peak: GFLOP/s over torch.mm's, measured in the same run ({span} GFLOP/s)",
+                  f"on {m['cpu'][:48]} ({m['cpu_capability']}, {m['threads']} threads, torch {m['torch']})"]
+    return format_table(["dtype", *sweeps, "S", "tokens", "mode", "median ms", "peak MiB", "speed-up", "GFLOP/s",
+                         "% peak"], body, notes)
 
 
 def write_rows(rows: list[dict], json_path: str | None = None, csv_path: str | None = None) -> None:
@@ -487,6 +518,15 @@ def write_outputs(rows: list[dict], args: argparse.Namespace) -> None:
     print(queue_table(rows) if queue else table(rows))
 
 
+def width_overrides(preset: str, width: int | None) -> dict:
+    """Preset overrides for model width `width` (None: the preset's own), the MLP keeping the
+    preset's intermediate / hidden ratio (rounded to a multiple of 8)."""
+    if width is None:
+        return {}
+    base = PRESETS[preset]
+    return {"hidden": width, "intermediate": max(8, round(base["intermediate"] / base["hidden"] * width / 8) * 8)}
+
+
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m diaglab.bench", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -502,7 +542,12 @@ def build_parser() -> OneLineParser:
                         "(default float32)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to run (default auto: cuda when available)")
-    p.add_argument("--batch", type=_int(1), default=1, help="sequences per input B (default 1)")
+    p.add_argument("--batch", type=_int_list(1), default=[1],
+                   help="sequences per input B; a comma list sweeps it (e.g. 1,2,4,8: latency and throughput of "
+                        "batching against the diagonal order) (default 1)")
+    p.add_argument("--widths", type=_int_list(1), metavar="D,...",
+                   help="sweep the model width d (e.g. 64,128,256,512,1024; the MLP keeps the preset's ratio): "
+                        "where the diagonal order stops paying on this machine")
     p.add_argument("--warmup", type=_int(0), default=1, help="untimed rounds over all modes first (default 1)")
     p.add_argument("--repeats", type=_int(1), default=3, help="timed rounds; the median is reported (default 3)")
     p.add_argument("--threads", type=_int(1), help="torch CPU threads (default: torch's choice)")
@@ -537,12 +582,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.segments is None and args.lengths is None:
         args.segments = [1, 2, 4, 8, 16, 32, 64]
     args.overrides = {k: v for k in ("layers", "heads", "kv_heads") if (v := getattr(args, k)) is not None}
-    shape = {k: v for k, v in {**PRESETS[args.preset], **args.overrides}.items()
-             if k not in ("segment_size", "num_mem_tokens", "d_mem")}   # those belong to ARMTConfig
-    try:
-        llama_config(**shape)
-    except ValueError as err:
-        p.error(f"--heads/--kv-heads: {err} (preset {args.preset!r} has width {shape['hidden']})")
+    for width in args.widths or [None]:
+        shape = {k: v for k, v in {**PRESETS[args.preset], **args.overrides, **width_overrides(args.preset, width)}
+                 .items() if k not in ("segment_size", "num_mem_tokens", "d_mem")}   # those belong to ARMTConfig
+        try:
+            llama_config(**shape)
+        except ValueError as err:
+            flags = "--widths" if width is not None else "--heads/--kv-heads"
+            p.error(f"{flags}: {err} (preset {args.preset!r} at width {shape['hidden']})")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
         check_device(args.device)
@@ -568,15 +615,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             + ", ".join(f"{p['mode']} {p['seconds'] * 1e3:.1f} ms" for p in point))
 
     for dtype in args.dtype:
-        model = live_preset(args.preset, getattr(torch, dtype), args.device, **args.overrides)
-        if args.queue is not None:
-            requests = queue_requests(model, args.queue, tuple(args.queue_segments), args.seed)
-            rows += run_queue_bench(model, requests, QUEUE_MODES, args.warmup, args.repeats, args.preset)
-            write_rows(rows, args.json, args.csv)
-            continue
-        run_bench(model, make_inputs(model, args.segments, args.lengths, args.batch, args.seed), args.modes, args.warmup,
-                  args.repeats, args.full_max_tokens, args.preset, on_point, args.progress)
-        del model   # free this dtype's weights before building the next
+        for width in args.widths or [None]:
+            model = live_preset(args.preset, getattr(torch, dtype), args.device,
+                                **args.overrides, **width_overrides(args.preset, width))
+            if args.queue is not None:
+                requests = queue_requests(model, args.queue, tuple(args.queue_segments), args.seed)
+                rows += run_queue_bench(model, requests, QUEUE_MODES, args.warmup, args.repeats, args.preset)
+                write_rows(rows, args.json, args.csv)
+                continue
+            for batch in args.batch:
+                run_bench(model, make_inputs(model, args.segments, args.lengths, batch, args.seed), args.modes,
+                          args.warmup, args.repeats, args.full_max_tokens, args.preset, on_point, args.progress)
+            del model   # free these weights before building the next
     write_outputs(rows, args)
     return rows
 

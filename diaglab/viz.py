@@ -580,3 +580,44 @@ def queue_figure(rows: list[dict]) -> go.Figure:
                       title=f"{r0['requests']} requests, {r0['segments']} segments, {r0['layers']} layers "
                             f"({r0['dtype']}, {r0['device']}, {r0['threads']} threads)")
     return fig
+
+
+# --- against the machine's limit ------------------------------------------------------------
+def roofline_figure(rows: list[dict], x: str = "tokens") -> go.Figure:
+    """Achieved GFLOP/s of each mode (bench rows with `gflops`) against x ('tokens', 'hidden'
+    or 'batch'), with the torch.mm peak measured in the same run as a dashed line per dtype."""
+    if x not in ("tokens", "hidden", "batch"):
+        raise ValueError(f"x must be 'tokens', 'hidden' or 'batch', got {x!r}")
+    rows = [r for r in rows if "gflops" in r]
+    if not rows:
+        raise ValueError("no row carries gflops: measure with diaglab.bench (it adds them) first")
+    fig = go.Figure()
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    other = "hidden" if x == "batch" else "batch"          # a line per value of the other sweep, if it varies
+    others = sorted({r.get(other) for r in rows}, key=lambda v: (v is None, v))
+    for i, dtype in enumerate(dtypes):
+        dash = ("solid", "dash", "dot")[i % 3]
+        for mode in MODES:
+            for j, o in enumerate(others):
+                pts = sorted((r[x], r["gflops"], r["pct_of_peak"]) for r in rows
+                             if r["dtype"] == dtype and r["mode"] == mode and r.get(other) == o)
+                if not pts:
+                    continue
+                xs, ys, pct = zip(*pts)
+                label = f"{mode} ({dtype}" + (f", {'B' if other == 'batch' else 'd'}={o})" if len(others) > 1 else ")")
+                style = _style(mode, dash)
+                style["marker"]["size"] = 6 + 3 * j
+                fig.add_trace(go.Scatter(x=xs, y=ys, name=label, mode="lines+markers", customdata=pct,
+                                         hovertemplate=f"{x} %{{x}}: %{{y:.1f}} GFLOP/s (%{{customdata:.0f}} % of "
+                                                       f"peak)<extra>{label}</extra>", **style))
+        peak = max(r["peak_gflops"] for r in rows if r["dtype"] == dtype)
+        fig.add_hline(y=peak, line=dict(color=PALETTE["black"], dash="dash", width=1),
+                      annotation_text=f"torch.mm peak {peak:.0f} GFLOP/s ({dtype})", annotation_position="top left")
+    m = rows[0]["machine"]
+    fig.update_xaxes(title={"tokens": "tokens N", "hidden": "model width d", "batch": "batch B"}[x], type="log")
+    fig.update_yaxes(title="achieved GFLOP/s (matmul FLOPs / median time)", type="log")
+    fig.update_layout(template=_TEMPLATE, height=480, margin=dict(b=110),
+                      legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="center", x=0.5),
+                      title=f"Against the machine's own limit: {m['cpu']} ({m['cpu_capability']}, {m['threads']} "
+                            "threads)")
+    return fig

@@ -52,7 +52,7 @@ def rejected(monkeypatch, capsys):
     (["--segments", "1,,2"], "--segments: expected a comma list"),
     (["--lengths", "0"], "--lengths: expected a comma list of integers >= 1"),
     (["--lengths", "32,x"], "--lengths: expected a comma list"),
-    (["--batch", "0"], "--batch: expected an integer >= 1"),
+    (["--batch", "0"], "--batch: expected a comma list of integers >= 1"),
     (["--repeats", "0"], "--repeats: expected an integer >= 1"),
     (["--layers", "0"], "--layers: expected an integer >= 1"),
     (["--threads", "0"], "--threads: expected an integer >= 1"),

@@ -51,3 +51,41 @@ def test_peak_probes_and_machine():
     assert set(rates) == set(flops.step_gemms(live_model(layers=2))) and min(rates.values()) > 0
     info = flops.machine()
     assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and info["torch"] == torch.__version__
+
+
+def test_bench_rows_carry_flops_peak_and_machine():
+    from diaglab import bench
+    model = live_model(layers=2)
+    rows = bench.run_bench(model, bench.make_inputs(model, segments=[1, 3]), ("sequential", "diagonal", "ideal"),
+                           warmup=0, repeats=1, anchor_sizes=(64,))
+    for r in rows:
+        assert r["gflop"] * 1e9 == flops.run_flops(model, r["tokens"], 1, r["mode"])["total"]
+        assert r["gflops"] == r["gflop"] / r["seconds"]
+        assert abs(r["pct_of_peak"] - 100 * r["gflops"] / r["peak_gflops"]) < 1e-9
+        assert r["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert set(r["plateau_gemm_gflops"]) == set(flops.step_gemms(model))
+    assert "% peak" in bench.table(rows) and "torch.mm" in bench.table(rows)
+    from diaglab import viz
+    assert len(viz.roofline_figure(rows).data) == 3
+
+
+def test_width_and_batch_sweeps_produce_their_rows(tmp_path):
+    from diaglab import bench, viz
+    out = tmp_path / "sweep.json"
+    rows = bench.main(["--widths", "32,64", "--batch", "1,2", "--segments", "2", "--layers", "2",
+                       "--modes", "sequential,diagonal", "--warmup", "0", "--repeats", "1", "--no-progress",
+                       "--json", str(out)])
+    got = {(r["hidden"], r["batch"], r["mode"]) for r in rows}
+    assert got == {(d, b, m) for d in (32, 64) for b in (1, 2) for m in ("sequential", "diagonal")}
+    assert all("gflops" in r and "pct_of_peak" in r for r in rows)
+    text = bench.table(rows)
+    assert max(len(line) for line in text.splitlines()) <= 100 and " B " in text.splitlines()[0] + " "
+    assert len(viz.roofline_figure(rows, x="hidden").data) == 2 * 2   # a line per mode and batch
+    assert len(viz.roofline_figure(rows, x="batch").data) == 2 * 2    # a line per mode and width
+
+
+def test_bad_width_is_refused_before_any_work(capsys):
+    from diaglab import bench
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--widths", "64,30", "--segments", "1"])
+    assert e.value.code == 2 and "--widths: hidden (30) must be divisible by heads (4)" in capsys.readouterr().err
