@@ -234,7 +234,7 @@ PREDICTIONS = {
         16: "each segment must pass all 16 layers, but segments enter one step apart: the last one starts at step S − 1",
         4: "a step holds at most min(L, S) cells, so 64 cells need more than 4 steps",
     }),
-    "groups_L16_S4": ("the group size G of every diagonal step, L = 16, S = 4", [1, 2, 3] + [4] * 13 + [3, 2, 1], {
+    "groups_L16_S4": ("what is the group size G of every diagonal step for L = 16, S = 4?", [1, 2, 3] + [4] * 13 + [3, 2, 1], {
         tuple([*range(1, 17), *range(15, 0, -1)]): "a step holds one cell per *segment* in flight too: G ≤ min(L, S) = 4",
         tuple([4] * 16): "the pipeline fills and drains: G ramps 1, 2, 3 up and 3, 2, 1 down",
         tuple([1, 2, 3] + [4] * 14 + [3, 2, 1]): "the sizes must add up to L · S = 64 cells",
