@@ -101,7 +101,7 @@ def lab(tmp_path):
 
 
 def _prompts(page) -> list[str]:
-    return page.evaluate("() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]"
+    return page.evaluate("() => [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]"
                          ".map(e => e.textContent.trim())")
 
 
@@ -120,7 +120,7 @@ def _menu(page, menu: str, item: str) -> None:
 
 def _wait_all_run(page, n_code: int, timeout: float = 120.0) -> None:
     """Until every code cell shows an execution count [k]: (fail fast on a traceback)."""
-    page.wait_for_function("() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]"
+    page.wait_for_function("() => [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]"
                            ".some(e => e.textContent.trim() !== '[ ]:')", timeout=30_000)  # the run has started
     deadline = time.monotonic() + timeout
     prompts: list[str] = []
@@ -145,7 +145,9 @@ def test_grid_notebook_runs_and_explorer_responds(lab):
 
     base, token, log = lab
     nb = json.loads((ROOT / "notebooks" / NOTEBOOK).read_text())
-    n_code = sum(c["cell_type"] == "code" for c in nb["cells"])
+    # a collapsed input (an exercise's hidden solution) shows a placeholder without a prompt: count the others
+    n_code = sum(c["cell_type"] == "code" and not c["metadata"].get("jupyter", {}).get("source_hidden")
+                 for c in nb["cells"])
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
@@ -161,7 +163,7 @@ def test_grid_notebook_runs_and_explorer_responds(lab):
 
             # 1. clear the stored outputs (so every count below comes from this run), then run all cells
             _menu(page, "Edit", "Clear Outputs of All Cells")
-            page.wait_for_function("() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]"
+            page.wait_for_function("() => [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]"
                                    ".every(e => e.textContent.trim() === '[ ]:')", timeout=10_000)
             _menu(page, "Run", "Run All Cells")
             _wait_all_run(page, n_code)

@@ -1,12 +1,18 @@
-"""Checks on every committed notebook that need no kernel: size, no widget state, the
-teaching conventions (imports diaglab, asserts, ends with "What you learned"), and a
-stored state that nbval can compare against (notebooks/store_outputs.py writes it).
-Running the cells is nbval's job: `pytest --nbval notebooks` (see the Makefile)."""
+"""Checks on every committed notebook: size, no widget state, the teaching conventions
+(imports diaglab, asserts, ends with "What you learned"), a stored state that nbval can
+compare against (notebooks/store_outputs.py writes it), the exercises' shape, references
+that resolve, one name per yardstick. Two tests run a kernel: nbval on a copy of the suite
+outside the repository, and the static HTML export (no script from the network). Running
+every cell of every notebook is nbval's job: `pytest --nbval notebooks` (see the Makefile)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -88,3 +94,120 @@ def test_welcome_map_lists_every_notebook():
     text = json.dumps(_markdown(welcome))
     missing = [p.name for p in NOTEBOOKS if p.name not in text]
     assert not missing, f"the map in 00_welcome.ipynb does not mention {missing}; add them to its table"
+
+
+# ---- the course: exercises, references, vocabulary -------------------------------------
+REPO = NOTEBOOKS_DIR.parent
+MIN_EXERCISES = {"01": 2, "02": 2, "03": 2, "04": 2, "06": 1}
+
+
+def _exercises(nb) -> list[tuple[int, list]]:
+    """(index of each 'Your turn' heading, the code cells up to the next markdown cell)."""
+    found = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown" and cell.source.startswith("### Your turn"):
+            block = []
+            for nxt in nb.cells[i + 1:]:
+                if nxt.cell_type != "code":
+                    break
+                block.append(nxt)
+            found.append((i, block))
+    return found
+
+
+def test_exercises_have_a_template_a_checker_and_a_hidden_solution(notebook):
+    """A visible template that the checker reports as not attempted, then a collapsed cell
+    with the solution that asserts the checker's verdict (nbval runs it)."""
+    path, nb = notebook
+    exercises = _exercises(nb)
+    assert len(exercises) >= MIN_EXERCISES.get(path.name[:2], 0), \
+        f"{path.name}: {len(exercises)} 'Your turn' exercises, want {MIN_EXERCISES[path.name[:2]]}"
+    for i, block in exercises:
+        assert len(block) >= 2, f"{path.name} cell {i}: an exercise needs a template cell and a solution cell"
+        template, solution = block[0], block[1]
+        assert re.search(r"exercises\.check_\w+\(", template.source), f"{path.name} cell {i + 1}: no checker call"
+        assert "NotImplementedError" in template.source or "= None" in template.source, \
+            f"{path.name} cell {i + 1}: the template must leave the answer open"
+        assert not template.metadata.get("jupyter", {}).get("source_hidden"), f"{path.name}: the template is hidden"
+        assert solution.metadata.get("jupyter", {}).get("source_hidden") is True, \
+            f"{path.name} cell {i + 2}: collapse the solution (metadata jupyter.source_hidden)"
+        assert solution.source.startswith("# Solution") and "assert verdict" in solution.source
+        stored = "".join(o.get("data", {}).get("text/plain", "") for o in template.outputs)
+        assert "not attempted yet" in stored, f"{path.name} cell {i + 1}: stored output {stored!r}"
+
+
+def _markdown_and_code(path: Path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    return "\n".join(c.source for c in nb.cells)
+
+
+def test_every_reference_resolves():
+    """No SPEC (it is not in the repository), no data path relative to the working directory,
+    and every link to the design notes or the glossary points at an anchor that exists."""
+    design = (REPO / "docs" / "design.md").read_text()
+    anchors = set(re.findall(r'<a id="([\w-]+)"></a>', design))
+    assert anchors >= {f"s{k}" for k in range(1, 8)}, f"docs/design.md anchors: {sorted(anchors)}"
+    for k in range(1, 8):
+        assert re.search(rf'<a id="s{k}"></a>\n## §{k} ', design), f"design §{k} must follow its anchor"
+    glossary = set(re.findall(r'<a id="([\w-]+)"></a>', _markdown_and_code(NOTEBOOKS_DIR / "00_welcome.ipynb")))
+    texts = {p.name: _markdown_and_code(p) for p in NOTEBOOKS} | {"README.md": (REPO / "README.md").read_text()}
+    for name, text in texts.items():
+        assert not re.search(r"(?<!TORCH_)\bSPEC\b", text), f"{name} mentions SPEC: point it at docs/design.md"
+        assert "../data" not in text and "../shared" not in text, f"{name}: find data with diaglab.paths.data_path"
+        for anchor in re.findall(r"design\.md#([\w-]+)", text):
+            assert anchor in anchors, f"{name} links design.md#{anchor}, which does not exist"
+        for anchor in re.findall(r"00_welcome\.ipynb#([\w-]+)", text):
+            assert anchor in glossary, f"{name} links 00_welcome.ipynb#{anchor}, which does not exist"
+
+
+def test_one_name_per_yardstick():
+    """The glossary's names are used; the retired ones ('ceiling', 'ideal speed-up') are not."""
+    welcome = _markdown_and_code(NOTEBOOKS_DIR / "00_welcome.ipynb")
+    for term in ("step ratio", "modelled speed-up", "ideal even load"):
+        assert f"**{term}**" in welcome, f"the glossary in 00 must define **{term}**"
+    for path in NOTEBOOKS:
+        text = _markdown_and_code(path).lower()
+        for retired in ("ceiling", "ideal speed-up"):
+            assert retired not in text, f"{path.name} says {retired!r}: use the glossary's names"
+
+
+def _env() -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "KINETO_LOG_LEVEL": "6", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+    env.pop("DIAGLAB_DATA", None)
+    env.pop("PLOTLY_RENDERER", None)
+    return env
+
+
+def test_notebooks_run_from_a_copy_outside_the_repository(tmp_path):
+    """nbval on a copy of notebooks/ in a temporary folder: 06 reads the trained checkpoint
+    and 05 the stored benchmarks, so neither may depend on the working directory. Runs 00
+    and 06 (the data user that is quick); 05 finds its data the same way."""
+    pytest.importorskip("nbval")
+    copy = tmp_path / "course"
+    shutil.copytree(NOTEBOOKS_DIR, copy, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval",
+                          "--nbval-sanitize-with", "sanitize.cfg", "--nbval-cell-timeout=300",
+                          "00_welcome.ipynb", "06_memory_in_action.ipynb"],
+                         cwd=copy, env=_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout
+
+
+def test_html_export_loads_nothing_from_the_network(tmp_path):
+    """scripts/export_html.sh on notebook 00: the file embeds plotly.js and its figures and has
+    no <script src="http..."> (no require.js, MathJax or widget manager from a CDN)."""
+    jupyter = Path(sys.executable).with_name("jupyter")
+    if not jupyter.exists():
+        pytest.skip("jupyter (nbconvert) is not installed next to this python")
+    pytest.importorskip("nbconvert")
+    run = subprocess.run(["bash", str(REPO / "scripts" / "export_html.sh"), "notebooks/00_welcome.ipynb"],
+                         cwd=REPO, env={**_env(), "OUT": str(tmp_path), "JUPYTER": str(jupyter)},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    html = (tmp_path / "00_welcome.html").read_text(encoding="utf-8")
+    assert "plotly.js v" in html and "Plotly.newPlot" in html                        # figures embedded
+    assert "Plotly.addFrames" in html                                                 # the animation too
+    external = re.findall(r'<script[^>]*\bsrc=["\']?(?:https?:)?//[^>]*>', html, re.I)
+    assert not external, f"the export loads scripts from the network: {external[:3]}"
+    assert "require.min.js" not in html and "MathJax.js" not in html
