@@ -5,6 +5,9 @@ Shape alphabet, used in every docstring and shape comment:
   B batch · N tokens · S segments · L layers · n text tokens per segment ·
   M memory tokens · T = n + M rows of a segment · d model width ·
   dk = 2 * nu * d_mem key size · G group size (layers run together in one step) · V vocab
+
+"design §n" in docstrings and comments is section n of docs/design.md (the equations, the
+grid and schedule, grouped execution, generation, training, the papers' measurements).
 """
 
 from . import schedule

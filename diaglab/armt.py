@@ -253,7 +253,7 @@ def randomize_memory_(model: ARMT, seed: int = 0, scale: float = 0.25) -> ARMT:
     W_mb bias, in place.
 
     An untrained ARMT has W_mv = 0, so W_mem stays 0 and the memory path does nothing
-    (SPEC §2, testing trap). Tests and demos call this to exercise it. The default scale
+    (design §2, testing trap). Tests and demos call this to exercise it. The default scale
     keeps the memory clearly live (logits of later segments move by ~15-40 %) yet stable;
     at scale 1 a random ARMT is chaotic: a 1e-7 change in its inputs grows ~1e5-fold
     over 128 segments, even in float64, and any two roundings of it drift apart.

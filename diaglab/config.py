@@ -1,5 +1,5 @@
 """ARMTConfig: the few numbers that turn a decoder into an Associative Recurrent Memory
-Transformer (SPEC §1-2). Frozen and validated on construction, so a bad value fails
+Transformer (design §1-2). Frozen and validated on construction, so a bad value fails
 where it is written, with the field's name and the range it must lie in."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class ARMTConfig:
     nu: int = 3                     # DPFP order; d_key = 2 * nu * d_mem
     correction: bool = True         # delta-rule normaliser correction (gamma) on z
     memory_dtype: torch.dtype = field(default=torch.float32)  # dtype of W_mem and z, whatever the model's
-    # L2-normalise the DPFP features of read queries and write keys. Not in SPEC §2's equations
+    # L2-normalise the DPFP features of read queries and write keys. Not in design §2's equations
     # (default off, so the model is exactly those); the reference ARMT code does it, and without
     # it a write's weight grows with its key's size, so one segment's write can drown the rest.
     normalize_keys: bool = False

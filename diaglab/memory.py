@@ -1,4 +1,4 @@
-"""The associative memory of ARMT (SPEC §2): the DPFP feature map, the read, the
+"""The associative memory of ARMT (design §2): the DPFP feature map, the read, the
 delta-rule write, and the MemoryState that carries (W_mem, z, is_first) from one
 segment to the next.
 

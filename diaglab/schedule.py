@@ -4,7 +4,7 @@ Cell (l, s) is decoder layer l processing segment s. It depends on (l-1, s) — 
 layer below, same segment (vertical edge) — and on (l, s-1) — the same layer's
 associative memory after the previous segment (horizontal edge). Both lie on
 anti-diagonal l + s - 1, so every anti-diagonal is a set of independent cells
-(SPEC §3). A *schedule* is a list of steps; each step is a list of cells that
+(design §3). A *schedule* is a list of steps; each step is a list of cells that
 run together. No torch here: the executor, the figures and the tests share it.
 """
 
@@ -90,7 +90,7 @@ def validate(steps: Schedule, L: int, S: int) -> None:
                 raise ValueError(f"cell {cell} at step {t} runs before its dependency {dep} (step {when[dep]})")
 
 
-# --- Several requests through one pipeline (the serving ring, SPEC §3) -------------
+# --- Several requests through one pipeline (the serving ring, design §3) -------------
 
 RingCell = tuple[int, int, int]  # (layer, request, segment)
 RingSchedule = list[list[RingCell]]
@@ -220,7 +220,7 @@ def _check_grid(steps: Schedule | RingSchedule, L: int) -> None:
 
 
 def ideal_even_load(full_group_time: float, L: int, S: int) -> float:
-    """The paper's yardstick (SPEC §3): a full group of L cells costs full_group_time,
+    """The paper's yardstick (design §3): a full group of L cells costs full_group_time,
     so one cell costs full_group_time / L under even load, and the grid has S * L cells."""
     _check_sizes(L, S)
     if isinstance(full_group_time, bool) or not isinstance(full_group_time, numbers.Real) \

@@ -1,6 +1,6 @@
 """Train a small ARMT to recall across segments, and measure that it does.
 
-Training runs forward and backward through the DiagonalExecutor (SPEC §6: gradients
+Training runs forward and backward through the DiagonalExecutor (design §6: gradients
 equal the sequential model's), on CPU, with AdamW (warm-up + cosine), gradient clipping,
 a curriculum over the number of segments S (start at 2; +1 whenever the accuracy at the
 current S over the last 50 batches reaches --promote-at; half the batches at the current

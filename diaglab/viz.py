@@ -5,7 +5,7 @@ model's accuracy.
 Every function here is a pure builder: it takes sizes, a schedule (from
 `diaglab.schedule`), measured records or rows and returns a `go.Figure`; nothing is shown.
 The grid puts layer 0 at the bottom and segments left to right, so a diagonal step is
-an anti-diagonal (SPEC §3). All figures share one colour-blind-safe palette (Okabe-Ito,
+an anti-diagonal (design §3). All figures share one colour-blind-safe palette (Okabe-Ito,
 `PALETTE`), and colour is never the only cue: cells carry a glyph (✓ done, ▶ running),
 lines a marker symbol or a dash. Animations are plotly frames with Play/Pause and a step
 slider: they keep working in a static HTML export. Each frame carries only the small

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Diagonal batching on one GPU, as in the paper's table (SPEC §7): a LLaMA-3.2-1B-shaped
+# Diagonal batching on one GPU, as in the paper's table (design §7): a LLaMA-3.2-1B-shaped
 # ARMT (random weights; latency needs no training), segment 1024 + 128 memory tokens,
 # bf16, batch 1. One script for a whole GPU session, everything written under $OUT:
 #   1. gpu_exact.json, gpu_steps.json, gpu_profile.txt (scripts/gpu_checks.py):

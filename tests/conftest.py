@@ -19,7 +19,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def live_model(layers=3, segment_size=8, num_mem_tokens=4, seed=0, **kw) -> diaglab.ARMT:
     """A tiny ARMT whose memory path does something: random non-zero W_mv and distinct
-    per-layer W_mb biases (with W_mv = 0 the memory is inert — SPEC §2)."""
+    per-layer W_mb biases (with W_mv = 0 the memory is inert — design §2)."""
     return diaglab.randomize_memory_(inert_model(layers, segment_size, num_mem_tokens, seed, **kw), seed=seed + 1)
 
 

@@ -1,4 +1,4 @@
-"""The sequential ARMT reference (SPEC §1-2, §5): behaviour, persistence, generation."""
+"""The sequential ARMT reference (design §1-2, §5): behaviour, persistence, generation."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Diagonal batching is exact: the executor equals the sequential ARMT (SPEC §3-6).
+"""Diagonal batching is exact: the executor equals the sequential ARMT (design §3-6).
 
 fp32: relative error <= 1e-5 on logits, loss, every layer's W_mem and z, and on the gradient
 of each parameter group (<= 1e-4 per single tensor); float64, memory included: <= 1e-10 per
@@ -268,7 +268,7 @@ def test_llama_1b_shapes_exact_on_cpu():
 def test_normalize_keys_flag(tmp_path):
     """normalize_keys=True (unit-length DPFP queries and keys, as the reference ARMT code):
     executor == sequential, features of length 1, the flag survives save/load, and it does
-    change the model (default off: SPEC §2's equations exactly)."""
+    change the model (default off: design §2's equations exactly)."""
     model = live_model(layers=3, normalize_keys=True, seed=5)   # not seed 0: see the save/load below
     assert model.config.normalize_keys and all(a.normalize for a in model.assoc)
     ids = random_ids(2, 45)

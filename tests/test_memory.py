@@ -1,4 +1,4 @@
-"""DPFP, associative read and write on hand-sized examples (SPEC §2)."""
+"""DPFP, associative read and write on hand-sized examples (design §2)."""
 
 import pytest
 import torch
