@@ -34,8 +34,8 @@ import torch
 from . import schedule as sched
 from .armt import ARMT, ARMTOutput
 from .generation import generate as _generate
-from .grouped import (LayerDims, LayerStack, TiedStacks, _stack_members, gather_stacks, grouped_layer,
-                      grouped_layer_ref, ungroupable)
+from .grouped import (GroupingCheck, LayerDims, LayerStack, TiedStacks, _stack_members, gather_stacks,
+                      grouped_layer, grouped_layer_ref)
 from .memory import MemoryState, first_after_write
 from .segments import SegmentOutputs, segment_rows, stack_rows
 
@@ -83,7 +83,8 @@ class DiagonalExecutor:
         self._compiled: Callable | None = None
         self._tied: TiedStacks | None = None
         self._warned: tuple[str, ...] = ()
-        if not ungroupable(model):
+        self._check = GroupingCheck(model)
+        if not self._check.problems():
             _stack_members(model)  # a clear error now when the layers cannot be stacked
 
     # ---- weights ----------------------------------------------------------------------
@@ -102,7 +103,7 @@ class DiagonalExecutor:
     def layer_stack(self) -> tuple[LayerStack, Callable]:
         """The layers and the step function for this call: grouped_layer on stacked weights, or,
         when some module would not be reproduced by it, grouped_layer_ref (said once)."""
-        problems = tuple(ungroupable(self.model))
+        problems = tuple(self._check.problems())
         dims = LayerDims.of(self.model, self.kernel)
         if not problems:
             return LayerStack(self.model, self.stacked_weights(), dims), grouped_layer

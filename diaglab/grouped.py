@@ -161,6 +161,58 @@ def ungroupable(model) -> list[str]:
     return problems
 
 
+class _Registrations:
+    """How many parameters and submodules have been registered anywhere in the process
+    (nn.Module.__setattr__, register_parameter, load_state_dict(assign=True), parametrize:
+    torch calls its global registration hooks for each). While the count stands still, no
+    model's parameters or modules have been replaced, so the executor's per-call checks can
+    skip the full walk. Counting starts with the first executor, not at import."""
+    count = 0
+    _listening = False
+
+    @classmethod
+    def listen(cls) -> None:
+        if not cls._listening:
+            m = torch.nn.modules.module
+            m.register_module_parameter_registration_hook(cls._bump)
+            m.register_module_module_registration_hook(cls._bump)
+            cls._listening = True
+
+    @classmethod
+    def _bump(cls, *_) -> None:   # returns None: the registered object is kept as it is
+        cls.count += 1
+
+
+def _checked_attributes(model) -> tuple:
+    """The plain attributes grouped_layer assumes (attention scale, norm epsilon, nu, normalize)."""
+    return tuple((getattr(b.self_attn, "scaling", None), getattr(b.input_layernorm, "variance_epsilon", None),
+                  getattr(b.post_attention_layernorm, "variance_epsilon", None)) for b in model.base.model.layers) \
+        + tuple((getattr(a, "nu", None), getattr(a, "normalize", None)) for a in model.assoc)
+
+
+class GroupingCheck:
+    """ungroupable(model), walked again only when something may have changed: a registration
+    anywhere (_Registrations), a hook on one of the checked modules, or a changed attribute.
+    Otherwise a call costs one pass over the hook tables of the checked modules."""
+
+    def __init__(self, model):
+        _Registrations.listen()
+        self.model = model
+        self._key: tuple | None = None
+        self._problems: list[str] = []
+        self._modules: list[nn.Module] = []
+
+    def problems(self) -> list[str]:
+        key = (_Registrations.count, _checked_attributes(self.model))
+        if key != self._key or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                   or m._backward_pre_hooks for m in self._modules):
+            self._problems = ungroupable(self.model)
+            self._modules = [m for b in list(self.model.base.model.layers) + list(self.model.assoc)
+                             for m in b.modules()]
+            self._key = key
+        return self._problems
+
+
 # ---- stacked weights -------------------------------------------------------------------
 def gather_stacks(model) -> dict[str, torch.Tensor]:
     """Stack the current parameters with torch.stack/cat: differentiable, a copy per call.
@@ -182,6 +234,8 @@ class TiedStacks:
     when built under torch.inference_mode, so the parameters stay trainable afterwards."""
 
     def __init__(self, model):
+        _Registrations.listen()
+        self._key = _Registrations.count
         self.tensors: dict[str, torch.Tensor] = {}
         self._tied: list[tuple[torch.Tensor, int]] = []
         with torch.inference_mode(False), torch.no_grad():
@@ -204,9 +258,12 @@ class TiedStacks:
                 self.tensors[name] = stack
 
     def is_valid(self, model) -> bool:
-        now = [p for per_layer in _stack_members(model, check=False).values() for ps in per_layer for p in ps]
-        return len(now) == len(self._tied) and all(
-            p is q and p.data_ptr() == ptr for p, (q, ptr) in zip(now, self._tied))
+        if _Registrations.count != self._key:   # something was registered: re-read the model's parameters
+            now = [p for per_layer in _stack_members(model, check=False).values() for ps in per_layer for p in ps]
+            if len(now) != len(self._tied) or any(p is not q for p, (q, _) in zip(now, self._tied)):
+                return False
+            self._key = _Registrations.count
+        return all(p.data_ptr() == ptr for p, ptr in self._tied)   # moved, cast or .data = ...
 
 
 def _existing_stack(per_layer: list[list[torch.Tensor]]) -> torch.Tensor | None:

@@ -123,7 +123,8 @@ class MemoryState:
         one block holds them all, else one concatenation."""
         parts = [(max(lo, a), min(hi, b), blk) for blk in self._blocks
                  for a, b in [blk[:2]] if a <= hi and b >= lo]
-        pieces = [tuple(t[x - blk[0]:y - blk[0] + 1] for t in blk[2:]) for x, y, blk in parts]
+        pieces = [blk[2:] if (x, y) == blk[:2] else tuple(t[x - blk[0]:y - blk[0] + 1] for t in blk[2:])
+                  for x, y, blk in parts]
         if len(pieces) == 1:
             return pieces[0]
         return tuple(torch.cat(ts) for ts in zip(*pieces))
@@ -133,7 +134,11 @@ class MemoryState:
         """A new state: layers lo..hi take (W_mem (G, B, dk, d), z (G, B, dk), is_first (G, B)),
         the other layers keep theirs (shared, not copied)."""
         blocks = []
-        for a, b, *ts in self._blocks:
+        for blk in self._blocks:
+            a, b, *ts = blk
+            if b < lo or a > hi:   # untouched: kept as it is
+                blocks.append(blk)
+                continue
             if a < lo:    # the part of this block below the range
                 e = min(b, lo - 1)
                 blocks.append((a, e, *(t[:e - a + 1] for t in ts)))
