@@ -46,9 +46,16 @@ from .profiling import Timer
 from .tables import format_table
 
 MODES = ("full", "sequential", "sequential_grouped", "diagonal", "ideal")
+# opt-in: DiagonalExecutor(compile=True), its first call pays the compile (tens of seconds on a CPU;
+# the warm-up rounds absorb it and each row reports it as compile_seconds)
+ALL_MODES = MODES + ("diagonal_compiled",)
 ROW_KEYS = ("mode", "dtype", "device", "preset", "layers", "segments", "tokens", "seconds", "seconds_min",
             "seconds_max", "tokens_per_s", "peak_mem_bytes", "batch", "segment_size", "num_mem_tokens",
             "repeats", "threads")
+# and, in every row measured since the FLOP model: the model width, the work and how close it came to
+# the machine's limit measured in the same run (anchor()), and the machine
+LIMIT_KEYS = ("hidden", "gflop", "gflops", "pct_of_peak", "peak_gflops", "mm_gflops_by_size",
+              "plateau_gemm_gflops", "machine")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -105,11 +112,14 @@ def full_group_step(model: ARMT, executor: DiagonalExecutor, batch: int) -> Call
                         W_mem=state.W_mem, z=state.z, is_first=not_first)
 
 
-def executors(model: ARMT) -> dict[str, DiagonalExecutor]:
-    """The diagonal and the grouped-sequential executor on the same model, weights stacked
-    up front (both share one set of stacks: grouped.TiedStacks adopts existing ones)."""
+def executors(model: ARMT, compiled: bool = False) -> dict[str, DiagonalExecutor]:
+    """The diagonal and the grouped-sequential executor (and, if asked, the compiled diagonal
+    one) on the same model, weights stacked up front (they share one set of stacks:
+    grouped.TiedStacks adopts existing ones)."""
     execs = {"diagonal": DiagonalExecutor(model),
              "sequential_grouped": DiagonalExecutor(model, order="sequential")}
+    if compiled:
+        execs["diagonal_compiled"] = DiagonalExecutor(model, compile=True)
     with torch.no_grad():
         for ex in execs.values():
             ex.stacked_weights()
@@ -121,11 +131,12 @@ def mode_runners(model: ARMT, input_ids: torch.Tensor, modes: tuple[str, ...],
     """One zero-argument callable per mode, all on the same weights and input_ids (B, N);
     execs from executors(model), built here if not given. The 'ideal' callable is ONE
     full-group step; run_bench scales its time by S."""
-    unknown = set(modes) - set(MODES)
+    unknown = set(modes) - set(ALL_MODES)
     if unknown:
-        raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
-    execs = execs or executors(model)
+        raise ValueError(f"unknown modes {sorted(unknown)}; choose from {ALL_MODES}")
+    execs = execs or executors(model, "diagonal_compiled" in modes)
     runs = {
+        "diagonal_compiled": lambda: execs["diagonal_compiled"](input_ids, keep_logits="last_segment"),
         "full": lambda: model.base(input_ids=input_ids, use_cache=False, logits_to_keep=1),
         "sequential": lambda: model(input_ids, keep_logits="last_segment"),
         "sequential_grouped": lambda: execs["sequential_grouped"](input_ids, keep_logits="last_segment"),
@@ -188,7 +199,7 @@ def run_bench(model: ARMT, inputs: Sequence[torch.Tensor], modes: Sequence[str] 
                          "(make_inputs(model, segments=[1, 4]) builds them)")
     from tqdm.auto import tqdm
     dtype = str(model.dtype).removeprefix("torch.")
-    execs = executors(model)
+    execs = executors(model, "diagonal_compiled" in modes)
     L, n = model.num_layers, model.config.segment_size
     limit = anchor(model, inputs[0].shape[0], anchor_sizes)   # the same run, the same machine state
     rows = []
@@ -204,14 +215,15 @@ def run_bench(model: ARMT, inputs: Sequence[torch.Tensor], modes: Sequence[str] 
                 if mode == "ideal":
                     secs = [schedule.ideal_even_load(s, L, S) for s in secs]
                 median = statistics.median(secs)
-                gflop = flops.run_flops(model, N, B, mode)["total"] / 1e9
+                gflop = flops.run_flops(model, N, B, mode.removesuffix("_compiled"))["total"] / 1e9
+                extra = ({"compile_seconds": execs[mode].compile_seconds} if mode == "diagonal_compiled" else {})
                 point.append(dict(mode=mode, dtype=dtype, device=str(model.device), preset=preset, layers=L,
                                   segments=S, tokens=N, seconds=median, seconds_min=min(secs),
                                   seconds_max=max(secs), tokens_per_s=B * N / median, peak_mem_bytes=peak,
                                   batch=B, segment_size=n, num_mem_tokens=model.config.num_mem_tokens,
                                   repeats=repeats, threads=torch.get_num_threads(), hidden=model.hidden_size,
                                   gflop=gflop, gflops=gflop / median,
-                                  pct_of_peak=100 * gflop / median / limit["peak_gflops"], **limit))
+                                  pct_of_peak=100 * gflop / median / limit["peak_gflops"], **limit, **extra))
             rows += point
             if on_point is not None:
                 on_point(point)
@@ -348,7 +360,7 @@ def by_point(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     order (rows of files written before the width sweep have hidden None)."""
     points: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        key = (r["dtype"], r["device"], r["preset"], r["segments"], r["tokens"], r["batch"], r.get("hidden"))
+        key = (r["dtype"], r["device"], r["preset"], r["segments"], r["tokens"], r.get("batch"), r.get("hidden"))
         points.setdefault(key, {})[r["mode"]] = r
     return points
 
@@ -376,7 +388,7 @@ def table(rows: list[dict]) -> str:
     for (dtype, _, _, S, N, B, d), by_mode in by_point(rows).items():
         diag = by_mode.get("diagonal")
         swept = [str(v) for name, v in (("B", B), ("d", d)) if name in sweeps]
-        for mode in (m for m in MODES if m in by_mode):
+        for mode in (m for m in ALL_MODES if m in by_mode):
             r = by_mode[mode]
             peak = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
             ratio = "-" if diag is None else f"{r['seconds'] / diag['seconds']:.2f}x"
@@ -422,7 +434,7 @@ def read_rows(paths: list[str]) -> list[dict]:
     if missing:
         raise ValueError(f"not a diaglab.bench JSON (row lacks {missing[0]!r}): {paths}")
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
-    return sorted(rows, key=lambda r: (dtypes.index(r["dtype"]), r["tokens"], MODES.index(r["mode"])))
+    return sorted(rows, key=lambda r: (dtypes.index(r["dtype"]), r["tokens"], ALL_MODES.index(r["mode"])))
 
 
 # ---- command line ---------------------------------------------------------------------
@@ -536,7 +548,9 @@ def build_parser() -> OneLineParser:
     size.add_argument("--segments", type=_int_list(1),
                       help="comma list of segment counts S, N = S * n tokens each (default 1,2,4,8,16,32,64)")
     size.add_argument("--lengths", type=_int_list(1), help="comma list of token counts N (S = ceil(N / n))")
-    p.add_argument("--modes", type=_names(MODES), default=MODES, help=f"comma list from {','.join(MODES)} (default all)")
+    p.add_argument("--modes", type=_names(ALL_MODES), default=MODES,
+                   help=f"comma list from {','.join(ALL_MODES)} (default all but diagonal_compiled, which "
+                        "compiles the full-group step first: tens of seconds on a CPU)")
     p.add_argument("--dtype", type=_names(DTYPES), default=("float32",),
                    help=f"comma list of model dtypes from {','.join(DTYPES)}, measured one after the other "
                         "(default float32)")

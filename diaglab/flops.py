@@ -118,7 +118,7 @@ def mm_peak(dtype: torch.dtype = torch.float32, device: str | torch.device = "cp
     for s in sizes:
         a = torch.randn(s, s, generator=g).to(dev, dtype)
         b = torch.randn(s, s, generator=g).to(dev, dtype)
-        rates[s] = 2 * s ** 3 / _timed(lambda: torch.mm(a, b), dev, repeats) / 1e9
+        rates[str(s)] = 2 * s ** 3 / _timed(lambda: torch.mm(a, b), dev, repeats) / 1e9   # str keys: JSON
     return {"dtype": str(dtype).removeprefix("torch."), "gflops_by_size": rates, "peak": max(rates.values())}
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from diaglab.bench import MODES, by_point, speedups
+from diaglab.bench import ALL_MODES, by_point, speedups
 from diaglab.schedule import Schedule, back_to_back, diagonal, ring, sequential, stats, validate
 
 # Okabe & Ito's colours stay distinct under the common colour-vision deficiencies; grey (not
@@ -36,7 +36,8 @@ STATE_COLOURS = (PALETTE["grey"], PALETTE["orange"], PALETTE["blue"])
 STATE_GLYPHS = np.array(["", "▶", "✓"], dtype=object)
 REQUEST_COLOURS = tuple(PALETTE[c] for c in ("orange", "sky", "green", "yellow", "blue", "vermillion", "purple"))
 MODE_STYLES = {"full": ("black", "square"), "sequential": ("orange", "circle"),   # bench mode -> colour, marker
-               "sequential_grouped": ("sky", "diamond"), "diagonal": ("blue", "triangle-up"), "ideal": ("green", "x")}
+               "sequential_grouped": ("sky", "diamond"), "diagonal": ("blue", "triangle-up"), "ideal": ("green", "x"),
+               "diagonal_compiled": ("vermillion", "star")}
 SERIES_STYLES = (("blue", "circle"), ("orange", "square"), ("green", "diamond"),   # any other categories
                  ("vermillion", "triangle-up"), ("purple", "x"), ("sky", "cross"))
 DASHES = ("solid", "dash", "dot", "dashdot")   # the second category of a line: dtype, memory zeroed
@@ -485,7 +486,7 @@ def bench_figure(rows: list[dict]) -> go.Figure:
     for r in rows:
         dashes.setdefault(r["dtype"], DASHES[len(dashes) % len(DASHES)])
     for dtype, dash in dashes.items():
-        for mode in MODES:
+        for mode in ALL_MODES:
             pts = sorted((r["tokens"], r["seconds"], r["seconds_min"], r["seconds_max"])
                          for r in rows if r["mode"] == mode and r["dtype"] == dtype)
             if not pts:
@@ -597,7 +598,7 @@ def roofline_figure(rows: list[dict], x: str = "tokens") -> go.Figure:
     others = sorted({r.get(other) for r in rows}, key=lambda v: (v is None, v))
     for i, dtype in enumerate(dtypes):
         dash = ("solid", "dash", "dot")[i % 3]
-        for mode in MODES:
+        for mode in ALL_MODES:
             for j, o in enumerate(others):
                 pts = sorted((r[x], r["gflops"], r["pct_of_peak"]) for r in rows
                              if r["dtype"] == dtype and r["mode"] == mode and r.get(other) == o)

@@ -48,7 +48,7 @@ def test_run_bench_rows_per_point_and_mode():
     assert {(r["dtype"], r["segments"], r["mode"]) for r in rows} == {
         (d, S, m) for d in ("float32", "bfloat16") for S in (1, 3) for m in bench.MODES}
     for r in rows:
-        assert REQUIRED <= set(r) == set(bench.ROW_KEYS)
+        assert REQUIRED <= set(r) == set(bench.ROW_KEYS) | set(bench.LIMIT_KEYS)
         assert r["tokens"] == 32 * r["segments"] and r["layers"] == 2 and r["preset"] == "tiny"
         assert r["device"] == "cpu" and r["repeats"] == 2
         assert 0 < r["seconds_min"] <= r["seconds"] <= r["seconds_max"]
@@ -106,17 +106,20 @@ def test_cli_writes_json_csv_html_and_a_table(tmp_path, capsys):
     assert saved == rows and len(saved) == 3 * 3
     with open(out["csv"], newline="") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 9 and set(table[0]) == set(bench.ROW_KEYS)
+    assert len(table) == 9 and set(table[0]) == set(bench.ROW_KEYS) | set(bench.LIMIT_KEYS)
     assert [r["mode"] for r in table[:3]] == ["sequential", "diagonal", "ideal"]
     assert "plotly" in out["html"].read_text()[:20000].lower()
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].split() == ["dtype", "S", "tokens", "mode", "median", "ms", "peak", "MiB", "speed-up"]
-    assert len(printed) == 1 + 3 * 3 + 1                          # header + a line per point and mode + legend
-    assert printed[-1] == "a speed-up is x / diagonal; MiB is peak memory measured as process RSS growth"
-    for line, r in zip(printed[1:-1], rows):                      # each mode's time over diagonal's
+    assert printed[0].split() == ["dtype", "S", "tokens", "mode", "median", "ms", "peak", "MiB", "speed-up",
+                                  "GFLOP/s", "%", "peak"]
+    assert len(printed) == 1 + 3 * 3 + 3                          # header + a line per point and mode + 3 notes
+    assert printed[-3] == "a speed-up is x / diagonal; MiB is peak memory measured as process RSS growth"
+    assert printed[-2].startswith("% peak: GFLOP/s over torch.mm's, measured in the same run (float32 ")
+    for line, r in zip(printed[1:-3], rows):                      # each mode's time over diagonal's
         diag = next(d for d in rows if d["mode"] == "diagonal" and d["tokens"] == r["tokens"])
         assert line.split()[2:4] == [str(r["tokens"]), r["mode"]]
-        assert line.split()[-1] == f"{r['seconds'] / diag['seconds']:.2f}x"
+        assert line.split()[-3] == f"{r['seconds'] / diag['seconds']:.2f}x"
+        assert line.split()[-2] == f"{r['gflops']:.1f}" and line.split()[-1] == f"{r['pct_of_peak']:.0f}"
 
 
 def test_cli_rejects_unknown_modes_and_both_size_flags(capsys):
@@ -163,7 +166,8 @@ def test_cli_saves_each_finished_point_and_merge_reports_joins_runs(tmp_path, ca
                                                         (64, "diagonal"), (128, "sequential"), (128, "diagonal")]
     assert json.loads((tmp_path / "all.json").read_text()) == rows
     printed = capsys.readouterr().out.splitlines()
-    assert [line.split()[2] for line in printed[1:-1]] == ["32", "32", "64", "64", "128", "128"]
+    assert printed[-2].startswith("% peak") and printed[-1].startswith("on ")   # the anchor of the runs
+    assert [line.split()[2] for line in printed[1:-3]] == ["32", "32", "64", "64", "128", "128"]
     (tmp_path / "bad.json").write_text('[{"mode": "diagonal"}]')
     with pytest.raises(ValueError, match="not a diaglab.bench JSON"):
         bench.read_rows([str(tmp_path / "bad.json")])
@@ -223,7 +227,7 @@ def test_table_fits_100_columns_and_ends_with_its_legend():
                          "or process RSS growth")
     assert bench.table(rows[:5]).splitlines()[-1].endswith("measured as CUDA allocations")
     ideal = next(line for line in lines if line.split()[3] == "ideal")
-    assert ideal.split()[-2:] == ["-", f"{5 / 4:.2f}x"]
+    assert ideal.split()[-4:] == ["-", f"{5 / 4:.2f}x", "-", "-"]   # no peak memory; no FLOP rate in these rows
 
 
 def test_gpu_script_dry_run_on_cpu(tmp_path):

@@ -34,3 +34,14 @@ def test_compile_arguments_are_checked(model):
         DiagonalExecutor(model, compile_mode="default")
     with pytest.raises(ValueError, match="CUDA"), torch.no_grad():
         DiagonalExecutor(model, compile=True, compile_mode="reduce-overhead")(random_ids(1, 30))
+
+
+def test_bench_compiled_mode_row():
+    from diaglab import bench
+    model = live_model(layers=2, hidden=64, heads=2, kv_heads=1, intermediate=96)
+    rows = bench.run_bench(model, bench.make_inputs(model, segments=[4]), ("diagonal", "diagonal_compiled"),
+                           warmup=1, repeats=1, anchor_sizes=(64,))
+    compiled = next(r for r in rows if r["mode"] == "diagonal_compiled")
+    assert compiled["compile_seconds"] > 0 and compiled["gflop"] == next(
+        r["gflop"] for r in rows if r["mode"] == "diagonal")
+    assert "diagonal_compiled" in bench.table(rows)
