@@ -433,6 +433,124 @@ def _job_worker(job: Path) -> None:
         raise
 
 
+# ---- cost model: what a pipeline of P devices costs, on paper ------------------------------
+def rank_group_sizes(L: int, S: int, spans: Sequence[Span]) -> list[list[int]]:
+    """(P, L + S - 1): how many of rank r's layers are busy at global step t (layer l holds
+    segment t - l), with the ranks in lockstep; 0 = the rank idles (fill and drain)."""
+    steps = L + S - 1
+    return [[max(0, min(b - 1, t) - max(a, t - S + 1) + 1) for t in range(steps)] for a, b in spans]
+
+
+def hop_steps(S: int, spans: Sequence[Span]) -> list[int]:
+    """(L + S - 1,): segments crossing a rank boundary after each step (segment s leaves rank r's
+    top layer b_r - 1 at step b_r - 1 + s)."""
+    L = spans[-1][1]
+    counts = [0] * (L + S - 1)
+    for _, b in spans[:-1]:
+        for s in range(S):
+            counts[b - 1 + s] += 1
+    return counts
+
+
+@dataclass(frozen=True)
+class PipelineCost:
+    steps: int                  # global steps, L + S - 1 as on one device
+    busy_steps: tuple[int, ...]  # per rank: steps with work, (b - a) + S - 1
+    bubble: float               # idle share of the ranks' steps: 1 - sum(busy_steps) / (P * steps)
+    hop_bytes: int              # one segment's hidden rows B * T * d * bytes: what crosses a boundary
+    max_bytes_per_step: int     # the most bytes crossing boundaries after one step
+    total_bytes: int            # (P - 1) * S * hop_bytes
+
+
+def pipeline_cost(L: int, S: int, world_size: int, B: int, T: int, d: int, bytes_per_value: int = 4,
+                  split: Sequence[int] | None = None) -> PipelineCost:
+    """Steps, bubble and traffic of the pipeline of L layers on world_size ranks over S segments
+    of T rows (n text + M memory) of width d. With an even split of k = L / P layers per rank,
+    bubble = (L - k) / (L + S - 1): small when S >> L."""
+    sched._check_sizes(L, S)
+    spans = split_layers(L, world_size, split)
+    busy = tuple(sum(g > 0 for g in row) for row in rank_group_sizes(L, S, spans))
+    hop = B * T * d * bytes_per_value
+    return PipelineCost(steps=L + S - 1, busy_steps=busy, bubble=1 - sum(busy) / (world_size * (L + S - 1)),
+                        hop_bytes=hop, max_bytes_per_step=max(hop_steps(S, spans)) * hop,
+                        total_bytes=(world_size - 1) * S * hop)
+
+
+def expected_latency(step_cost: Callable[[int], float] | Mapping[int, float], L: int, S: int,
+                     world_size: int = 1, split: Sequence[int] | None = None, hop_seconds: float = 0.0) -> float:
+    """Latency of one forward pass on world_size devices from per-step costs: step_cost(G) (or
+    {G: seconds}) is one grouped call of G layers, as measured on one device. In lockstep, step
+    t lasts as long as the slowest rank's call, plus hop_seconds when a segment crosses a
+    boundary after it (the receiver needs it for the next step). world_size=1: the diagonal
+    executor on one device."""
+    cost = step_cost.__getitem__ if isinstance(step_cost, Mapping) else step_cost
+    sched._check_sizes(L, S)
+    spans = split_layers(L, world_size, split)
+    sizes = rank_group_sizes(L, S, spans)
+    hops = hop_steps(S, spans)
+    return sum(max(cost(row[t]) for row in sizes if row[t] > 0) + (hop_seconds if hops[t] else 0.0)
+               for t in range(L + S - 1))
+
+
+def measure_step_costs(model: ARMT, input_ids: torch.Tensor, repeats: int = 3) -> dict[int, float]:
+    """{G: median seconds of a diagonal step of G layers}, timed here through DiagonalExecutor's
+    on_step hook (a step's time includes its share of the executor's own work)."""
+    ex = DiagonalExecutor(model)
+    times: dict[int, list[float]] = {}
+    for _ in range(repeats):
+        last = [time.perf_counter()]
+
+        def on_step(t, cells):
+            now = time.perf_counter()
+            times.setdefault(len(cells), []).append(now - last[0])
+            last[0] = now
+        with torch.no_grad():
+            ex(input_ids, keep_logits="none", on_step=on_step)
+    return {g: statistics.median(ts) for g, ts in sorted(times.items())}
+
+
+# ---- figures (the lead moves these to viz) --------------------------------------------------
+RANK_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999")
+
+
+def pipeline_figure(L: int, S: int, world_size: int = 2, split: Sequence[int] | None = None):
+    """Two panels: the L x S grid coloured by the rank that owns each layer, each cell labelled
+    with the step it runs in; below, each rank's busy layers per step (blank = idle), where the
+    pipeline's fill and drain show as the idle corners."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+    spans = split_layers(L, world_size, split)
+    if world_size > len(RANK_COLOURS):
+        raise ValueError(f"pipeline_figure draws at most {len(RANK_COLOURS)} ranks, got {world_size}")
+    owner = [r for r, (a, b) in enumerate(spans) for _ in range(a, b)]
+    P, steps = world_size, L + S - 1
+    scale = [[v, RANK_COLOURS[int(min(v * P, P - 1))]] for r in range(P) for v in (r / P, (r + 1) / P)]
+    fig = make_subplots(rows=2, cols=1, row_heights=[0.65, 0.35], vertical_spacing=0.14,
+                        subplot_titles=(f"{L} layers × {S} segments on {P} ranks: cell = step it runs in",
+                                        "busy layers per rank and step (blank: idle — fill and drain)"))
+    fig.add_trace(go.Heatmap(
+        z=[[owner[l]] * S for l in range(L)], x=list(range(S)), y=list(range(L)), colorscale=scale, zmin=0,
+        zmax=P, showscale=False, xgap=1, ygap=1, text=[[str(l + s) for s in range(S)] for l in range(L)],
+        texttemplate="%{text}" if L * S <= 600 else None,
+        hovertemplate="layer %{y}, segment %{x}: rank %{z}, step %{text}<extra></extra>"), row=1, col=1)
+    sizes = rank_group_sizes(L, S, spans)
+    fig.add_trace(go.Heatmap(
+        z=[[r if g else None for g in row] for r, row in enumerate(sizes)], x=list(range(steps)),
+        y=[f"rank {r}" for r in range(P)], colorscale=scale, zmin=0, zmax=P, showscale=False, xgap=1, ygap=1,
+        text=[[str(g) if g else "" for g in row] for row in sizes], texttemplate="%{text}",
+        hovertemplate="%{y}, step %{x}: %{text} layers busy<extra></extra>"), row=2, col=1)
+    for r, (a, b) in enumerate(spans):   # rank labels on the grid, so colour is not the only cue
+        fig.add_annotation(x=1, xref="x domain", y=(a + b - 1) / 2, yref="y", text=f"rank {r}: layers {a}–{b - 1}",
+                           showarrow=False, xanchor="left", xshift=6)
+        if r:
+            fig.add_hline(y=a - 0.5, line=dict(color="black", width=3), row=1, col=1)
+    fig.update_xaxes(title_text="segment s", range=[-0.5, S - 0.5], row=1, col=1)
+    fig.update_yaxes(title_text="layer l", dtick=1 if L <= 16 else None, row=1, col=1)
+    fig.update_xaxes(title_text="step t", range=[-0.5, steps - 0.5], row=2, col=1)
+    fig.update_layout(template="plotly_white", height=260 + 30 * L + 30 * P, margin=dict(l=60, r=170, t=60, b=40))
+    return fig
+
+
 # ---- entry point: torchrun (real runs) and the helper's ranks ------------------------------
 def _source(args, world_size: int):
     """(base config, ARMT config, dtype, spans, this rank's tensors, the full model or None).

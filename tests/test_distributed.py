@@ -100,3 +100,43 @@ def test_timeout_kills_the_ranks():
     with pytest.raises(TimeoutError, match="did not finish within timeout=0.5 s"):
         dd.pipeline_forward(live_model(layers=2), random_ids(1, 16), world_size=2, timeout=0.5)
     assert psutil.Process().children(recursive=True) == []
+
+
+# ---- cost model, on cases computed by hand ----------------------------------------------------
+def test_group_sizes_and_hops_by_hand():
+    spans = dd.split_layers(4, 2)                               # rank 0: layers 0-1, rank 1: layers 2-3
+    assert dd.rank_group_sizes(4, 4, spans) == [[1, 2, 2, 2, 1, 0, 0], [0, 0, 1, 2, 2, 2, 1]]
+    assert dd.hop_steps(4, spans) == [0, 1, 1, 1, 1, 0, 0]     # segment s leaves layer 1 at step 1 + s
+    assert dd.rank_group_sizes(4, 4, [(0, 4)]) == [[1, 2, 3, 4, 3, 2, 1]]
+
+
+def test_pipeline_cost_by_hand():
+    c = dd.pipeline_cost(L=8, S=16, world_size=2, B=1, T=40, d=128)
+    assert c.steps == 23 and c.busy_steps == (19, 19)
+    assert c.bubble == pytest.approx(4 / 23)                    # (L - k) / (L + S - 1), k = 4
+    assert c.hop_bytes == 40 * 128 * 4 and c.total_bytes == 16 * 40 * 128 * 4
+    assert c.max_bytes_per_step == c.hop_bytes                  # one boundary: one segment per step
+    four = dd.pipeline_cost(L=8, S=5, world_size=4, B=2, T=40, d=128, bytes_per_value=2)
+    assert four.busy_steps == (6, 6, 6, 6) and four.bubble == pytest.approx(0.5)   # 24 of 4 x 12 steps
+    assert four.hop_bytes == 2 * 40 * 128 * 2
+    assert four.max_bytes_per_step == 3 * four.hop_bytes        # step 5: all three boundaries carry one
+    assert dd.pipeline_cost(L=8, S=16, world_size=1, B=1, T=40, d=128).bubble == 0
+
+
+def test_expected_latency_by_hand():
+    linear, flat = (lambda g: float(g)), (lambda g: 1.0)
+    assert dd.expected_latency(linear, 4, 4) == 16               # one device: 1+2+3+4+3+2+1
+    assert dd.expected_latency(linear, 4, 4, world_size=2) == 12  # max over ranks: 1,2,2,2,2,2,1
+    assert dd.expected_latency(flat, 4, 4, world_size=2) == 7     # overhead-bound: no gain
+    assert dd.expected_latency(flat, 4, 4, world_size=2, hop_seconds=0.5) == 9   # 4 hops on the path
+    assert dd.expected_latency({1: 1.0, 2: 1.5, 3: 2.0, 4: 2.5}, 4, 4) == 1 + 1.5 + 2 + 2.5 + 2 + 1.5 + 1
+
+
+def test_pipeline_figure_colours_by_rank_and_shows_fill_and_drain():
+    fig = dd.pipeline_figure(4, 3, world_size=2, split=[1, 3])
+    grid, busy = fig.data
+    assert [row[0] for row in grid.z] == [0, 1, 1, 1]           # layer -> rank
+    assert grid.text[2][1] == "3"                                # cell (2, 1) runs at step 3
+    assert [list(r) for r in busy.text] == [["1", "1", "1", "", "", ""], ["", "1", "2", "3", "2", "1"]]
+    with pytest.raises(ValueError, match="world_size 5 > 4 layers"):
+        dd.pipeline_figure(4, 3, world_size=5)
