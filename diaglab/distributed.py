@@ -495,17 +495,21 @@ def expected_latency(step_cost: Callable[[int], float] | Mapping[int, float], L:
 
 def measure_step_costs(model: ARMT, input_ids: torch.Tensor, repeats: int = 3) -> dict[int, float]:
     """{G: median seconds of a diagonal step of G layers}, timed here through DiagonalExecutor's
-    on_step hook (a step's time includes its share of the executor's own work)."""
+    on_step hook after one warm-up call. A step's time includes its share of the executor's own
+    work (embedding its segment, stacking); step 0, which also carries the call's input checks,
+    is left out."""
     ex = DiagonalExecutor(model)
     times: dict[int, list[float]] = {}
-    for _ in range(repeats):
-        last = [time.perf_counter()]
+    with torch.no_grad():
+        ex(input_ids, keep_logits="none")
+        for _ in range(repeats):
+            last = [0.0]
 
-        def on_step(t, cells):
-            now = time.perf_counter()
-            times.setdefault(len(cells), []).append(now - last[0])
-            last[0] = now
-        with torch.no_grad():
+            def on_step(t, cells):
+                now = time.perf_counter()
+                if t > 0:
+                    times.setdefault(len(cells), []).append(now - last[0])
+                last[0] = now
             ex(input_ids, keep_logits="none", on_step=on_step)
     return {g: statistics.median(ts) for g, ts in sorted(times.items())}
 

@@ -73,6 +73,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default="data/bench/cpu_pipeline.json")
     args = p.parse_args()
+    load_before = os.getloadavg()   # this machine is shared: say how busy it was
     model = diaglab.randomize_memory_(diaglab.from_preset(args.preset, seed=0), seed=1).eval()
     n = model.config.segment_size
     records = []
@@ -93,10 +94,12 @@ def main() -> None:
     out = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
            "preset": args.preset, "layers": model.num_layers, "segment": f"{n} + {model.config.num_mem_tokens}",
            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-           "cores": os.cpu_count(), "records": records}
+           "cores": os.cpu_count(), "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
+           "records": records}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"$ {out['command']}")
+    print(f"$ {out['command']}   (load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after, "
+          f"{os.cpu_count()} cores)")
     print("| tokens | S | 1 proc x 1 thread | 1 proc x 2 threads | 2 procs x 1 thread (pipeline) "
           "| pipeline / (1 x 2) | torchrun command, start-up included |")
     print("|---|---|---|---|---|---|---|")
