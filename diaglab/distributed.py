@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from . import schedule as sched
+from ._checks import check_int
 from .armt import ARMT, ARMTOutput
 from .diagonal import DiagonalExecutor, check_no_dropout
 from .memory import MemoryState, first_after_write
@@ -60,19 +61,18 @@ Span = tuple[int, int]   # a rank's layers [a, b)
 def split_layers(L: int, world_size: int, split: Sequence[int] | None = None) -> list[Span]:
     """The ranks' blocks of layers [(a, b), ...]: even by default (the first L % P ranks take
     one layer more), or `split`, the number of layers of each rank (e.g. [3, 5])."""
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    check_int("L (layers)", L, 1)
+    check_int("world_size", world_size, 1)
     if world_size > L:
         raise ValueError(f"world_size {world_size} > {L} layers: every rank needs at least one layer; "
                          f"use world_size <= {L}")
-    if split is None:
-        q, r = divmod(L, world_size)
-        split = [q + (i < r) for i in range(world_size)]
-    split = list(split)
-    if len(split) != world_size or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in split) \
-            or sum(split) != L:
+    q, r = divmod(L, world_size)
+    even = [q + (i < r) for i in range(world_size)]
+    split = even if split is None else list(split)
+    if len(split) != world_size or sum(split) != L or \
+            any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in split):
         raise ValueError(f"split {split} must give each of the {world_size} ranks an int >= 1 layers, "
-                         f"{L} in all (e.g. {[L // world_size] * (world_size - 1) + [L - L // world_size * (world_size - 1)]})")
+                         f"{L} in all (e.g. {even})")
     bounds = [0]
     for k in split:
         bounds.append(bounds[-1] + k)
@@ -157,11 +157,13 @@ def grouped_cells(step: Callable, layers, X: torch.Tensor, rows: list[SegmentRow
 class Link:
     """Point-to-point traffic of one rank, every wait bounded by `timeout` seconds."""
     rank: int
-    world_size: int
     timeout: float
     pending: list = field(default_factory=list)   # (work, tensor) of sends not yet known complete
 
     def send(self, t: torch.Tensor, dst: int, tag: int = 0) -> None:
+        """Start sending t; it stays referenced until sent (finished sends are dropped here, so
+        a rank far ahead of the next one holds only what is still in flight)."""
+        self.pending = [(w, x) for w, x in self.pending if not w.is_completed()]
         t = t.contiguous()
         self.pending.append((dist.isend(t, dst, tag=tag), t))
 
@@ -216,7 +218,8 @@ def run_stage(block: ARMT, span: Span, L: int, seg: Segmented, link: Link,
             hidden[s] = Y[g]
         if hi == b - a - 1:  # 3. the top layer's segment leaves the block
             s = cells[-1][1]
-            out, _ = hidden.pop(s), tables.pop(s)
+            out = hidden.pop(s)
+            del tables[s]
             if outputs is None:
                 link.send(out, dst=link.rank + 1)
             elif outputs.wanted(s):
@@ -264,7 +267,7 @@ def pipeline_rank(block: ARMT, spans: list[Span], input_ids, attention_mask=None
     the stage, then the gather. Returns the output on rank 0, None elsewhere."""
     rank = dist.get_rank()
     L = spans[-1][1]
-    link = Link(rank, len(spans), timeout)
+    link = Link(rank, timeout)
     with torch.no_grad():
         seg, _ = block.prepare(input_ids, attention_mask, labels)
         outputs, state = run_stage(block, spans[rank], L, seg, link,

@@ -4,7 +4,12 @@ failures that stop every rank, and the cost model on hand-computed cases.
 The runs start 2 gloo processes on 127.0.0.1; each start costs seconds (every process imports
 torch), so the exactness cases share one start (pipeline_map)."""
 
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -43,6 +48,7 @@ def test_split_even_by_default_and_explicit():
     (2, [3, 0], "int >= 1"),
     (2, [1, 1, 1], "each of the 2 ranks"),
     (0, None, "world_size must be an int >= 1"),
+    (2, [1.5, 1.5], "int >= 1 layers"),
 ])
 def test_bad_split_is_a_value_error(world_size, split, match):
     with pytest.raises(ValueError, match=match):
@@ -82,7 +88,8 @@ def test_pipeline_equals_one_process():
              dict(input_ids=random_ids(1, 48, seed=3), labels=random_ids(1, 48, seed=4))]   # S = 6 > L = 3
     outs = dd.pipeline_map(model, calls, world_size=2, split=[1, 2], timeout=120)
     for call, out in zip(calls, outs):
-        ref = model(**call)
+        with torch.no_grad():
+            ref = model(**call)
         assert float(ref.state.W_mem.abs().amax(dim=(1, 2, 3)).min()) > 0   # every layer wrote memory
         _assert_same(out, ref)
 
@@ -140,3 +147,19 @@ def test_pipeline_figure_colours_by_rank_and_shows_fill_and_drain():
     assert [list(r) for r in busy.text] == [["1", "1", "1", "", "", ""], ["", "1", "2", "3", "2", "1"]]
     with pytest.raises(ValueError, match="world_size 5 > 4 layers"):
         dd.pipeline_figure(4, 3, world_size=5)
+
+
+def test_torchrun_entry_point_loads_blocks_from_a_checkpoint(tmp_path):
+    """torchrun, 2 ranks, each reading only its tensors from a save_pretrained directory (tied
+    embeddings: the last rank's LM head is the embedding); --check asserts against one process."""
+    live_model(layers=3, segment_size=8, tie_word_embeddings=True).save_pretrained(tmp_path / "ckpt")
+    root = Path(dd.__file__).resolve().parents[1]
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node=2", "-m",
+           "diaglab.distributed", "--checkpoint", str(tmp_path / "ckpt"), "--tokens", "20", "--batch", "2",
+           "--split", "2,1", "--check", "--json", str(tmp_path / "report.json")]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    subprocess.run(cmd, check=True, env=env, timeout=120, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["spans"] == [[0, 2], [2, 3]] and report["segments"] == 3
+    assert max(report["relative_errors"]["diagonal"].values()) <= 1e-5
+    assert max(report["relative_errors"]["sequential"].values()) <= 1e-5
