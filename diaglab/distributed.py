@@ -2,7 +2,7 @@
 segments flowing from rank to rank, on torch.distributed (gloo on CPU, NCCL on GPUs).
 
 The diagonal schedule is pipeline parallelism in time: at step t layer l works on segment
-t - l (design §3). Give rank r the layers [a_r, b_r) and the same grid becomes a pipeline
+t - l (Diagonal Batching, arXiv 2506.05229). Give rank r the layers [a_r, b_r) and the same grid becomes a pipeline
 in space. A rank keeps its own layers' memories (the horizontal edges never leave it) and
 runs its layers diagonally, grouped (grouped.grouped_layer on its block); the vertical edge
 between its top layer and the next rank's bottom layer is one hidden-state block
@@ -51,6 +51,7 @@ from . import schedule as sched
 from ._checks import check_int
 from .armt import ARMT, ARMTOutput
 from .diagonal import DiagonalExecutor, check_no_dropout
+from .grouped import ungroupable
 from .memory import MemoryState, first_after_write
 from .segments import Segmented, SegmentOutputs, SegmentRows, positions_and_mask, segment_rows, stack_rows
 
@@ -372,6 +373,14 @@ def pipeline_map(model: ARMT, calls: Sequence[Mapping], world_size: int = 2, bac
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' (CPU) or 'nccl' (one GPU per rank), got {backend!r}")
     spans = split_layers(model.num_layers, world_size, split)
+    check_no_dropout(model)
+    lost = ungroupable(model) + [f"{name} is parametrized" for name, m in model.named_modules()
+                                 if torch.nn.utils.parametrize.is_parametrized(m)]
+    if lost:
+        raise ValueError(f"pipeline_forward rebuilds each rank's layers from the model's state_dict, which would "
+                         f"drop what the model's own modules add: {'; '.join(lost[:3])} ({len(lost)} in all). "
+                         "Remove the hooks, merge adapters and parametrizations into the weights "
+                         "(torch.nn.utils.parametrize.remove_parametrizations), or run in one process")
     cpu = lambda t: None if t is None else t.detach().cpu()   # noqa: E731
     inputs = []
     for call in calls:

@@ -57,6 +57,17 @@ def test_bad_split_is_a_value_error(world_size, split, match):
         dd.pipeline_forward(live_model(layers=3), random_ids(1, 8), world_size=world_size, split=split)
 
 
+def test_what_the_ranks_could_not_rebuild_is_refused():
+    model = live_model(layers=2)
+    handle = model.base.model.layers[1].mlp.register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(ValueError, match=r"base.model.layers.1.mlp has hooks.*Remove the hooks"):
+        dd.pipeline_forward(model, random_ids(1, 8))
+    handle.remove()
+    torch.nn.utils.parametrize.register_parametrization(model.assoc[0].W_mv, "weight", torch.nn.Identity())
+    with pytest.raises(ValueError, match="assoc.0.W_mv is parametrized"):
+        dd.pipeline_forward(model, random_ids(1, 8))
+
+
 # ---- one rank's block -------------------------------------------------------------------------
 def test_block_model_holds_only_its_layers():
     model = live_model(layers=3)
