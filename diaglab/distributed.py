@@ -660,7 +660,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 description="One rank of an ARMT pipeline; start P of them with torchrun "
                                             "--nproc-per-node P. Rank 0 prints a JSON report.")
     p.add_argument("--job", help=argparse.SUPPRESS)   # a rank started by pipeline_forward
-    p.add_argument("--preset", default="tiny", help="model size (diaglab.PRESETS), random weights, live memory")
+    p.add_argument("--preset", default="tiny", help="model size (diaglab.PRESETS), random weights, live memory; "
+                                                     "each rank builds it once and keeps only its block")
     p.add_argument("--checkpoint", help="a directory written by ARMT.save_pretrained (instead of --preset); "
                                         "each rank reads only its own tensors")
     p.add_argument("--tokens", type=int, default=1024, help="tokens per row (random ids)")
