@@ -35,7 +35,7 @@ def _markdown(nb) -> list[str]:
 def test_the_suite_is_there():
     names = [p.name for p in NOTEBOOKS]
     for expected in ("00_welcome.ipynb", "01_rmt_from_scratch.ipynb", "02_armt_from_scratch.ipynb",
-                     "03_the_grid.ipynb", "04_diagonal_batching.ipynb"):
+                     "03_the_grid.ipynb", "04_diagonal_batching.ipynb", "08_beyond_one_device.ipynb"):
         assert expected in names, f"notebooks/{expected} is missing"
 
 
