@@ -131,8 +131,9 @@ class ARMT(nn.Module):
 
     def check_dtypes(self) -> None:
         """Raise unless the weights share one dtype (W_mem and z keep config.memory_dtype)."""
-        parts = {"memory": self.memory.dtype, "base.model.embed_tokens": self.base.model.embed_tokens.weight.dtype,
-                 "assoc.0.W_mq": self.assoc[0].W_mq.weight.dtype}
+        embed = self.base.model.embed_tokens   # None on a pipeline rank that does not embed
+        parts = {"memory": self.memory.dtype, "assoc.0.W_mq": self.assoc[0].W_mq.weight.dtype,
+                 **({} if embed is None else {"base.model.embed_tokens": embed.weight.dtype})}
         if len(set(parts.values())) > 1:
             found = ", ".join(f"{k} {str(v).removeprefix('torch.')}" for k, v in parts.items())
             raise TypeError(f"the model's weights have different dtypes ({found}); both execution orders run "

@@ -50,10 +50,10 @@ import torch.distributed as dist
 from . import schedule as sched
 from ._checks import check_int
 from .armt import ARMT, ARMTOutput
-from .diagonal import DiagonalExecutor, check_no_dropout
+from .diagonal import DiagonalExecutor, check_no_dropout, grouped_cells
 from .grouped import ungroupable
-from .memory import MemoryState, first_after_write
-from .segments import Segmented, SegmentOutputs, SegmentRows, positions_and_mask, segment_rows, stack_rows
+from .memory import MemoryState
+from .segments import Segmented, SegmentOutputs, SegmentRows, positions_and_mask, segment_rows
 
 Span = tuple[int, int]   # a rank's layers [a, b)
 
@@ -141,17 +141,6 @@ def segment_tables(block: ARMT, seg: Segmented, s: int, X: torch.Tensor) -> Segm
     probe = block.memory[:0]          # rotary_emb reads only its first argument's dtype and device
     cos, sin = block.base.model.rotary_emb(probe, pos)
     return SegmentRows(X, n, cos, sin, mask, seg.write_mask(s))
-
-
-def grouped_cells(step: Callable, layers, X: torch.Tensor, rows: list[SegmentRows], state: MemoryState,
-                  lo: int, hi: int, n_text: int, read: bool) -> tuple[torch.Tensor, MemoryState]:
-    """Layers lo..hi on their segments as one grouped call: X (G, B, T, d) -> (Y (G, B, T, d),
-    the state with those layers' memories replaced)."""
-    cos, sin, mask, wmask = stack_rows(rows)
-    mem, z, first = state.layers(lo, hi)
-    Y, mem, z = step(X, layers=layers, lo=lo, hi=hi, n_text=n_text, cos=cos, sin=sin, mask=mask,
-                     W_mem=mem, z=z, is_first=first, write_mask=wmask, read=read)
-    return Y, state.replace(lo, hi, mem, z, first_after_write(first, wmask))
 
 
 @dataclass
@@ -524,48 +513,6 @@ def measure_step_costs(model: ARMT, input_ids: torch.Tensor, repeats: int = 3) -
                 last[0] = now
             ex(input_ids, keep_logits="none", on_step=on_step)
     return {g: statistics.median(ts) for g, ts in sorted(times.items())}
-
-
-# ---- figures (the lead moves these to viz) --------------------------------------------------
-RANK_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999")
-
-
-def pipeline_figure(L: int, S: int, world_size: int = 2, split: Sequence[int] | None = None):
-    """Two panels: the L x S grid coloured by the rank that owns each layer, each cell labelled
-    with the step it runs in; below, each rank's busy layers per step (blank = idle), where the
-    pipeline's fill and drain show as the idle corners."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-    spans = split_layers(L, world_size, split)
-    if world_size > len(RANK_COLOURS):
-        raise ValueError(f"pipeline_figure draws at most {len(RANK_COLOURS)} ranks, got {world_size}")
-    owner = [r for r, (a, b) in enumerate(spans) for _ in range(a, b)]
-    P, steps = world_size, L + S - 1
-    scale = [[v, RANK_COLOURS[int(min(v * P, P - 1))]] for r in range(P) for v in (r / P, (r + 1) / P)]
-    fig = make_subplots(rows=2, cols=1, row_heights=[0.65, 0.35], vertical_spacing=0.14,
-                        subplot_titles=(f"{L} layers × {S} segments on {P} ranks: cell = step it runs in",
-                                        "busy layers per rank and step (blank: idle — fill and drain)"))
-    fig.add_trace(go.Heatmap(
-        z=[[owner[l]] * S for l in range(L)], x=list(range(S)), y=list(range(L)), colorscale=scale, zmin=0,
-        zmax=P, showscale=False, xgap=1, ygap=1, text=[[str(l + s) for s in range(S)] for l in range(L)],
-        texttemplate="%{text}" if L * S <= 600 else None,
-        hovertemplate="layer %{y}, segment %{x}: rank %{z}, step %{text}<extra></extra>"), row=1, col=1)
-    sizes = rank_group_sizes(L, S, spans)
-    fig.add_trace(go.Heatmap(
-        z=[[r if g else None for g in row] for r, row in enumerate(sizes)], x=list(range(steps)),
-        y=[f"rank {r}" for r in range(P)], colorscale=scale, zmin=0, zmax=P, showscale=False, xgap=1, ygap=1,
-        text=[[str(g) if g else "" for g in row] for row in sizes], texttemplate="%{text}",
-        hovertemplate="%{y}, step %{x}: %{text} layers busy<extra></extra>"), row=2, col=1)
-    for r, (a, b) in enumerate(spans):   # rank labels on the grid, so colour is not the only cue
-        fig.add_annotation(x=1, xref="x domain", y=(a + b - 1) / 2, yref="y", text=f"rank {r}: layers {a}–{b - 1}",
-                           showarrow=False, xanchor="left", xshift=6)
-        if r:
-            fig.add_hline(y=a - 0.5, line=dict(color="black", width=3), row=1, col=1)
-    fig.update_xaxes(title_text="segment s", range=[-0.5, S - 0.5], row=1, col=1)
-    fig.update_yaxes(title_text="layer l", dtick=1 if L <= 16 else None, row=1, col=1)
-    fig.update_xaxes(title_text="step t", range=[-0.5, steps - 0.5], row=2, col=1)
-    fig.update_layout(template="plotly_white", height=260 + 30 * L + 30 * P, margin=dict(l=60, r=170, t=60, b=40))
-    return fig
 
 
 # ---- entry point: torchrun (real runs) and the helper's ranks ------------------------------

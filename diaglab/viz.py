@@ -622,3 +622,46 @@ def roofline_figure(rows: list[dict], x: str = "tokens") -> go.Figure:
                       title=f"Against the machine's own limit: {m['cpu']} ({m['cpu_capability']}, {m['threads']} "
                             "threads)")
     return fig
+
+
+# --- beyond one device: the grid split over ranks --------------------------------------------
+RANK_COLOURS = tuple(PALETTE[c] for c in ("orange", "sky", "green", "yellow", "blue", "vermillion", "purple", "grey"))
+
+
+def pipeline_figure(L: int, S: int, world_size: int = 2, split: Sequence[int] | None = None):
+    """Two panels: the L x S grid coloured by the rank that owns each layer, each cell labelled
+    with the step it runs in; below, each rank's busy layers per step (blank = idle), where the
+    pipeline's fill and drain show as the idle corners."""
+    from plotly.subplots import make_subplots
+
+    from .distributed import rank_group_sizes, split_layers
+    spans = split_layers(L, world_size, split)
+    if world_size > len(RANK_COLOURS):
+        raise ValueError(f"pipeline_figure draws at most {len(RANK_COLOURS)} ranks, got {world_size}")
+    owner = [r for r, (a, b) in enumerate(spans) for _ in range(a, b)]
+    P, steps = world_size, L + S - 1
+    scale = [[v, RANK_COLOURS[int(min(v * P, P - 1))]] for r in range(P) for v in (r / P, (r + 1) / P)]
+    fig = make_subplots(rows=2, cols=1, row_heights=[0.65, 0.35], vertical_spacing=0.14,
+                        subplot_titles=(f"{L} layers × {S} segments on {P} ranks: cell = step it runs in",
+                                        "busy layers per rank and step (blank: idle — fill and drain)"))
+    fig.add_trace(go.Heatmap(
+        z=[[owner[l]] * S for l in range(L)], x=list(range(S)), y=list(range(L)), colorscale=scale, zmin=0,
+        zmax=P, showscale=False, xgap=1, ygap=1, text=[[str(l + s) for s in range(S)] for l in range(L)],
+        texttemplate="%{text}" if L * S <= 600 else None,
+        hovertemplate="layer %{y}, segment %{x}: rank %{z}, step %{text}<extra></extra>"), row=1, col=1)
+    sizes = rank_group_sizes(L, S, spans)
+    fig.add_trace(go.Heatmap(
+        z=[[r if g else None for g in row] for r, row in enumerate(sizes)], x=list(range(steps)),
+        y=[f"rank {r}" for r in range(P)], colorscale=scale, zmin=0, zmax=P, showscale=False, xgap=1, ygap=1,
+        text=[[str(g) if g else "" for g in row] for row in sizes], texttemplate="%{text}",
+        hovertemplate="%{y}, step %{x}: %{text} layers busy<extra></extra>"), row=2, col=1)
+    for r, (a, b) in enumerate(spans):   # rank labels on the grid, so colour is not the only cue
+        fig.add_annotation(x=1, xref="x domain", y=(a + b - 1) / 2, yref="y", text=f"rank {r}: layers {a}–{b - 1}",
+                           showarrow=False, xanchor="left", xshift=6)
+        if r:
+            fig.add_hline(y=a - 0.5, line=dict(color="black", width=3), row=1, col=1)
+    fig.update_xaxes(title_text="segment s", range=[-0.5, S - 0.5], row=1, col=1)
+    fig.update_yaxes(title_text="layer l", dtick=1 if L <= 16 else None, row=1, col=1)
+    fig.update_xaxes(title_text="step t", range=[-0.5, steps - 0.5], row=2, col=1)
+    fig.update_layout(template=_TEMPLATE, height=260 + 30 * L + 30 * P, margin=dict(l=60, r=170, t=60, b=40))
+    return fig

@@ -17,6 +17,7 @@ import torch
 
 from conftest import live_model, random_ids, rel
 from diaglab import distributed as dd
+from diaglab import viz
 
 
 def _assert_same(out, ref, tol=1e-5):
@@ -151,13 +152,13 @@ def test_expected_latency_by_hand():
 
 
 def test_pipeline_figure_colours_by_rank_and_shows_fill_and_drain():
-    fig = dd.pipeline_figure(4, 3, world_size=2, split=[1, 3])
+    fig = viz.pipeline_figure(4, 3, world_size=2, split=[1, 3])
     grid, busy = fig.data
     assert [row[0] for row in grid.z] == [0, 1, 1, 1]           # layer -> rank
     assert grid.text[2][1] == "3"                                # cell (2, 1) runs at step 3
     assert [list(r) for r in busy.text] == [["1", "1", "1", "", "", ""], ["", "1", "2", "3", "2", "1"]]
     with pytest.raises(ValueError, match="world_size 5 > 4 layers"):
-        dd.pipeline_figure(4, 3, world_size=5)
+        viz.pipeline_figure(4, 3, world_size=5)
 
 
 def test_torchrun_entry_point_loads_blocks_from_a_checkpoint(tmp_path):

@@ -259,5 +259,5 @@ def test_state_tensors_are_checked_by_name(model, tensor, change, match):
 def test_mixed_weight_dtypes_are_refused_by_name(model):
     model.base.to(torch.bfloat16)                     # memory and assoc stay float32
     for run in (model, DiagonalExecutor(model)):
-        with pytest.raises(TypeError, match=r"different dtypes \(memory float32, base.model.embed_tokens bfloat16"):
+        with pytest.raises(TypeError, match=r"different dtypes \(memory float32, assoc.0.W_mq float32, base.model.embed_tokens bfloat16"):
             run(random_ids(1, 10))
