@@ -42,7 +42,9 @@ class ScheduleExplorer:
         self.segments = widgets.IntSlider(value=S, min=1, max=128, description="S (segments)",
                                            style={"description_width": "initial"})
         self.order = widgets.Dropdown(options=list(ORDERS), value=order, description="schedule")
-        self.step = widgets.IntSlider(value=0, min=0, max=1, description="step")
+        # wide enough that one step is a few pixels even at S = 128 (135 diagonal steps, 1024 sequential)
+        self.step = widgets.IntSlider(value=0, min=0, max=1, description="step",
+                                      layout=widgets.Layout(width="720px"))
         self.play = widgets.Play(value=0, min=0, max=1, interval=400, description="play")
         widgets.link((self.play, "value"), (self.step, "value"))
         widgets.link((self.play, "max"), (self.step, "max"))

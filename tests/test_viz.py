@@ -294,3 +294,9 @@ def test_long_orders_are_strided():
     assert len(seq.to_json()) < 2_000_000 and len(both.to_json()) < 4_000_000
     assert viz.frame_steps(10, 300) == list(range(10))
     assert viz.frame_steps(10, 4) == [0, 3, 6, 9]
+
+
+def test_explorer_step_slider_is_wide_enough_for_long_schedules():
+    from diaglab import widgets
+    ex = widgets.schedule_explorer(L=8, S=128)
+    assert ex.step.max == 8 + 128 - 1 and int(ex.step.layout.width.removesuffix("px")) >= 5 * ex.step.max
