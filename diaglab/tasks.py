@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import check_int
+from .stories import StoryBatch, StoryVocab, qa1_single_fact   # BABILong-style QA (diaglab.stories)
 
 
 @dataclass(frozen=True)
