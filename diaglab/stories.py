@@ -7,16 +7,23 @@ This is a BABILong-style generator, not BABILong: the distractor sentences are s
 our own, and the text lives in a word-level vocabulary of a few dozen words.
 
   qa1_single_fact   QA1, single supporting fact: people move between locations
-                    ("Mary went to the kitchen."); the question "where is Mary?" is answered
-                    by that person's LATEST location, so a memory must overwrite what it
-                    stored: the reason ARMT's delta rule exists.
+                    ("Mary went to the kitchen."); the question "So where is Mary kitchen."
+                    is answered (kitchen) by that person's LATEST location, so a memory must
+                    overwrite what it stored: the reason ARMT's delta rule exists.
 
 A story is S segments of n = 6 * K tokens: K sentence slots of 6 words each. The facts sit
 in random slots of the first S - 1 segments, in time order, at most one per segment (so
 "latest" is decided by the memory's overwrite, not inside one segment's attention); every
-other slot holds a distractor; the last segment is K - 1 distractors and the question `where is NAME ? LOC .`,
-whose LOC is the answer (the only labelled token). A question segment holds no fact, so a
-model that sees it alone (memory zeroed) can only guess: chance = 1 / number of locations.
+other slot holds a distractor; the last segment is K - Q distractors and Q questions `so where is NAME LOC .`, whose
+LOC is the answer (the only labelled token). A question segment holds no fact, so a model
+that sees it alone (memory zeroed) can only guess: chance = 1 / number of locations.
+
+Why the answer follows the name, not a `?`: the row that predicts the answer is then the
+name's own row, whose associative read can use the name as its query in the first layer.
+With `where is NAME ? LOC` the `?` row predicts, and a 2-layer model must first move the
+name there; in our CPU pilots such models stayed at "the latest move of anyone" (about 75 %
+at 3 segments, chance further out) for 2,000+ steps, while the name-first form got past it
+in about 1,250 steps. BABILong asks its questions in free text; this is a toy's concession.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ class StoryVocab:
     """The word-level vocabulary and its tokenizer: every word one id, ids in a fixed order."""
 
     words: tuple[str, ...] = (FUNCTION + NAMES + LOCATIONS + MOVES + ADJECTIVES + NOUNS + ACTIONS
-                              + OBJECT_VERBS + ADVERBS)
+                              + OBJECT_VERBS + ADVERBS + ("so",))   # "so" opens a question
 
     def __post_init__(self):
         if len(set(self.words)) != len(self.words):
@@ -128,11 +135,16 @@ class StoryBatch:
     def num_segments(self) -> int:
         return self.input_ids.shape[1] // self.segment_size
 
-    def text(self, i: int) -> str:
-        """Story i as text, one segment per line."""
-        n = self.segment_size
-        return "\n".join(self.vocab.decode(self.input_ids[i, s * n:(s + 1) * n].tolist())
-                         for s in range(self.num_segments))
+    def text(self, i: int, mark: bool = False) -> str:
+        """Story i as text, one segment per line; mark=True puts [brackets] around its facts
+        and its questions."""
+        ids = self.input_ids[i].tolist()
+        marked = set(self.fact_pos[i].tolist()) | {p - 4 for p in self.answer_pos[i].tolist()}
+        sentences = [self.vocab.decode(ids[a:a + SENTENCE]) for a in range(0, len(ids), SENTENCE)]
+        if mark:
+            sentences = [f"[{t}]" if SENTENCE * j in marked else t for j, t in enumerate(sentences)]
+        per_line = self.segment_size // SENTENCE
+        return "\n".join(" ".join(sentences[a:a + per_line]) for a in range(0, len(sentences), per_line))
 
     def prompt(self, i: int) -> torch.Tensor:
         """Story i cut just before its answer: (1, answer_pos), the generation prompt."""
@@ -205,7 +217,8 @@ def qa1_single_fact(batch_size: int, num_segments: int, sentences_per_segment: i
     asked_name = name_ids[cast.gather(1, asked)]                                             # (B, Q)
     answer = loc_ids[where.gather(1, latest)]                                                # (B, Q)
     const = lambda w: torch.full_like(asked_name, w)                                        # noqa: E731
-    text[:, S * K - Q:] = torch.stack([const(where_), const(is_), asked_name, const(qm), answer, const(dot)],
+    so = vocab.ids(["so"])[0]
+    text[:, S * K - Q:] = torch.stack([const(so), const(where_), const(is_), asked_name, answer, const(dot)],
                                       -1)                                                    # (B, Q, 6)
     ids = text.reshape(B, S * n)                                                             # (B, N)
     answer_pos = S * n - SENTENCE * (Q - 1 - torch.arange(Q)).expand(B, Q) - 2              # (B, Q)
