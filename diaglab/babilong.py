@@ -9,8 +9,8 @@ a longer context means more distractor text around the same story.
 
 Evaluation, on held-out seeds, at S = the training length times 1, 2, 4, 8, 16, 32:
 accuracy with memory; with memory zeroed (the question segment alone: chance = 1/6);
-whether the diagonal order predicts exactly what the sequential order does; and the wall
-time of each order over the whole evaluation.
+whether the diagonal order predicts exactly what the sequential order does; and the CPU
+(and wall) time of each order over the whole evaluation, one story per call by default.
 
 Commands (from the repository root):
 

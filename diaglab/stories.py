@@ -166,9 +166,10 @@ def _distractors(count: int, g: torch.Generator, vocab: StoryVocab) -> torch.Ten
     return torch.where(which == 0, t0, torch.where(which == 1, t1, t2))                       # (count, SENTENCE)
 
 
-def qa1_single_fact(batch_size: int, num_segments: int, sentences_per_segment: int = 4, facts: int = 4,
+def qa1_single_fact(batch_size: int, num_segments: int, sentences_per_segment: int = 2, facts: int = 4,
                     people: int = 2, questions: int = 1, seed: int = 0, vocab: StoryVocab = VOCAB) -> StoryBatch:
-    """QA1 stories: `facts` moves of `people` people among distractors; "where is NAME?" at the end.
+    """QA1 stories: `facts` moves of `people` people among distractors; `questions` questions
+    "so where is NAME LOC ." close the last segment.
 
     Every move sends a person to a location other than the one they are in, and the person
     asked about made at least one move, so the answer is always a real overwrite target.
@@ -184,8 +185,6 @@ def qa1_single_fact(batch_size: int, num_segments: int, sentences_per_segment: i
         raise ValueError(f"facts ({F}) must be at most num_segments - 1 = {S - 1}: one fact per segment, none "
                          f"in the question's (raise num_segments or lower facts)")
     check_int("questions", Q, 1, K)
-    if P > 1 and len(LOCATIONS) < 2:
-        raise ValueError("a move needs two locations")
     g = torch.Generator().manual_seed(seed)
     n = SENTENCE * K
     segs = torch.rand(B, S - 1, generator=g).argsort(-1)[:, :F].sort(-1).values              # (B, F) fact segments
@@ -210,7 +209,7 @@ def qa1_single_fact(batch_size: int, num_segments: int, sentences_per_segment: i
     name_ids = torch.tensor(vocab.ids(NAMES))
     loc_ids = torch.tensor(vocab.ids(LOCATIONS))
     move_ids = torch.tensor(vocab.ids(MOVES))
-    to, the, dot, where_, is_, qm = vocab.ids(["to", "the", ".", "where", "is", "?"])
+    to, the, dot, so, where_, is_ = vocab.ids(["to", "the", ".", "so", "where", "is"])
     names = name_ids[cast.gather(1, who)]                                                    # (B, F)
     verbs = move_ids[torch.randint(0, len(MOVES), (B, F), generator=g)]                      # (B, F)
     fact = torch.stack([names, verbs, torch.full_like(names, to), torch.full_like(names, the),
@@ -219,7 +218,6 @@ def qa1_single_fact(batch_size: int, num_segments: int, sentences_per_segment: i
     asked_name = name_ids[cast.gather(1, asked)]                                             # (B, Q)
     answer = loc_ids[where.gather(1, latest)]                                                # (B, Q)
     const = lambda w: torch.full_like(asked_name, w)                                        # noqa: E731
-    so = vocab.ids(["so"])[0]
     text[:, S * K - Q:] = torch.stack([const(so), const(where_), const(is_), asked_name, answer, const(dot)],
                                       -1)                                                    # (B, Q, 6)
     ids = text.reshape(B, S * n)                                                             # (B, N)
