@@ -105,7 +105,7 @@ def test_tokenizer_round_trip_and_unknown_words():
 
 @pytest.mark.parametrize("kw,match", [(dict(num_segments=1), "num_segments"),
                                       (dict(num_segments=4, facts=4), r"facts \(4\) must be at most num_segments - 1 = 3"),
-                                      (dict(num_segments=4, questions=5), r"questions must be an int in \[1, 4\]"),
+                                      (dict(num_segments=4, sentences_per_segment=4, questions=5), r"questions must be an int in \[1, 4\]"),
                                       (dict(num_segments=4, people=9), "people"),
                                       (dict(num_segments=4, sentences_per_segment=0), "sentences_per_segment"),
                                       (dict(num_segments=4, batch_size=0), "batch_size")])
