@@ -189,3 +189,17 @@ def test_cli_error_has_no_traceback():
                        text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["python -m diaglab.babilong: error: people must be an int >= 1, got -1"]
+
+
+def test_documented_commands_are_the_recorded_training_configs():
+    doc = babilong.__doc__.replace("\\\n", " ")
+    commands = [line.split("python -m diaglab.babilong", 1)[1].split() for line in doc.splitlines()
+                if "python -m diaglab.babilong --out" in line]
+    assert len(commands) == 2                                   # stage 1, stage 2
+    log = _recorded()[1]
+    paths = ("out", "init_from")
+    for argv, recorded in zip(commands, (log["init_from_log"]["config"], log["config"])):
+        documented = asdict(babilong.StoryTrainConfig(**{k: v for k, v in vars(babilong.parse_args(argv)).items()
+                                                         if k in babilong.StoryTrainConfig.__dataclass_fields__}))
+        assert {k: v for k, v in documented.items() if k not in paths} == \
+               {k: v for k, v in recorded.items() if k not in paths}
