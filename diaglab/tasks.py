@@ -15,6 +15,9 @@ Both return a TaskBatch of plain tensors: input_ids and labels (B, N) with label
 everywhere except at the answer positions (HF convention: labels[i] is the token at i,
 so the loss on it comes from the logits at i - 1), plus the answers, their positions,
 the queried keys and the distance in segments between the pair and its query.
+
+The BABILong-style QA1 stories (facts among distractor sentences, in words) live in
+diaglab.stories and are re-exported here: qa1_single_fact, StoryBatch, StoryVocab.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import check_int
+from .stories import StoryBatch, StoryVocab, qa1_single_fact   # BABILong-style QA (diaglab.stories)
+
+__all__ = ["SAMPLES_SEED", "VOCAB", "StoryBatch", "StoryVocab", "TaskBatch", "TaskVocab", "associative_recall",
+           "fixed_samples", "load_samples", "needle_in_a_haystack", "qa1_single_fact", "save_samples"]
 
 
 @dataclass(frozen=True)

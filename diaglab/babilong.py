@@ -1,0 +1,397 @@
+"""Train and measure a tiny ARMT on BABILong-style QA1 stories (diaglab.stories), in the
+layout of the BABILong tables: accuracy by context length, far past the training length.
+
+Training runs forward and backward through the DiagonalExecutor on CPU, with a curriculum
+over the number of segments S (start at --start-segments; +1 whenever the accuracy at the
+current S over the last 50 batches reaches --promote-at; half the batches at the current S,
+half at a shorter one). The number of facts stays fixed while S grows, as in BABILong, where
+a longer context means more distractor text around the same story.
+
+Evaluation, on held-out seeds, at S = the training length times 1, 2, 4, 8, 16, 32:
+accuracy with memory; with memory zeroed (the question segment alone: chance = 1/6);
+whether the diagonal order predicts exactly what the sequential order does; and the CPU
+(and wall) time of each order over the whole evaluation, one story per call by default.
+
+Commands (from the repository root):
+
+    # the shipped checkpoint data/babilong/: two stages on one CPU thread, 24 + 5.5 minutes.
+    # Stage 1 runs the curriculum 2 -> 8 segments from scratch; stage 2 trains at 8 segments
+    python -m diaglab.babilong --out /tmp/babilong_stage1 --threads 1 --minutes 24 \
+        --eval-every 250 --eval-samples 64 --no-progress
+    python -m diaglab.babilong --out data/babilong --init-from /tmp/babilong_stage1 --start-segments 8 \
+        --lr 1e-3 --warmup 50 --steps 2000 --threads 1 --minutes 5.5 --eval-every 250 --eval-samples 64 --no-progress
+    # re-measure it: prints the table, writes data/babilong/eval.json (100 stories per length)
+    python -m diaglab.babilong --eval data/babilong --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ._checks import check_int
+from .armt import ARMT
+from .diagonal import DiagonalExecutor
+from .presets import tiny_armt
+from .stories import SENTENCE, VOCAB, StoryBatch, qa1_single_fact
+from .train import answer_logits, predict
+
+EVAL_SEED = 10_000_000       # held-out: training batches use seeds below it (seed * 1_000_003 + step)
+LENGTH_FACTORS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class StoryTrainConfig:
+    out: str = "data/babilong"  # checkpoint directory: save_pretrained + train_log.json (+ eval.json)
+    init_from: str = ""         # continue from this checkpoint (its shape wins over the shape flags)
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 2
+    sentences: int = 2          # sentence slots per segment: n = 6 * sentences tokens
+    mem_tokens: int = 8         # M
+    d_mem: int = 16
+    facts: int = 4              # moves per story, whatever its length
+    people: int = 2             # people in a story (drawn from 8 names)
+    questions: int = 2          # questions per training story (evaluation asks one)
+    max_segments: int = 8       # the training length, in segments
+    start_segments: int = 2     # curriculum start
+    promote_at: float = 0.9     # curriculum: next S when the last 50 batches at S average this
+    steps: int = 20000
+    minutes: float = 0.0        # wall-clock budget; 0 = none. Training stops (and saves) when spent
+    batch: int = 32
+    lr: float = 2e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    eval_every: int = 500
+    eval_samples: int = 100     # held-out stories per length in the periodic evaluation
+    seed: int = 0
+    threads: int = 1
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("layers", "hidden", "heads", "kv_heads", "mem_tokens", "d_mem", "facts", "people", "questions",
+                     "steps", "batch", "warmup", "eval_every", "eval_samples", "threads"):
+            check_int(name, getattr(self, name), 1)
+        check_int("sentences", self.sentences, 1)
+        check_int("start_segments", self.start_segments, 2)
+        check_int("max_segments", self.max_segments, self.start_segments)
+        check_int("seed", self.seed, 0)
+        check_int("questions", self.questions, 1, self.sentences)
+        if self.facts > self.max_segments - 1:
+            raise ValueError(f"facts ({self.facts}) must be at most max_segments - 1 = {self.max_segments - 1} "
+                             f"(one fact per segment, none in the question's): raise --max-segments or lower --facts")
+        if not 0 < self.promote_at <= 1:
+            raise ValueError(f"promote_at must be in (0, 1], got {self.promote_at}")
+        if self.lr <= 0 or self.minutes < 0:
+            raise ValueError(f"lr must be > 0 and minutes >= 0, got lr={self.lr}, minutes={self.minutes}")
+
+    @property
+    def segment_size(self) -> int:
+        return SENTENCE * self.sentences
+
+
+def build_model(cfg: StoryTrainConfig) -> ARMT:
+    """A fresh ARMT for stories, initialised as train.build_model explains (O(1) embeddings,
+    LLaMA weights at std 0.15, memory tokens at 0.02) with unit-length DPFP keys."""
+    model = tiny_armt(layers=cfg.layers, hidden=cfg.hidden, heads=cfg.heads, kv_heads=cfg.kv_heads,
+                      vocab=8 * math.ceil(VOCAB.size / 8), segment_size=cfg.segment_size,
+                      num_mem_tokens=cfg.mem_tokens, d_mem=cfg.d_mem, seed=cfg.seed, intermediate=2 * cfg.hidden,
+                      initializer_range=0.15, normalize_keys=True)
+    g = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        for p, std in ((model.base.get_input_embeddings().weight, 1.0), (model.memory, 0.02)):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def stories(cfg: dict | StoryTrainConfig, batch_size: int, num_segments: int, seed: int,
+            questions: int = 1) -> StoryBatch:
+    """QA1 stories with a training configuration's story shape (a dict: from train_log.json).
+    A story shorter than facts + 1 segments gets one fact per segment before the question."""
+    c = asdict(cfg) if isinstance(cfg, StoryTrainConfig) else cfg
+    return qa1_single_fact(batch_size, num_segments, c["sentences"], min(c["facts"], num_segments - 1),
+                           c["people"], questions, seed)
+
+
+def _lr_factor(step: int, cfg: StoryTrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10 % over cfg.steps."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+@torch.no_grad()
+def accuracy(model: ARMT, cfg: dict | StoryTrainConfig, num_segments: int, samples: int, seed: int) -> float:
+    """Held-out accuracy at one length, through the diagonal executor."""
+    batch = stories(cfg, samples, num_segments, seed)
+    return float((predict(DiagonalExecutor(model), batch) == batch.answers).float().mean())
+
+
+def train(cfg: StoryTrainConfig) -> tuple[ARMT, list[dict]]:
+    """Train with the curriculum, evaluate at the training length every cfg.eval_every steps,
+    save to cfg.out after each evaluation; returns (model, log)."""
+    from tqdm.auto import tqdm
+    torch.set_num_threads(cfg.threads)
+    model = (ARMT.from_pretrained(cfg.init_from) if cfg.init_from else build_model(cfg)).train()
+    if model.config.segment_size != cfg.segment_size:
+        raise ValueError(f"init_from {cfg.init_from} has segments of {model.config.segment_size} tokens; "
+                         f"set sentences = {model.config.segment_size // SENTENCE} to match it")
+    ex = DiagonalExecutor(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    rng = torch.Generator().manual_seed(cfg.seed)
+    current = cfg.start_segments
+    recent: deque[float] = deque(maxlen=50)     # accuracy of recent batches at S == current
+    log: list[dict] = []
+    skipped = 0
+    t0 = time.perf_counter()
+    bar = tqdm(range(cfg.steps), disable=not cfg.progress, mininterval=2.0)
+    for step in bar:
+        # 1. curriculum: half the batches at the current (longest) S, half at a shorter one
+        at_current = bool(torch.rand((), generator=rng) < 0.5)
+        S = current if at_current else int(torch.randint(cfg.start_segments, current + 1, (), generator=rng))
+        batch = stories(cfg, cfg.batch, S, cfg.seed * 1_000_003 + step, cfg.questions)
+        # 2. forward and backward through the diagonal executor
+        out = ex(batch.input_ids, labels=batch.labels, keep_logits="last_segment")
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not (torch.isfinite(out.loss) and torch.isfinite(gnorm)):
+            skipped += 1     # a rare overflow in a read: drop this batch, keep the weights
+            sched.step()
+            continue
+        opt.step()
+        sched.step()
+        acc = float((answer_logits(out.logits.detach(), batch).argmax(-1) == batch.answers).float().mean())
+        if S == current:
+            recent.append(acc)
+            if current < cfg.max_segments and len(recent) == recent.maxlen and sum(recent) / len(recent) >= cfg.promote_at:
+                current += 1
+                recent.clear()
+        bar.set_postfix(loss=f"{out.loss.item():.3f}", acc=f"{acc:.2f}", S=current, refresh=False)
+        elapsed = time.perf_counter() - t0
+        out_of_time = cfg.minutes > 0 and elapsed > 60 * cfg.minutes
+        if (step + 1) % cfg.eval_every == 0 or step == cfg.steps - 1 or out_of_time:
+            # 3. held-out accuracy at the training length and at twice it; checkpoint after each
+            model.eval()
+            entry = {"step": step + 1, "seconds": round(elapsed, 1), "curriculum_segments": current,
+                     "loss": round(out.loss.item(), 4), "skipped_batches": skipped,
+                     "accuracy": {S_: round(accuracy(model, cfg, S_, cfg.eval_samples, EVAL_SEED + S_), 3)
+                                  for S_ in (cfg.max_segments, 2 * cfg.max_segments)}}
+            model.train()
+            log.append(entry)
+            bar.write(f"step {step + 1} {elapsed / 60:.1f} min S={current} loss {out.loss.item():.3f} | accuracy "
+                      + " ".join(f"S={s}: {a:.2f}" for s, a in entry["accuracy"].items()))
+            save(model, cfg, log)
+        if out_of_time:
+            break
+    bar.close()
+    return model.eval(), log
+
+
+def save(model: ARMT, cfg: StoryTrainConfig, log: list[dict]) -> None:
+    """save_pretrained + train_log.json (this run's config, the model's ARMTConfig, the curve;
+    with init_from, the log of the run it continued, so a staged training keeps its history)."""
+    model.save_pretrained(cfg.out)
+    record = {"config": asdict(cfg), "armt": model.config.to_dict(), "log": log}
+    if cfg.init_from:
+        with open(os.path.join(cfg.init_from, "train_log.json")) as f:
+            record["init_from_log"] = json.load(f)
+    with open(os.path.join(cfg.out, "train_log.json"), "w") as f:
+        json.dump(record, f, indent=1)
+
+
+def _timed(fn):
+    """(fn(), wall seconds, CPU seconds of this process). On a shared machine the CPU time is
+    the fair comparison: wall time also counts the time other processes held the cores."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w0, time.process_time() - c0
+
+
+@torch.no_grad()
+def evaluate(model: ARMT, cfg: dict, factors=LENGTH_FACTORS, samples: int = 100, seed: int = EVAL_SEED,
+             batch_size: int = 1) -> dict:
+    """Accuracy by context length (the training length times each factor) on held-out stories:
+    memory on (sequential and diagonal, which must agree), memory zeroed, and each order's time.
+
+    cfg: the training config (a dict, as in train_log.json). batch_size: stories per call in the
+    timed runs. 1 is the paper's latency setting; on one CPU thread a batch of 16 or more already
+    keeps the core busy, the grouped calls save nothing and the sequential order is as fast or
+    faster (the README's BABILong-style section has the numbers). Returns a JSON-ready dict."""
+    model.eval()
+    ex = DiagonalExecutor(model)
+    n, S0 = model.config.segment_size, cfg["max_segments"]
+    predict(model, stories(cfg, 2, 2, seed))     # warm-up: first calls allocate, keep them out of the timing
+    predict(ex, stories(cfg, 2, 2, seed))
+    rows = []
+    for f in factors:
+        S = f * S0
+        batch = stories(cfg, samples, S, seed + S)
+        seq, wall_seq, cpu_seq = _timed(lambda: _predict_in_chunks(model, batch, batch_size))
+        diag, wall_diag, cpu_diag = _timed(lambda: _predict_in_chunks(ex, batch, batch_size))
+        zero = predict(model, batch, memory=False)
+        rows.append({"factor": f, "segments": S, "tokens": S * n,
+                     "accuracy": float((diag == batch.answers).float().mean()),
+                     "accuracy_sequential": float((seq == batch.answers).float().mean()),
+                     "accuracy_zeroed": float((zero == batch.answers).float().mean()),
+                     "diagonal_equals_sequential": bool(torch.equal(seq, diag)),
+                     "predictions_differing": int((seq != diag).sum()),
+                     "sequential_seconds": round(cpu_seq, 3), "diagonal_seconds": round(cpu_diag, 3),
+                     "sequential_wall_seconds": round(wall_seq, 3), "diagonal_wall_seconds": round(wall_diag, 3)})
+    t_seq, t_diag = sum(r["sequential_seconds"] for r in rows), sum(r["diagonal_seconds"] for r in rows)
+    w_seq, w_diag = (sum(r[k] for r in rows) for k in ("sequential_wall_seconds", "diagonal_wall_seconds"))
+    return {"task": "qa1", "segment_size": n, "training_segments": S0, "training_tokens": S0 * n,
+            "samples_per_length": samples, "batch_size": batch_size, "seed": seed, "chance": VOCAB.chance, "layers": model.num_layers,
+            "threads": torch.get_num_threads(), "by_length": rows,
+            "diagonal_equals_sequential": all(r["diagonal_equals_sequential"] for r in rows),
+            "predictions_compared": samples * len(rows),
+            "predictions_differing": sum(r["predictions_differing"] for r in rows),
+            "sequential_seconds": round(t_seq, 2), "diagonal_seconds": round(t_diag, 2),
+            "speedup": round(t_seq / t_diag, 2), "sequential_wall_seconds": round(w_seq, 2),
+            "diagonal_wall_seconds": round(w_diag, 2), "timing": "CPU seconds of the process (wall seconds too)"}
+
+
+def _predict_in_chunks(run, batch: StoryBatch, size: int) -> torch.Tensor:
+    """predict() over the stories of batch, `size` at a time: (B, Q)."""
+    parts = []
+    for a in range(0, batch.input_ids.shape[0], size):
+        part = StoryBatch(*(getattr(batch, f)[a:a + size] for f in ("input_ids", "labels", "answers", "answer_pos",
+                                                                    "keys", "distance", "fact_pos")),
+                          batch.segment_size, batch.task, batch.seed, batch.vocab)
+        parts.append(predict(run, part))
+    return torch.cat(parts)
+
+
+def format_table(result: dict) -> str:
+    """An evaluate() result as the BABILong tables lay it out: one column per context length."""
+    rows = result["by_length"]
+    head = f"{'context length (tokens)':<28}" + "".join(f"{r['tokens']:>8}" for r in rows)
+    line = lambda name, key, fmt: f"{name:<28}" + "".join(f"{fmt(r[key]):>8}" for r in rows)   # noqa: E731
+    return "\n".join([
+        head,
+        line("segments", "segments", str),
+        line("QA1 accuracy, memory on", "accuracy", lambda v: f"{v:.2f}"),
+        line(f"memory zeroed (chance {result['chance']:.2f})", "accuracy_zeroed", lambda v: f"{v:.2f}"),
+        line("diagonal != sequential", "predictions_differing", str),
+        line("sequential, CPU s", "sequential_seconds", lambda v: f"{v:.2f}"),
+        line("diagonal, CPU s", "diagonal_seconds", lambda v: f"{v:.2f}"),
+        f"{result['samples_per_length']} held-out stories per length, timed {result['batch_size']} per call; trained at {result['training_tokens']} "
+        f"tokens; whole evaluation: sequential {result['sequential_seconds']:.2f} s, diagonal "
+        f"{result['diagonal_seconds']:.2f} s of CPU ({result['speedup']:.2f}x; wall {result['sequential_wall_seconds']:.2f} "
+        f"s and {result['diagonal_wall_seconds']:.2f} s), {result['threads']} thread(s)"])
+
+
+def accuracy_by_length_figure(result: dict):
+    """A plotly figure of an evaluate() result: accuracy against context length, memory on and zeroed."""
+    import plotly.graph_objects as go
+    rows = result["by_length"]
+    x = [r["tokens"] for r in rows]
+    fig = go.Figure()
+    fig.add_scatter(x=x, y=[r["accuracy"] for r in rows], mode="lines+markers", name="memory on")
+    fig.add_scatter(x=x, y=[r["accuracy_zeroed"] for r in rows], mode="lines+markers", line={"dash": "dot"},
+                    marker_symbol="square", name="memory zeroed")
+    fig.add_hline(y=result["chance"], line_dash="dash", line_color="grey",
+                  annotation_text=f"chance 1/{round(1 / result['chance'])}")
+    fig.add_vline(x=result["training_tokens"], line_dash="dot", line_color="grey", annotation_text="training length")
+    fig.update_layout(title="BABILong-style QA1: accuracy by context length",
+                      xaxis_title="context length, tokens (log scale)", xaxis_type="log", xaxis_tickvals=x,
+                      yaxis_title=f"accuracy ({result['samples_per_length']} held-out stories per point)",
+                      yaxis_range=[0, 1.05], template="plotly_white")
+    return fig
+
+
+def timing_figure(result: dict):
+    """A plotly figure of an evaluate() result: CPU seconds of each order at each context length."""
+    import plotly.graph_objects as go
+    rows = result["by_length"]
+    x = [str(r["tokens"]) for r in rows]
+    fig = go.Figure()
+    fig.add_bar(x=x, y=[r["sequential_seconds"] for r in rows], name="sequential (L x S layer calls)")
+    fig.add_bar(x=x, y=[r["diagonal_seconds"] for r in rows], name="diagonal (L + S - 1 grouped calls)",
+                marker_pattern_shape="/")
+    fig.update_layout(title=f"Evaluation time, {result['samples_per_length']} stories per length, "
+                            f"{result['batch_size']} per call "
+                            f"(total {result['speedup']:.2f}x faster diagonally)",
+                      xaxis_title="context length, tokens", yaxis_title="CPU seconds", barmode="group",
+                      template="plotly_white")
+    return fig
+
+
+def checkpoint_config(path: str) -> dict:
+    """The training config recorded with the checkpoint at path (its train_log.json)."""
+    log_path = os.path.join(path, "train_log.json")
+    if not os.path.isfile(log_path) or not os.path.isfile(os.path.join(path, "armt_config.json")):
+        raise ValueError(f"{path!r} holds no BABILong checkpoint (no train_log.json + armt_config.json): train "
+                         f"one with python -m diaglab.babilong --out DIR, or pass data/babilong")
+    with open(log_path) as f:
+        return json.load(f)["config"]
+
+
+def run_eval(path: str, samples: int = 100, factors=LENGTH_FACTORS, write: bool = True, batch_size: int = 1) -> dict:
+    """Load the checkpoint at path, evaluate it, optionally write path/eval.json."""
+    res = evaluate(ARMT.from_pretrained(path), checkpoint_config(path), factors, samples, batch_size=batch_size)
+    if write:
+        with open(os.path.join(path, "eval.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one line and exit status 2, without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _OneLineParser(prog="python -m diaglab.babilong", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--eval", metavar="DIR", help="evaluate the checkpoint in DIR instead of training")
+    p.add_argument("--no-write", action="store_true", help="with --eval: print only, do not write DIR/eval.json")
+    p.add_argument("--samples", type=int, default=100, help="with --eval: held-out stories per length")
+    p.add_argument("--eval-batch", type=int, default=1, help="with --eval: stories per call in the timed runs")
+    for name, value in asdict(StoryTrainConfig()).items():
+        if name == "progress":
+            p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the tqdm bar")
+        else:
+            p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=f"default {value}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:   # every argument is checked here, so a bad one ends in one line and exit status 2
+        check_int("--samples", args.samples, 1)
+        check_int("--eval-batch", args.eval_batch, 1)
+        cfg = StoryTrainConfig(**{k: v for k, v in vars(args).items() if k in StoryTrainConfig.__dataclass_fields__})
+        for path in filter(None, (args.eval, cfg.init_from)):
+            start = checkpoint_config(path)
+        if cfg.init_from and start["sentences"] != cfg.sentences:
+            raise ValueError(f"--init-from {cfg.init_from} was trained with --sentences {start['sentences']}; "
+                             f"pass the same")
+    except ValueError as e:
+        print(f"python -m diaglab.babilong: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    torch.set_num_threads(cfg.threads)
+    if args.eval:
+        print(format_table(run_eval(args.eval, args.samples, write=not args.no_write, batch_size=args.eval_batch)))
+        return
+    t0 = time.perf_counter()
+    train(cfg)
+    print(f"trained in {(time.perf_counter() - t0) / 60:.1f} min on {cfg.threads} thread(s); evaluating")
+    print(format_table(run_eval(cfg.out)))
+
+
+if __name__ == "__main__":
+    main()

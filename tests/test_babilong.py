@@ -1,0 +1,205 @@
+"""BABILong-style QA1 (diaglab.stories, diaglab.babilong): the generator's answers checked by
+re-reading the decoded text, the tokenizer, the shipped checkpoint, and argument errors."""
+
+import json
+import os
+from dataclasses import asdict
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import diaglab
+from diaglab import babilong, stories, tasks, train
+from diaglab.stories import LOCATIONS, MOVES, NAMES, VOCAB, qa1_single_fact
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = ROOT / "data" / "babilong"
+
+
+def _reread(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Parse decoded words, not the generator's record: (moves as (name, place), questions as
+    (name, answer)). Any sentence naming a person or a place must be a move or a question."""
+    moves, questions = [], []
+    words = text.replace(".", " .").replace("?", " ?").split()
+    sentences, cur = [], []
+    for w in words:
+        cur.append(w)
+        if w == ".":
+            sentences.append(cur)
+            cur = []
+    assert not cur
+    for s in sentences:
+        if s[0] == "So":                                          # So where is NAME ANSWER .
+            assert s[1:3] == ["where", "is"] and len(s) == 6
+            questions.append((s[3], s[4]))
+        elif s[0] in NAMES:                                       # NAME MOVED to the PLACE .
+            assert s[1] in MOVES and s[2:4] == ["to", "the"] and len(s) == 6
+            moves.append((s[0], s[4]))
+        else:
+            assert not {w.lower() for w in s} & ({n.lower() for n in NAMES} | set(LOCATIONS)), s
+    return moves, questions
+
+
+@pytest.mark.parametrize("S,K,F,P,Q,seed", [(2, 2, 1, 1, 1, 0), (6, 4, 4, 2, 2, 1), (9, 3, 8, 4, 3, 2),
+                                            (40, 4, 4, 2, 1, 3)])
+def test_answer_is_the_latest_location_by_rereading_the_text(S, K, F, P, Q, seed):
+    b = qa1_single_fact(8, S, K, F, P, Q, seed)
+    n = b.segment_size
+    assert b.input_ids.shape == (8, S * n) and n == 6 * K
+    overwrites = 0
+    for i in range(8):
+        segs = [VOCAB.decode(b.input_ids[i, s * n:(s + 1) * n].tolist()) for s in range(S)]
+        body_moves = []
+        for s, text in enumerate(segs[:-1]):
+            moves, questions = _reread(text)
+            assert not questions and len(moves) <= 1           # at most one fact per segment, no question
+            body_moves += moves
+        last_moves, questions = _reread(segs[-1])
+        assert not last_moves and len(questions) == Q           # the question segment holds no fact
+        assert len(body_moves) == F and len({m[0] for m in body_moves}) <= P
+        place: dict[str, str] = {}
+        for name, where in body_moves:
+            assert place.get(name) != where                     # every move goes somewhere new
+            place[name] = where
+        for q, (name, answer) in enumerate(questions):
+            assert answer == place[name]                        # the latest location, nothing earlier
+            assert VOCAB.describe(int(b.answers[i, q])) == answer and VOCAB.describe(int(b.keys[i, q])) == name
+            assert int(b.input_ids[i, b.answer_pos[i, q]]) == int(b.labels[i, b.answer_pos[i, q]]) == int(b.answers[i, q])
+            overwrites += sum(m[0] == name for m in body_moves) > 1
+        assert int((b.labels[i] != -100).sum()) == Q
+    if F > P:
+        assert overwrites > 0                                   # some answers needed an overwrite
+
+
+def test_deterministic_in_the_seed():
+    a, b, c = (qa1_single_fact(4, 5, seed=s) for s in (7, 7, 8))
+    for f in ("input_ids", "labels", "answers", "answer_pos", "keys", "distance", "fact_pos"):
+        assert torch.equal(getattr(a, f), getattr(b, f))
+    assert not torch.equal(a.input_ids, c.input_ids)
+
+
+def test_distance_points_at_the_latest_move():
+    b = qa1_single_fact(16, 12, facts=5, people=3, questions=2, seed=4)
+    n, S = b.segment_size, b.num_segments
+    for i in range(16):
+        for q in range(2):
+            seg = S - 1 - int(b.distance[i, q])
+            moves, _ = _reread(VOCAB.decode(b.input_ids[i, seg * n:(seg + 1) * n].tolist()))
+            assert moves == [(VOCAB.describe(int(b.keys[i, q])), VOCAB.describe(int(b.answers[i, q])))]
+
+
+def test_tokenizer_round_trip_and_unknown_words():
+    text = "Mary went to the kitchen. The old clock ticked slowly. So where is Mary kitchen. Where is John? Office."
+    ids = VOCAB.encode(text)
+    assert VOCAB.decode(ids) == text and len(ids) == 24
+    assert [VOCAB.describe(i) for i in ids[:6]] == ["Mary", "went", "to", "the", "kitchen", "."]
+    b = qa1_single_fact(2, 5, seed=0)
+    assert VOCAB.encode(VOCAB.decode(b.input_ids[1].tolist())) == b.input_ids[1].tolist()
+    with pytest.raises(ValueError, match=r"unknown word 'Bob'.*StoryVocab\(\)\.words"):
+        VOCAB.encode("Bob went to the kitchen.")
+    assert tasks.qa1_single_fact is qa1_single_fact and tasks.StoryVocab is stories.StoryVocab
+
+
+@pytest.mark.parametrize("kw,match", [(dict(num_segments=1), "num_segments"),
+                                      (dict(num_segments=4, facts=4), r"facts \(4\) must be at most num_segments - 1 = 3"),
+                                      (dict(num_segments=4, sentences_per_segment=4, questions=5), r"questions must be an int in \[1, 4\]"),
+                                      (dict(num_segments=4, people=9), "people"),
+                                      (dict(num_segments=4, sentences_per_segment=0), "sentences_per_segment"),
+                                      (dict(num_segments=4, batch_size=0), "batch_size")])
+def test_generator_rejects_bad_arguments(kw, match):
+    args = dict(batch_size=2, num_segments=4, facts=2)
+    with pytest.raises(ValueError, match=match):
+        qa1_single_fact(**{**args, **kw})
+
+
+def _recorded():
+    return json.loads((CKPT / "eval.json").read_text()), json.loads((CKPT / "train_log.json").read_text())
+
+
+def test_checkpoint_is_small_and_its_accuracy_reproduces():
+    assert (CKPT / "model.safetensors").stat().st_size < 10 * 2**20
+    model = diaglab.ARMT.from_pretrained(CKPT)
+    recorded, log = _recorded()
+    cfg = log["config"]
+    assert recorded["training_segments"] == cfg["max_segments"] and model.config.segment_size == 6 * cfg["sentences"]
+    first = recorded["by_length"][0]
+    fresh = babilong.accuracy(model, cfg, cfg["max_segments"], 64, seed=123_456_789)   # seeds no run used
+    assert abs(fresh - first["accuracy"]) <= 0.12
+    assert fresh > 3 * VOCAB.chance                              # the memory is doing the work
+    zeroed = babilong.stories(cfg, 64, cfg["max_segments"], seed=123_456_789)
+    acc0 = float((train.predict(model, zeroed, memory=False) == zeroed.answers).float().mean())
+    assert acc0 < 0.4                                            # chance 1/6 within noise
+
+
+def test_diagonal_equals_sequential_on_the_checkpoint():
+    model = diaglab.ARMT.from_pretrained(CKPT)
+    cfg = _recorded()[1]["config"]
+    batch = babilong.stories(cfg, 16, 2 * cfg["max_segments"], seed=555, questions=2)
+    ex = diaglab.DiagonalExecutor(model)
+    with torch.no_grad():
+        seq, diag = model(batch.input_ids, keep_logits="last_segment"), ex(batch.input_ids, keep_logits="last_segment")
+    assert torch.equal(train.answer_logits(seq.logits, batch).argmax(-1), train.answer_logits(diag.logits, batch).argmax(-1))
+    scale = float(seq.state.W_mem.abs().max())
+    assert scale > 0 and torch.allclose(seq.state.W_mem, diag.state.W_mem, rtol=1e-4, atol=1e-4 * scale)
+    assert torch.allclose(seq.state.z, diag.state.z, rtol=1e-4, atol=1e-4 * float(seq.state.z.abs().max()))
+
+
+def test_recorded_eval_covers_16x_and_matches_between_orders():
+    recorded, _ = _recorded()
+    rows = recorded["by_length"]
+    assert [r["segments"] for r in rows] == [f * recorded["training_segments"] for f in (1, 2, 4, 8, 16, 32)]
+    assert recorded["diagonal_equals_sequential"] and all(r["diagonal_equals_sequential"] for r in rows)
+    assert all(abs(r["accuracy_zeroed"] - recorded["chance"]) < 0.1 for r in rows)
+    table = babilong.format_table(recorded)
+    assert str(rows[-1]["tokens"]) in table and "memory zeroed" in table
+
+
+def test_evaluate_layout_on_a_fresh_model():
+    cfg = babilong.StoryTrainConfig(layers=1, hidden=32, max_segments=3, facts=2)
+    res = babilong.evaluate(babilong.build_model(cfg), asdict(cfg), factors=(1, 2), samples=4, batch_size=3)
+    assert [(r["segments"], r["tokens"]) for r in res["by_length"]] == [(3, 36), (6, 72)]   # 12 tokens a segment
+    assert res["predictions_compared"] == 8 and res["training_tokens"] == 36
+    assert list(babilong.accuracy_by_length_figure(res).data[0].x) == [36, 72]
+    assert [list(d.y) for d in babilong.timing_figure(res).data] == [
+        [r["sequential_seconds"] for r in res["by_length"]], [r["diagonal_seconds"] for r in res["by_length"]]]
+
+
+@pytest.mark.parametrize("argv,match", [(["--facts", "0"], "facts must be an int >= 1"),
+                                        (["--max-segments", "3", "--facts", "4"], "facts (4) must be at most"),
+                                        (["--samples", "0", "--eval", "data/babilong"], "--samples must be"),
+                                        (["--eval", "/nonexistent/dir"], "no BABILong checkpoint"),
+                                        (["--init-from", "data/babilong", "--sentences", "3"], "pass the same"),
+                                        (["--eval-batch", "0", "--eval", "data/babilong"], "--eval-batch must be"),
+                                        (["--layers", "two"], "invalid int value: 'two'"),
+                                        (["--bogus"], "unrecognized arguments: --bogus")])
+def test_cli_errors_are_one_line_with_exit_status_2(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        babilong.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and match in err and err.startswith("python -m diaglab.babilong: error:")
+
+
+def test_cli_error_has_no_traceback():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "diaglab.babilong", "--people", "-1"], capture_output=True,
+                       text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["python -m diaglab.babilong: error: people must be an int >= 1, got -1"]
+
+
+def test_documented_commands_are_the_recorded_training_configs():
+    doc = babilong.__doc__.replace("\\\n", " ")
+    commands = [line.split("python -m diaglab.babilong", 1)[1].split() for line in doc.splitlines()
+                if "python -m diaglab.babilong --out" in line]
+    assert len(commands) == 2                                   # stage 1, stage 2
+    log = _recorded()[1]
+    paths = ("out", "init_from")
+    for argv, recorded in zip(commands, (log["init_from_log"]["config"], log["config"])):
+        documented = asdict(babilong.StoryTrainConfig(**{k: v for k, v in vars(babilong.parse_args(argv)).items()
+                                                         if k in babilong.StoryTrainConfig.__dataclass_fields__}))
+        assert {k: v for k, v in documented.items() if k not in paths} == \
+               {k: v for k, v in recorded.items() if k not in paths}
