@@ -292,42 +292,6 @@ def format_table(result: dict) -> str:
         f"s and {result['diagonal_wall_seconds']:.2f} s), {result['threads']} thread(s)"])
 
 
-def accuracy_by_length_figure(result: dict):
-    """A plotly figure of an evaluate() result: accuracy against context length, memory on and zeroed."""
-    import plotly.graph_objects as go
-    rows = result["by_length"]
-    x = [r["tokens"] for r in rows]
-    fig = go.Figure()
-    fig.add_scatter(x=x, y=[r["accuracy"] for r in rows], mode="lines+markers", name="memory on")
-    fig.add_scatter(x=x, y=[r["accuracy_zeroed"] for r in rows], mode="lines+markers", line={"dash": "dot"},
-                    marker_symbol="square", name="memory zeroed")
-    fig.add_hline(y=result["chance"], line_dash="dash", line_color="grey",
-                  annotation_text=f"chance 1/{round(1 / result['chance'])}")
-    fig.add_vline(x=result["training_tokens"], line_dash="dot", line_color="grey", annotation_text="training length")
-    fig.update_layout(title="BABILong-style QA1: accuracy by context length",
-                      xaxis_title="context length, tokens (log scale)", xaxis_type="log", xaxis_tickvals=x,
-                      yaxis_title=f"accuracy ({result['samples_per_length']} held-out stories per point)",
-                      yaxis_range=[0, 1.05], template="plotly_white")
-    return fig
-
-
-def timing_figure(result: dict):
-    """A plotly figure of an evaluate() result: CPU seconds of each order at each context length."""
-    import plotly.graph_objects as go
-    rows = result["by_length"]
-    x = [str(r["tokens"]) for r in rows]
-    fig = go.Figure()
-    fig.add_bar(x=x, y=[r["sequential_seconds"] for r in rows], name="sequential (L x S layer calls)")
-    fig.add_bar(x=x, y=[r["diagonal_seconds"] for r in rows], name="diagonal (L + S - 1 grouped calls)",
-                marker_pattern_shape="/")
-    fig.update_layout(title=f"Evaluation time, {result['samples_per_length']} stories per length, "
-                            f"{result['batch_size']} per call "
-                            f"(total {result['speedup']:.2f}x faster diagonally)",
-                      xaxis_title="context length, tokens", yaxis_title="CPU seconds", barmode="group",
-                      template="plotly_white")
-    return fig
-
-
 def checkpoint_config(path: str) -> dict:
     """The training config recorded with the checkpoint at path (its train_log.json)."""
     log_path = os.path.join(path, "train_log.json")

@@ -417,6 +417,8 @@ def grouped_layer_ref(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, 
         W_g, z_g = assoc.write(h[:, n_text:], W_mem[g], z[g], is_first[g], layers.dims.correction,
                                None if write_mask is None else write_mask[g])
         Ys.append(h), Ws.append(W_g), zs.append(z_g)
+    if G == 1:   # the sequential model's case: views, not copies
+        return Ys[0][None], Ws[0][None], zs[0][None]
     return torch.stack(Ys), torch.stack(Ws), torch.stack(zs)
 
 

@@ -121,6 +121,10 @@ class MemoryState:
     def layers(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W_mem (G, B, dk, d), z (G, B, dk), is_first (G, B)) of layers lo..hi; views when
         one block holds them all, else one concatenation."""
+        for blk in self._blocks:   # the common case: one block holds the whole range
+            a, b = blk[0], blk[1]
+            if a <= lo and hi <= b:
+                return blk[2:] if (a, b) == (lo, hi) else tuple(t[lo - a:hi - a + 1] for t in blk[2:])
         parts = [(max(lo, a), min(hi, b), blk) for blk in self._blocks
                  for a, b in [blk[:2]] if a <= hi and b >= lo]
         pieces = [blk[2:] if (x, y) == blk[:2] else tuple(t[x - blk[0]:y - blk[0] + 1] for t in blk[2:])
@@ -145,8 +149,9 @@ class MemoryState:
             if b > hi:    # the part above it
                 s = max(a, hi + 1)
                 blocks.append((s, b, *(t[s - a:] for t in ts)))
-        blocks.append((lo, hi, W_mem, z, is_first))
-        return MemoryState._of_blocks(sorted(blocks, key=lambda blk: blk[0]), self.open_ids)
+        at = next((i for i, blk in enumerate(blocks) if blk[0] > hi), len(blocks))   # blocks stay in layer order
+        blocks.insert(at, (lo, hi, W_mem, z, is_first))
+        return MemoryState._of_blocks(blocks, self.open_ids)
 
     def with_open(self, open_ids: torch.Tensor | None) -> "MemoryState":
         """The same memory with another open segment (None: the input ended on a boundary)."""

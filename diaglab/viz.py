@@ -665,3 +665,41 @@ def pipeline_figure(L: int, S: int, world_size: int = 2, split: Sequence[int] | 
     fig.update_xaxes(title_text="step t", range=[-0.5, steps - 0.5], row=2, col=1)
     fig.update_layout(template=_TEMPLATE, height=260 + 30 * L + 30 * P, margin=dict(l=60, r=170, t=60, b=40))
     return fig
+
+
+# --- BABILong-style QA: accuracy and time by context length ----------------------------------
+def accuracy_by_length_figure(result: dict) -> go.Figure:
+    """babilong.evaluate() result: accuracy against context length, memory on and zeroed."""
+    rows = result["by_length"]
+    x = [r["tokens"] for r in rows]
+    fig = go.Figure()
+    fig.add_scatter(x=x, y=[r["accuracy"] for r in rows], mode="lines+markers", name="memory on",
+                    line=dict(color=PALETTE["blue"]), marker_symbol="circle")
+    fig.add_scatter(x=x, y=[r["accuracy_zeroed"] for r in rows], mode="lines+markers", name="memory zeroed",
+                    line=dict(color=PALETTE["orange"], dash="dot"), marker_symbol="square")
+    fig.add_hline(y=result["chance"], line_dash="dash", line_color=PALETTE["black"],
+                  annotation_text=f"chance 1/{round(1 / result['chance'])}")
+    fig.add_vline(x=result["training_tokens"], line_dash="dot", line_color=PALETTE["black"],
+                  annotation_text="training length")
+    fig.update_layout(title="BABILong-style QA1: accuracy by context length",
+                      xaxis_title="context length, tokens (log scale)", xaxis_type="log", xaxis_tickvals=x,
+                      yaxis_title=f"accuracy ({result['samples_per_length']} held-out stories per point)",
+                      yaxis_range=[0, 1.05], template=_TEMPLATE)
+    return fig
+
+
+def babilong_timing_figure(result: dict) -> go.Figure:
+    """babilong.evaluate() result: CPU seconds of each order at each context length."""
+    rows = result["by_length"]
+    x = [str(r["tokens"]) for r in rows]
+    fig = go.Figure()
+    fig.add_bar(x=x, y=[r["sequential_seconds"] for r in rows], name="sequential (L x S layer calls)",
+                marker_color=PALETTE["orange"])
+    fig.add_bar(x=x, y=[r["diagonal_seconds"] for r in rows], name="diagonal (L + S - 1 grouped calls)",
+                marker_color=PALETTE["blue"], marker_pattern_shape="/")
+    fig.update_layout(title=f"Evaluation time, {result['samples_per_length']} stories per length, "
+                            f"{result['batch_size']} per call "
+                            f"(total {result['speedup']:.2f}x faster diagonally)",
+                      xaxis_title="context length, tokens", yaxis_title="CPU seconds", barmode="group",
+                      template=_TEMPLATE)
+    return fig

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import diaglab
-from diaglab import babilong, stories, tasks, train
+from diaglab import babilong, stories, tasks, train, viz
 from diaglab.stories import LOCATIONS, MOVES, NAMES, VOCAB, qa1_single_fact
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,8 +162,8 @@ def test_evaluate_layout_on_a_fresh_model():
     res = babilong.evaluate(babilong.build_model(cfg), asdict(cfg), factors=(1, 2), samples=4, batch_size=3)
     assert [(r["segments"], r["tokens"]) for r in res["by_length"]] == [(3, 36), (6, 72)]   # 12 tokens a segment
     assert res["predictions_compared"] == 8 and res["training_tokens"] == 36
-    assert list(babilong.accuracy_by_length_figure(res).data[0].x) == [36, 72]
-    assert [list(d.y) for d in babilong.timing_figure(res).data] == [
+    assert list(viz.accuracy_by_length_figure(res).data[0].x) == [36, 72]
+    assert [list(d.y) for d in viz.babilong_timing_figure(res).data] == [
         [r["sequential_seconds"] for r in res["by_length"]], [r["diagonal_seconds"] for r in res["by_length"]]]
 
 
