@@ -154,6 +154,7 @@ def test_every_reference_resolves():
     for name, text in texts.items():
         assert not re.search(r"(?<!TORCH_)\bSPEC\b", text), f"{name} mentions SPEC: point it at docs/design.md"
         assert "../data" not in text and "../shared" not in text, f"{name}: find data with diaglab.paths.data_path"
+        assert "Path.cwd()" not in text, f"{name}: the working directory is wherever the notebook was opened"
         for anchor in re.findall(r"design\.md#([\w-]+)", text):
             assert anchor in anchors, f"{name} links design.md#{anchor}, which does not exist"
         for anchor in re.findall(r"00_welcome\.ipynb#([\w-]+)", text):
