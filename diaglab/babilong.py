@@ -32,7 +32,6 @@ import math
 import os
 import sys
 import time
-from collections import deque
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,7 +41,7 @@ from .armt import ARMT
 from .diagonal import DiagonalExecutor
 from .presets import tiny_armt
 from .stories import SENTENCE, VOCAB, StoryBatch, qa1_single_fact
-from .train import answer_logits, predict
+from .train import Curriculum, answer_logits, guarded_step, lr_factor, predict
 
 EVAL_SEED = 10_000_000       # held-out: training batches use seeds below it (seed * 1_000_003 + step)
 LENGTH_FACTORS = (1, 2, 4, 8, 16, 32)
@@ -122,14 +121,6 @@ def stories(cfg: dict | StoryTrainConfig, batch_size: int, num_segments: int, se
                            c["people"], questions, seed)
 
 
-def _lr_factor(step: int, cfg: StoryTrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10 % over cfg.steps."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
-
-
 @torch.no_grad()
 def accuracy(model: ARMT, cfg: dict | StoryTrainConfig, num_segments: int, samples: int, seed: int) -> float:
     """Held-out accuracy at one length, through the diagonal executor."""
@@ -148,36 +139,28 @@ def train(cfg: StoryTrainConfig) -> tuple[ARMT, list[dict]]:
                          f"set sentences = {model.config.segment_size // SENTENCE} to match it")
     ex = DiagonalExecutor(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     rng = torch.Generator().manual_seed(cfg.seed)
-    current = cfg.start_segments
-    recent: deque[float] = deque(maxlen=50)     # accuracy of recent batches at S == current
+    curriculum = Curriculum(cfg.start_segments, cfg.max_segments, cfg.promote_at)
     log: list[dict] = []
     skipped = 0
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.steps), disable=not cfg.progress, mininterval=2.0)
     for step in bar:
         # 1. curriculum: half the batches at the current (longest) S, half at a shorter one
+        current = curriculum.current
         at_current = bool(torch.rand((), generator=rng) < 0.5)
         S = current if at_current else int(torch.randint(cfg.start_segments, current + 1, (), generator=rng))
         batch = stories(cfg, cfg.batch, S, cfg.seed * 1_000_003 + step, cfg.questions)
         # 2. forward and backward through the diagonal executor
         out = ex(batch.input_ids, labels=batch.labels, keep_logits="last_segment")
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if not (torch.isfinite(out.loss) and torch.isfinite(gnorm)):
-            skipped += 1     # a rare overflow in a read: drop this batch, keep the weights
-            sched.step()
+        if not guarded_step(out.loss, model, opt, sched):
+            skipped += 1
             continue
-        opt.step()
-        sched.step()
         acc = float((answer_logits(out.logits.detach(), batch).argmax(-1) == batch.answers).float().mean())
         if S == current:
-            recent.append(acc)
-            if current < cfg.max_segments and len(recent) == recent.maxlen and sum(recent) / len(recent) >= cfg.promote_at:
-                current += 1
-                recent.clear()
+            curriculum.record(acc)
+        current = curriculum.current
         bar.set_postfix(loss=f"{out.loss.item():.3f}", acc=f"{acc:.2f}", S=current, refresh=False)
         elapsed = time.perf_counter() - t0
         out_of_time = cfg.minutes > 0 and elapsed > 60 * cfg.minutes

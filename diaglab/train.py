@@ -347,12 +347,44 @@ def build_model(cfg: TrainConfig) -> ARMT:
     return model
 
 
-def _lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10 % over cfg.steps."""
+def lr_factor(step: int, cfg) -> float:
+    """Linear warm-up over cfg.warmup steps, then cosine decay to 10 % over cfg.steps."""
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
     frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+class Curriculum:
+    """Segments per training sample: starts at `start` and moves up by one (to `maximum` at
+    most) once the answer accuracy of the last `window` batches at the current length
+    reaches `promote_at`."""
+
+    def __init__(self, start: int, maximum: int, promote_at: float, window: int = 50):
+        self.current, self.maximum, self.promote_at = start, maximum, promote_at
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def record(self, accuracy: float) -> None:
+        """The answer accuracy of one batch at the current length."""
+        self.recent.append(accuracy)
+        full = len(self.recent) == self.recent.maxlen
+        if self.current < self.maximum and full and sum(self.recent) / len(self.recent) >= self.promote_at:
+            self.current += 1
+            self.recent.clear()
+
+
+def guarded_step(loss: torch.Tensor, model, opt, sched) -> bool:
+    """Backward, clip the gradient norm to 1 and step — unless the loss or the norm is not
+    finite (a rare overflow in a read, q . z ~ eps): then the batch is dropped and the weights
+    kept. The learning-rate schedule advances either way. Returns whether the weights moved."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    moved = bool(torch.isfinite(loss) and torch.isfinite(gnorm))
+    if moved:
+        opt.step()
+    sched.step()
+    return moved
 
 
 @contextmanager
@@ -385,37 +417,29 @@ def _train(cfg: TrainConfig) -> tuple[ARMT, list[dict]]:
     ex = DiagonalExecutor(model)
     vocab = task_vocab(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     rng = torch.Generator().manual_seed(cfg.seed)
-    current = min(cfg.start_segments, cfg.max_segments)
-    recent: deque[float] = deque(maxlen=50)     # answer accuracy of recent batches at S == current
+    curriculum = Curriculum(min(cfg.start_segments, cfg.max_segments), cfg.max_segments, cfg.promote_at)
     log: list[dict] = []
     skipped = 0
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.steps), disable=not cfg.progress, mininterval=2.0)
     for step in bar:
         # 1. curriculum: half the batches at the current (hardest) S, half at a shorter one
+        current = curriculum.current
         S = current if bool(torch.rand((), generator=rng) < 0.5) else int(torch.randint(2, current + 1, (), generator=rng))
         task = cfg.task if cfg.task != "mix" else TASKS[step % 2]
         batch = make_batch(task, cfg.batch, S, cfg.segment_size, cfg.pairs, cfg.queries,
                            seed=cfg.seed * 1_000_003 + step, vocab=vocab)
         # 2. forward and backward through the diagonal executor
         out = ex(batch.input_ids, labels=batch.labels, keep_logits="last_segment")
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if not (torch.isfinite(out.loss) and torch.isfinite(gnorm)):
-            skipped += 1     # a rare overflow in a read (q . z ~ eps): drop this batch, keep the weights
-            sched.step()
+        if not guarded_step(out.loss, model, opt, sched):
+            skipped += 1
             continue
-        opt.step()
-        sched.step()
         acc = float((answer_logits(out.logits.detach(), batch).argmax(-1) == batch.answers).float().mean())
         if S == current and (cfg.task != "mix" or task == "recall"):   # mix: the harder task sets the pace
-            recent.append(acc)
-            if current < cfg.max_segments and len(recent) == recent.maxlen and sum(recent) / len(recent) >= cfg.promote_at:
-                current += 1
-                recent.clear()
+            curriculum.record(acc)
+        current = curriculum.current
         bar.set_postfix(loss=f"{out.loss.item():.3f}", acc=f"{acc:.2f}", S=current, refresh=False)
         elapsed = time.perf_counter() - t0
         out_of_time = cfg.minutes is not None and elapsed > 60 * cfg.minutes

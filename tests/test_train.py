@@ -112,3 +112,23 @@ def test_init_from_keeps_the_history_and_bool_flags_parse(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--normalize-keys", "maybe"])
     assert "expected 1/0, true/false or yes/no, got 'maybe'" in capsys.readouterr().err
+
+
+def test_curriculum_and_guarded_step():
+    from diaglab.train import Curriculum, guarded_step
+    c = Curriculum(2, 3, promote_at=0.9, window=3)
+    for acc in (1.0, 1.0):
+        c.record(acc)
+    assert c.current == 2                       # the window is not full yet
+    c.record(0.8)
+    assert c.current == 3 and len(c.recent) == 0  # mean 0.93 >= 0.9: one up, window cleared
+    for _ in range(5):
+        c.record(1.0)
+    assert c.current == 3                       # never past the maximum
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    assert not guarded_step((w * float("inf")).sum(), torch.nn.ParameterList([w]), opt, sched)
+    assert torch.equal(w.detach(), torch.ones(2)) and sched.last_epoch == 1   # dropped; the schedule moved on
+    assert guarded_step((w * w).sum(), torch.nn.ParameterList([w]), opt, sched)
+    assert torch.allclose(w.detach(), torch.full((2,), 1 - 0.1 / 2 ** 0.5))   # gradient (2, 2) clipped to norm 1
