@@ -41,7 +41,7 @@ from .armt import ARMT
 from .diagonal import DiagonalExecutor
 from .presets import tiny_armt
 from .stories import SENTENCE, VOCAB, StoryBatch, qa1_single_fact
-from .train import Curriculum, answer_logits, guarded_step, lr_factor, predict
+from .train import Curriculum, answer_logits, guarded_step, optimiser, predict
 
 EVAL_SEED = 10_000_000       # held-out: training batches use seeds below it (seed * 1_000_003 + step)
 LENGTH_FACTORS = (1, 2, 4, 8, 16, 32)
@@ -138,8 +138,7 @@ def train(cfg: StoryTrainConfig) -> tuple[ARMT, list[dict]]:
         raise ValueError(f"init_from {cfg.init_from} has segments of {model.config.segment_size} tokens; "
                          f"set sentences = {model.config.segment_size // SENTENCE} to match it")
     ex = DiagonalExecutor(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    opt, sched = optimiser(model, cfg)
     rng = torch.Generator().manual_seed(cfg.seed)
     curriculum = Curriculum(cfg.start_segments, cfg.max_segments, cfg.promote_at)
     log: list[dict] = []
@@ -148,9 +147,7 @@ def train(cfg: StoryTrainConfig) -> tuple[ARMT, list[dict]]:
     bar = tqdm(range(cfg.steps), disable=not cfg.progress, mininterval=2.0)
     for step in bar:
         # 1. curriculum: half the batches at the current (longest) S, half at a shorter one
-        current = curriculum.current
-        at_current = bool(torch.rand((), generator=rng) < 0.5)
-        S = current if at_current else int(torch.randint(cfg.start_segments, current + 1, (), generator=rng))
+        current, S = curriculum.current, curriculum.sample(rng, low=cfg.start_segments)
         batch = stories(cfg, cfg.batch, S, cfg.seed * 1_000_003 + step, cfg.questions)
         # 2. forward and backward through the diagonal executor
         out = ex(batch.input_ids, labels=batch.labels, keep_logits="last_segment")

@@ -364,6 +364,13 @@ class Curriculum:
         self.current, self.maximum, self.promote_at = start, maximum, promote_at
         self.recent: deque[float] = deque(maxlen=window)
 
+    def sample(self, rng: torch.Generator, low: int) -> int:
+        """Segments of the next batch: the current length half the time, else uniform in
+        [low, current] — practice at the frontier without forgetting the shorter lengths."""
+        if bool(torch.rand((), generator=rng) < 0.5):
+            return self.current
+        return int(torch.randint(low, self.current + 1, (), generator=rng))
+
     def record(self, accuracy: float) -> None:
         """The answer accuracy of one batch at the current length."""
         self.recent.append(accuracy)
@@ -371,6 +378,12 @@ class Curriculum:
         if self.current < self.maximum and full and sum(self.recent) / len(self.recent) >= self.promote_at:
             self.current += 1
             self.recent.clear()
+
+
+def optimiser(model, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (cfg.lr, cfg.weight_decay) with lr_factor's warm-up and cosine schedule."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
 
 
 def guarded_step(loss: torch.Tensor, model, opt, sched) -> bool:
@@ -416,8 +429,7 @@ def _train(cfg: TrainConfig) -> tuple[ARMT, list[dict]]:
     model.train()
     ex = DiagonalExecutor(model)
     vocab = task_vocab(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    opt, sched = optimiser(model, cfg)
     rng = torch.Generator().manual_seed(cfg.seed)
     curriculum = Curriculum(min(cfg.start_segments, cfg.max_segments), cfg.max_segments, cfg.promote_at)
     log: list[dict] = []
@@ -426,8 +438,7 @@ def _train(cfg: TrainConfig) -> tuple[ARMT, list[dict]]:
     bar = tqdm(range(cfg.steps), disable=not cfg.progress, mininterval=2.0)
     for step in bar:
         # 1. curriculum: half the batches at the current (hardest) S, half at a shorter one
-        current = curriculum.current
-        S = current if bool(torch.rand((), generator=rng) < 0.5) else int(torch.randint(2, current + 1, (), generator=rng))
+        current, S = curriculum.current, curriculum.sample(rng, low=2)
         task = cfg.task if cfg.task != "mix" else TASKS[step % 2]
         batch = make_batch(task, cfg.batch, S, cfg.segment_size, cfg.pairs, cfg.queries,
                            seed=cfg.seed * 1_000_003 + step, vocab=vocab)
