@@ -310,6 +310,9 @@ def run_queue_bench(model: ARMT, requests: Sequence[torch.Tensor], modes: Sequen
     latency (time to finish) in ms, the steps the mode takes and the even-load steps."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+    if len(requests) == 0:
+        raise ValueError("requests is empty: give at least one [1, N] tensor of token ids "
+                         "(queue_requests(model, 8) draws a queue)")
     fns = queue_runners(model, requests, modes)
     names = list(fns)
     ends: dict[str, list[list[float]]] = {m: [] for m in names}

@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from ._checks import check_int
+
 PARTS = ("read", "attention", "mlp", "write", "lm_head")
 
 
@@ -65,6 +67,10 @@ def run_flops(model, tokens: int, batch: int = 1, mode: str = "diagonal",
               keep_logits: str = "last_segment") -> dict[str, int]:
     """Matmul FLOPs of one forward pass of `mode` over `tokens` tokens (batch rows, no padding):
     per part (PARTS) and 'total'. keep_logits: which segments the LM head runs on."""
+    check_int("tokens", tokens, 1)
+    check_int("batch", batch, 1)
+    if keep_logits not in ("all", "last_segment", "none"):
+        raise ValueError(f"keep_logits must be 'all', 'last_segment' or 'none', got {keep_logits!r}")
     z = _sizes(model)
     L, n, d, V, B = z["L"], z["n"], z["d"], z["V"], batch
     lengths = [min(n, tokens - a) for a in range(0, tokens, n)]               # n_s of each segment
@@ -112,6 +118,11 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
 def mm_peak(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
             sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 5) -> dict:
     """torch.mm GFLOP/s on square (s, s) @ (s, s) products; 'peak' is the best size."""
+    if not sizes:
+        raise ValueError("sizes is empty: give at least one matrix size, such as (512, 1024)")
+    for s in sizes:
+        check_int("each of sizes", s, 16)
+    check_int("repeats", repeats, 1)
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
     rates = {}

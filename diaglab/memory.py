@@ -121,6 +121,7 @@ class MemoryState:
     def layers(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(W_mem (G, B, dk, d), z (G, B, dk), is_first (G, B)) of layers lo..hi; views when
         one block holds them all, else one concatenation."""
+        self._check_range(lo, hi)
         for blk in self._blocks:   # the common case: one block holds the whole range
             a, b = blk[0], blk[1]
             if a <= lo and hi <= b:
@@ -137,6 +138,13 @@ class MemoryState:
                 is_first: torch.Tensor) -> "MemoryState":
         """A new state: layers lo..hi take (W_mem (G, B, dk, d), z (G, B, dk), is_first (G, B)),
         the other layers keep theirs (shared, not copied)."""
+        self._check_range(lo, hi)
+        _, _, W0, z0, f0 = self._blocks[0]
+        for name, t, like in (("W_mem", W_mem, W0), ("z", z, z0), ("is_first", is_first, f0)):
+            want = (hi - lo + 1, *like.shape[1:])
+            if tuple(t.shape) != want or t.dtype != like.dtype:
+                raise ValueError(f"replace({lo}, {hi}): {name} must be {want} {like.dtype} (one entry per layer "
+                                 f"lo..hi), got {tuple(t.shape)} {t.dtype}")
         blocks = []
         for blk in self._blocks:
             a, b, *ts = blk
@@ -152,6 +160,11 @@ class MemoryState:
         at = next((i for i, blk in enumerate(blocks) if blk[0] > hi), len(blocks))   # blocks stay in layer order
         blocks.insert(at, (lo, hi, W_mem, z, is_first))
         return MemoryState._of_blocks(blocks, self.open_ids)
+
+    def _check_range(self, lo: int, hi: int) -> None:
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi < self.num_layers):
+            raise ValueError(f"layer range ({lo!r}, {hi!r}) must satisfy 0 <= lo <= hi < {self.num_layers} "
+                             "(inclusive, like schedule.active_layers)")
 
     def with_open(self, open_ids: torch.Tensor | None) -> "MemoryState":
         """The same memory with another open segment (None: the input ended on a boundary)."""

@@ -89,3 +89,17 @@ def test_bad_width_is_refused_before_any_work(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--widths", "64,30", "--segments", "1"])
     assert e.value.code == 2 and "--widths: hidden (30) must be divisible by heads (4)" in capsys.readouterr().err
+
+
+def test_bad_arguments_are_refused_by_name():
+    model = live_model(layers=2)
+    for kw, match in ((dict(tokens=0), "tokens"), (dict(tokens=8, batch=-1), "batch"),
+                      (dict(tokens=8, keep_logits="last"), "keep_logits")):
+        with pytest.raises(ValueError, match=match):
+            flops.run_flops(model, **kw)
+    for sizes in ((), (0,)):
+        with pytest.raises(ValueError, match="sizes"):
+            flops.mm_peak(sizes=sizes)
+    from diaglab import bench
+    with pytest.raises(ValueError, match="requests is empty"):
+        bench.run_queue_bench(model, [], warmup=0, repeats=1)

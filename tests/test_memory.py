@@ -93,3 +93,17 @@ def test_first_after_write_keeps_only_masked_rows_first():
     written = torch.tensor([[True, False, True], [False, False, True]])
     assert torch.equal(first_after_write(first, written), torch.tensor([[False, True, False], [True, False, False]]))
     assert not first_after_write(first, None).any()
+
+
+def test_state_ranges_and_replacements_are_checked():
+    s = MemoryState.empty(3, 1, 12, 8)
+    for lo, hi in ((2, 5), (2, 1), (-1, 0)):
+        with pytest.raises(ValueError, match="must satisfy 0 <= lo <= hi < 3"):
+            s.layers(lo, hi)
+    W, z, first = s.layers(0, 1)
+    with pytest.raises(ValueError, match=r"replace\(0, 0\): W_mem must be \(1, 1, 12, 8\)"):
+        s.replace(0, 0, W, z, first)                     # two layers' worth for one layer
+    with pytest.raises(ValueError, match="is_first must be"):
+        s.replace(0, 1, W, z, first.long())
+    t = s.replace(0, 1, W + 1, z, ~first)
+    assert t.W_mem.shape == (3, 1, 12, 8) and float(t.W_mem[2].abs().max()) == 0.0 and float(s.W_mem.max()) == 0.0
