@@ -139,10 +139,11 @@ class DiagonalExecutor:
         if self._compiled is None:
             compiled = torch.compile(grouped_layer, dynamic=False, mode=self.compile_mode)
 
-            def first_call(*args, **kw):   # times the compile once, then steps aside
+            def first_call(*args, **kw):   # times the compile once; the next call's _full_step skips it
                 t0 = time.perf_counter()
                 out = compiled(*args, **kw)
-                self.compile_seconds = time.perf_counter() - t0
+                if self.compile_seconds is None:   # later steps of the same call come here too
+                    self.compile_seconds = time.perf_counter() - t0
                 self._compiled = compiled
                 return out
             self._compiled = first_call

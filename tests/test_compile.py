@@ -2,6 +2,8 @@
 numbers (fp32 <= 1e-5, live memory) and reports its compile time. About 20-40 s of compile
 on a 2-core CPU, so one small model, one test."""
 
+import time
+
 import pytest
 import torch
 from conftest import live_model, random_ids
@@ -18,7 +20,11 @@ def test_compiled_executor_equals_sequential():
         first = ex(ids, labels=ids)
         assert ex.compile_seconds is not None and ex.compile_seconds > 0
         seconds = ex.compile_seconds
+        t0 = time.perf_counter()
         again = ex(ids, labels=ids)                     # reuses the compiled step
+        call = time.perf_counter() - t0
+    assert seconds > call    # the first compiled step traced and compiled: more than a whole later call
+    with torch.no_grad():
         seq = model(ids, labels=ids)
     assert ex.compile_seconds == seconds
     assert_same(seq, first, 1e-5)
