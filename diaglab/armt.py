@@ -213,12 +213,12 @@ class ARMT(nn.Module):
         memory write waits, and out.state carries its tokens (state.open_ids) to the next call."""
         seg, state = self.prepare(input_ids, attention_mask, labels, state, keep_logits)
         has_memory = self.has_memory(state)
-        outputs = SegmentOutputs(seg, keep_logits, self.base.lm_head)
+        outputs = SegmentOutputs(seg, keep_logits, self.base.lm_head, self.base.model.norm)
         for s in range(seg.num_segments):
             rows = segment_rows(self, seg, s)                                   # [embed ; memory], positions, mask
             h, state = self.segment_step(rows, state, has_memory)
             has_memory = [True] * self.num_layers
-            outputs.add(s, self.base.model.norm(h[:, :rows.n_text]))            # text rows only
+            outputs.add(s, h[:, :rows.n_text])            # text rows only
         logits, loss = outputs.result()
         return ARMTOutput(logits, loss, state.with_open(seg.open_ids()))
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from . import flops, schedule
+from . import flops, heap, schedule
 from .armt import ARMT, randomize_memory_
 from .diagonal import DiagonalExecutor
 from .peakmem import PeakMemory
@@ -568,6 +568,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--warmup", type=_int(0), default=1, help="untimed rounds over all modes first (default 1)")
     p.add_argument("--repeats", type=_int(1), default=3, help="timed rounds; the median is reported (default 3)")
     p.add_argument("--threads", type=_int(1), help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--default-malloc", dest="keep_heap", action="store_false",
+                   help="measure with glibc's default allocator behaviour, which returns freed blocks to the OS "
+                        "(by default the bench keeps them: diaglab.heap.keep_freed_memory, recorded in each row)")
     p.add_argument("--full-max-tokens", type=_int(1), metavar="N",
                    help="skip full attention above N tokens: it is O(N^2) (default: never skip)")
     p.add_argument("--layers", type=_int(1), help="override the preset's layer count")
@@ -620,6 +623,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_heap:
+        heap.keep_freed_memory()
     from tqdm.auto import tqdm
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if args.progress else (lambda msg: print(msg, file=sys.stderr))
     rows: list[dict] = []

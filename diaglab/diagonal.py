@@ -172,7 +172,7 @@ class DiagonalExecutor:
         has_memory = model.has_memory(state)
         inbox: dict[tuple[int, int], torch.Tensor] = {}     # (layer, segment) -> its input rows (B, T, d)
         rows_of = {}                                        # segment -> its SegmentRows, while in flight
-        outputs = SegmentOutputs(seg, keep_logits, model.base.lm_head)
+        outputs = SegmentOutputs(seg, keep_logits, model.base.lm_head, model.base.model.norm)
         for t, cells in enumerate(self.iter_steps(seg.num_segments)):
             lo, hi = cells[0][0], cells[-1][0]
             with torch.profiler.record_function(f"diag_step {t} layers {lo}-{hi}"):
@@ -193,7 +193,7 @@ class DiagonalExecutor:
                         rows_of.pop(s)
                         if outputs.wanted(s):
                             a, e = seg.bounds[s]
-                            outputs.add(s, model.base.model.norm(Y[g, :, :e - a]))
+                            outputs.add(s, Y[g, :, :e - a])
             if on_step is not None:
                 on_step(t, cells)
         logits, loss = outputs.result()

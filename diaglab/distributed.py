@@ -184,7 +184,7 @@ def run_stage(block: ARMT, span: Span, L: int, seg: Segmented, link: Link,
     layers, step = DiagonalExecutor(block).layer_stack()
     state = block.empty_state(B)
     has_memory = [False] * (b - a)
-    outputs = SegmentOutputs(seg, "all", block.base.lm_head) if b == L else None
+    outputs = SegmentOutputs(seg, "all", block.base.lm_head, block.base.model.norm) if b == L else None
     hidden: dict[int, torch.Tensor] = {}   # segment -> its rows (B, T, d) between two of this block's layers
     tables: dict[int, SegmentRows] = {}    # segment -> positions and masks, while in the block
     for u, cells in enumerate(sched.iter_diagonal(b - a, seg.num_segments)):
@@ -214,7 +214,7 @@ def run_stage(block: ARMT, span: Span, L: int, seg: Segmented, link: Link,
                 link.send(out, dst=link.rank + 1)
             elif outputs.wanted(s):
                 e0, e1 = seg.bounds[s]
-                outputs.add(s, block.base.model.norm(out[:, :e1 - e0]))
+                outputs.add(s, out[:, :e1 - e0])
     link.flush()
     return outputs, state
 

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from . import heap
 from ._checks import check_int
 
 PARTS = ("read", "attention", "mlp", "write", "lm_head")
@@ -162,7 +163,7 @@ def machine(device: str | torch.device = "cpu") -> dict:
     except OSError:
         pass
     info = {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "malloc": heap.setting()}
     dev = torch.device(device)
     if dev.type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(dev), cuda=torch.version.cuda)

@@ -16,9 +16,10 @@ beta = sigmoid(m W_mb^T + b). Stacked weights keep transformers' module names.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -216,9 +217,12 @@ class GroupingCheck:
 # ---- stacked weights -------------------------------------------------------------------
 def gather_stacks(model) -> dict[str, torch.Tensor]:
     """Stack the current parameters with torch.stack/cat: differentiable, a copy per call.
-    Used when autograd must reach the per-layer parameters (training)."""
-    return {name: torch.stack([torch.cat(ps, 0) if len(ps) > 1 else ps[0] for ps in per_layer])
-            for name, per_layer in _stack_members(model).items()}
+    Used when autograd must reach the per-layer parameters (training). Same layout as
+    TiedStacks: 2-D weights as (L, in, out)."""
+    def one(ps):
+        t = torch.cat(ps, 0) if len(ps) > 1 else ps[0]
+        return t.T if t.dim() == 2 else t
+    return {name: torch.stack([one(ps) for ps in per_layer]) for name, per_layer in _stack_members(model).items()}
 
 
 class TiedStacks:
@@ -227,6 +231,12 @@ class TiedStacks:
     load_state_dict updates both at once) and nothing is copied per call. If the model's
     parameters already live in such stacks (another executor tied them), those are adopted
     as they are, so several executors share one copy.
+
+    Layout: a 2-D weight stack is (L, in, out), the transpose of nn.Linear's (out, in), so
+    every grouped projection is a plain X @ W with the weight's rows contiguous (on a CPU,
+    with weights that do not fit the cache, measurably faster than multiplying by W^T).
+    Each parameter is then a transposed view (out, in) with strides (1, out_total): the
+    model's own F.linear multiplies by it without a copy. 1-D stacks (norms, biases) are (L, n).
 
     `is_valid(model)` re-reads the model's parameters: a parameter replaced by a new one
     (load_state_dict(assign=True), a new nn.Parameter or submodule, .to(...)), or re-pointed
@@ -241,16 +251,16 @@ class TiedStacks:
         with torch.inference_mode(False), torch.no_grad():
             for name, per_layer in _stack_members(model).items():
                 stack = _existing_stack(per_layer)
+                first = per_layer[0]
+                rows = sum(p.shape[0] for p in first)
                 if stack is None:
-                    first = per_layer[0]
-                    rows = sum(p.shape[0] for p in first)
-                    stack = torch.empty((len(per_layer), rows, *first[0].shape[1:]),
-                                        dtype=first[0].dtype, device=first[0].device)
+                    shape = (len(per_layer), *first[0].shape[1:], rows)   # (L, in, out) or (L, n)
+                    stack = torch.empty(shape, dtype=first[0].dtype, device=first[0].device)
                 for l, ps in enumerate(per_layer):
                     r = 0
                     for p in ps:
-                        view = stack[l, r:r + p.shape[0]]
-                        if p.data_ptr() != view.data_ptr():
+                        view = _member_view(stack, l, r, p.shape[0])
+                        if p.data_ptr() != view.data_ptr() or p.stride() != view.stride():
                             view.copy_(p)
                             p.data = view
                         self._tied.append((p, view.data_ptr()))
@@ -266,63 +276,91 @@ class TiedStacks:
         return all(p.data_ptr() == ptr for p, ptr in self._tied)   # moved, cast or .data = ...
 
 
+def _member_view(stack: torch.Tensor, l: int, r: int, n: int) -> torch.Tensor:
+    """Layer l's member starting at output row r with n rows, as the parameter sees it:
+    (n, in) from an (L, in, out) stack (a transposed view), (n,) from an (L, out) one."""
+    return stack[l, :, r:r + n].T if stack.dim() == 3 else stack[l, r:r + n]
+
+
 def _existing_stack(per_layer: list[list[torch.Tensor]]) -> torch.Tensor | None:
-    """The (L, rows, ...) stack these parameters already are views of, laid out exactly as
-    TiedStacks lays it out, or None."""
+    """The stack these parameters already are views of, laid out exactly as TiedStacks lays
+    it out ((L, in, out) for weights, (L, out) for vectors), or None."""
     first = per_layer[0][0]
-    if first.is_inference():
+    if first.is_inference() or first.dim() > 2:
         return None
     storage = first.untyped_storage()
     rows = sum(p.shape[0] for p in per_layer[0])
-    shape = (len(per_layer), rows, *first.shape[1:])
-    row_numel = first[0].numel() if first.dim() > 1 else 1
+    shape = (len(per_layer), *first.shape[1:], rows)
     start = first.storage_offset()
     if storage.nbytes() < (start + math.prod(shape)) * first.element_size():
         return None
+    stack = torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, start, shape)
     for l, ps in enumerate(per_layer):
         r = 0
         for p in ps:
-            want = start + (l * rows + r) * row_numel
-            if (p.untyped_storage().data_ptr() != storage.data_ptr() or p.storage_offset() != want
-                    or not p.is_contiguous() or p.dtype != first.dtype):
+            want = _member_view(stack, l, r, p.shape[0])
+            if (p.untyped_storage().data_ptr() != storage.data_ptr() or p.dtype != first.dtype
+                    or p.shape != want.shape or p.storage_offset() != want.storage_offset()
+                    or p.stride() != want.stride()):
                 return None
             r += p.shape[0]
-    return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, start, shape)
+    return stack
 
 
 @dataclass(frozen=True)
 class LayerStack:
     """The model's L layers as both twins need them: `model` (the reference loops over its
-    modules), `W` (stack name -> (L, ...) tensor; the fast path slices W[lo:hi+1]; None when
-    only the reference runs) and `dims`."""
+    modules), `W` (stack name -> (L, in, out) weight or (L, n) vector; the fast path slices
+    W[lo:hi+1]; None when only the reference runs) and `dims`."""
     model: nn.Module
     W: dict[str, torch.Tensor] | None
     dims: LayerDims
+    _slices: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def slices(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """W[lo:hi+1] for every stack (views), made once per range for this LayerStack."""
+        got = self._slices.get((lo, hi))
+        if got is None:
+            got = self._slices[(lo, hi)] = {name: t[lo:hi + 1] for name, t in self.W.items()}
+        return got
+
+    def signed_sin(self, sin: torch.Tensor) -> torch.Tensor:
+        """signed_sin(sin), made once per table for this LayerStack (segments of one shape
+        share their RoPE tables, so the plateau computes it once)."""
+        kept = self._slices.get("sin")
+        if kept is None or kept[0] is not sin:
+            kept = self._slices["sin"] = (sin, signed_sin(sin))
+        return kept[1]
 
 
 # ---- grouped operations (one call for the whole group) ----------------------------------
 PHASES = ("read", "attention", "mlp", "write")  # the parts of a grouped step, as labelled for torch.profiler
 
 
-def _phase(name: str) -> torch.profiler.record_function:
-    """A torch.profiler range 'phase <name>' (about a microsecond when no profiler runs)."""
-    return torch.profiler.record_function(f"phase {name}")
+def _phase(name: str):
+    """A torch.profiler range 'phase <name>' while a profiler runs; otherwise nothing (a
+    record_function costs about 6 microseconds even with no profiler, as much as a kernel)."""
+    return torch.profiler.record_function(f"phase {name}") if torch.autograd._profiler_enabled() \
+        else contextlib.nullcontext()
 
 
 def grouped_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None,
                    kernel: str = "bmm") -> torch.Tensor:
-    """x: (G, R, in); W: (G, out, in) stacked nn.Linear weights; b: (G, out) -> (G, R, out)."""
-    if kernel == "grouped_mm":
-        y = torch._grouped_mm(x, W.transpose(1, 2))
+    """x: (G, R, in); W: (G, in, out) stacked nn.Linear weights, transposed (TiedStacks);
+    b: (G, out) -> (G, R, out). kernel="grouped_mm" uses torch._grouped_mm where its
+    16-byte stride rule holds (an odd `out`, such as W_mkvb's d_mem + d + 1, goes to bmm)."""
+    if kernel == "grouped_mm" and W.stride(1) * W.element_size() % 16 == 0 and x.stride(1) * x.element_size() % 16 == 0:
+        y = torch._grouped_mm(x, W)
         return y if b is None else y + b.unsqueeze(1)
     if b is None:
-        return torch.bmm(x, W.transpose(1, 2))
-    return torch.baddbmm(b.unsqueeze(1), x, W.transpose(1, 2))
+        return torch.bmm(x, W)
+    return torch.baddbmm(b.unsqueeze(1), x, W)
 
 
 def grouped_linear_ref(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """The naive twin of grouped_linear: one F.linear per layer, then stacked."""
-    return torch.stack([F.linear(x[g], W[g], None if b is None else b[g]) for g in range(x.shape[0])])
+    """The naive twin of grouped_linear: one F.linear per layer (weight W[g].T, as nn.Linear
+    holds it), then stacked."""
+    return torch.stack([F.linear(x[g], W[g].T, None if b is None else b[g]) for g in range(x.shape[0])])
 
 
 def grouped_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -336,6 +374,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """RoPE: x (..., T, hd) rotated by angle tables cos/sin (..., T, hd) (halves convention)."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def rotate_rolled(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """rotate's fast twin, the same numbers: cat([-x2, x1]) * sin == roll(x, half) * [-sin1, sin2]
+    (a sign flip is exact), so one roll replaces slice, neg and cat. sin_signed from signed_sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """[-sin1, sin2] from a halves-convention table sin = [sin1, sin2] (..., hd)."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
 def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_text: int,
@@ -354,24 +404,23 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
     G, B, T, d = X.shape
     dims = layers.dims
     H, Hkv, hd, kernel = dims.heads, dims.kv_heads, dims.head_dim, dims.kernel
-    W = {name: t[lo:hi + 1] for name, t in layers.W.items()}                    # views, no copy
+    W = layers.slices(lo, hi)                                                   # views, no copy
     # 1. read: h <- h + A(h) for every row, once the layer has written (design §2)
     if read:
         with _phase("read"):
             q = features(grouped_linear(X.reshape(G, B * T, d), W["W_mq.weight"], kernel=kernel),
-                         dims.nu, dims.normalize).view(G, B, T, -1)              # (G, B, T, dk)
+                         dims.nu, dims.normalize, fast=True).view(G, B, T, -1)   # (G, B, T, dk)
             A = associative_read(q, W_mem, z).to(X.dtype)                        # (G, B, T, d)
             X = X + A.masked_fill(is_first[:, :, None, None], 0)
     # 2. self-attention, the group folded into the batch
     with _phase("attention"):
         h = grouped_rms_norm(X, W["input_layernorm.weight"], dims.eps).reshape(G, B * T, d)
         qkv = grouped_linear(h, W["qkv_proj.weight"], W.get("qkv_proj.bias"), kernel=kernel)
-        q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-        q = q.reshape(G * B, T, H, hd).transpose(1, 2)                           # (G*B, H, T, hd)
-        k = k.reshape(G * B, T, Hkv, hd).transpose(1, 2)                         # (G*B, Hkv, T, hd)
-        v = v.reshape(G * B, T, Hkv, hd).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                            # (., 1, T, hd)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        qkv = qkv.view(G * B, T, H + 2 * Hkv, hd)
+        # RoPE on the H query and Hkv key heads at once (they are adjacent in qkv)
+        qk = rotate_rolled(qkv[:, :, :H + Hkv], cos[:, :, None], layers.signed_sin(sin)[:, :, None])  # (G*B, T, H+Hkv, hd)
+        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)         # (G*B, H or Hkv, T, hd)
+        v = qkv[:, :, H + Hkv:].transpose(1, 2)                                  # (G*B, Hkv, T, hd)
         att = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if mask is None else mask.unsqueeze(1), is_causal=mask is None,
             scale=hd ** -0.5, enable_gqa=H != Hkv)                               # (G*B, H, T, hd)
@@ -389,7 +438,7 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
         M = T - n_text
         m = X[:, :, n_text:].reshape(G, B * M, d)                                # (G, B*M, d)
         k_raw, v, b = grouped_linear(m, W["W_mkvb.weight"], kernel=kernel).split([dims.d_mem, d, 1], dim=-1)
-        k = features(k_raw, dims.nu, dims.normalize).view(G, B, M, -1)          # (G, B, M, dk)
+        k = features(k_raw, dims.nu, dims.normalize, fast=True).view(G, B, M, -1)   # (G, B, M, dk)
         beta = torch.sigmoid(b + W["W_mb.bias"][:, None, :]).view(G, B, M, 1)
         W_mem, z = associative_write(k, v.view(G, B, M, d), beta, W_mem, z, is_first,
                                      dims.correction, write_mask)

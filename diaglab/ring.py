@@ -4,9 +4,15 @@ queue), exactly.
 Slot k is always layer k. Every step moves each segment in flight one slot down and feeds
 the next queued segment — of the request being fed, or the first segment of the next
 request — into slot 0, so the ramps of the diagonal schedule are paid once per queue
-instead of once per request (schedule.ring draws it). Each request keeps its own
-MemoryState, so a layer's memory starts empty exactly when a new request's first segment
-reaches it, and every request's numbers equal `model(ids_i)` run alone.
+instead of once per request (schedule.ring draws it).
+
+Memory lives with the slots, as in the diagonal executor: slot l holds the layer-l memory
+of the request passing through it (a request's segments enter on consecutive steps, so
+its segment s meets the memory its segment s - 1 left there). It is reset to empty
+exactly when a request's first segment reaches the slot, and copied out when the
+request's last segment leaves it, into that request's own MemoryState. A step reads its
+slots' memories as views of one ring state (no per-request gather), so a ring step costs
+what a diagonal step costs, and every request's numbers equal `model(ids_i)` run alone.
 
 A step runs its busy slots as grouped calls (grouped.grouped_layer on stacked weights, or
 its twin where the executor would be bypassed, as in DiagonalExecutor): one call per run
@@ -33,11 +39,10 @@ RingStepHook = Callable[[int, list], None]   # on_step(t, cells): cells [(layer,
 @dataclass
 class _Request:
     seg: Segmented
-    state: MemoryState
     outputs: SegmentOutputs
-    has_memory: list[bool]
     rows: dict[int, SegmentRows] = field(default_factory=dict)   # segment -> rows, while in flight
     fed: int = 0                                                   # segments fed into slot 0 so far
+    final: dict[int, tuple] = field(default_factory=dict)         # layer -> its memory after the last segment
 
 
 class RingExecutor:
@@ -53,6 +58,7 @@ class RingExecutor:
         self._queue: list[int] = []                           # request ids not fully fed, in order
         self._slots: list[tuple[int, int] | None] = [None] * model.num_layers   # slot -> (request, segment)
         self._inbox: dict[tuple[int, int, int], torch.Tensor] = {}             # (layer, rid, s) -> rows
+        self._memory: MemoryState | None = None   # slot l: the layer-l memory of the request passing through it
         self._next_id = 0
 
     # ---- requests -------------------------------------------------------------------------
@@ -62,11 +68,11 @@ class RingExecutor:
         ids = self._one_row(input_ids, "input_ids")
         mask = None if attention_mask is None else self._one_row(attention_mask, "attention_mask", like=ids)
         labels = None if labels is None else self._one_row(labels, "labels", like=ids)
-        seg, state = self.model.prepare(ids, mask, labels, None, keep_logits)
+        seg, _ = self.model.prepare(ids, mask, labels, None, keep_logits)
         rid = self._next_id
         self._next_id += 1
-        self._requests[rid] = _Request(seg, state, SegmentOutputs(seg, keep_logits, self.model.base.lm_head),
-                                       [False] * self.model.num_layers)
+        self._requests[rid] = _Request(seg, SegmentOutputs(seg, keep_logits, self.model.base.lm_head,
+                                                           self.model.base.model.norm))
         self._queue.append(rid)
         return rid
 
@@ -98,7 +104,10 @@ class RingExecutor:
         self._slots = [self._feed()] + self._slots[:-1]
         busy = [(l, *cell) for l, cell in enumerate(self._slots) if cell is not None]
         if not busy:
+            self._memory = None   # the ring is empty: the next request may meet another dtype or device
             return {}
+        if self._memory is None:
+            self._memory = model.empty_state(1)
         layers, grouped = self._diag.layer_stack()
         t = self.step_count
         finished = {}
@@ -134,26 +143,32 @@ class RingExecutor:
         reqs = [self._requests[rid] for _, rid, _ in cells]
         X = torch.stack([self._inbox.pop(cell) for cell in cells])                 # (G, 1, T, d)
         cos, sin, mask, wmask = stack_rows([req.rows[s] for req, (_, _, s) in zip(reqs, cells)])
-        mems = [req.state.layers(l, l) for req, (l, _, _) in zip(reqs, cells)]    # each (1, 1, ...)
-        W_mem, z, first = (torch.cat(parts) for parts in zip(*mems))               # (G, 1, dk, d), ...
+        W_mem, z, first = self._memory.layers(lo, hi)                               # (G, 1, dk, d), ... views
+        if any(s == 0 for _, _, s in cells):   # a request's first segment: that slot's memory starts empty
+            new = torch.tensor([s == 0 for _, _, s in cells], device=first.device)   # (G,)
+            W_mem = W_mem.masked_fill(new[:, None, None, None], 0)
+            z, first = z.masked_fill(new[:, None, None], 0), first | new[:, None]
         Y, W_mem, z = grouped(X, layers=layers, lo=lo, hi=hi, n_text=model.config.segment_size, cos=cos, sin=sin,
                               mask=mask, W_mem=W_mem, z=z, is_first=first, write_mask=wmask,
-                              read=any(req.has_memory[l] for req, (l, _, _) in zip(reqs, cells)))
+                              read=any(s > 0 for _, _, s in cells))
         first = first_after_write(first, wmask)
+        self._memory = self._memory.replace(lo, hi, W_mem, z, first)
         finished = {}
         for g, (req, (l, rid, s)) in enumerate(zip(reqs, cells)):
-            req.state = req.state.replace(l, l, W_mem[g:g + 1], z[g:g + 1], first[g:g + 1])
-            req.has_memory[l] = True
+            last = s == req.seg.num_segments - 1
+            if last:   # the request's memory at this layer is final
+                req.final[l] = (W_mem[g:g + 1], z[g:g + 1], first[g:g + 1])
             if l < L - 1:
                 self._inbox[(l + 1, rid, s)] = Y[g]
                 continue
             req.rows.pop(s)          # segment s leaves the ring: final norm + LM head on its text rows
             if req.outputs.wanted(s):
                 a, e = req.seg.bounds[s]
-                req.outputs.add(s, model.base.model.norm(Y[g, :, :e - a]))
-            if s == req.seg.num_segments - 1:
+                req.outputs.add(s, Y[g, :, :e - a])
+            if last:
                 logits, loss = req.outputs.result()
-                finished[rid] = ARMTOutput(logits, loss, req.state.with_open(req.seg.open_ids()))
+                W, zz, f = (torch.cat([req.final[k][i] for k in range(L)]) for i in range(3))   # copies, own storage
+                finished[rid] = ARMTOutput(logits, loss, MemoryState(W, zz, f, req.seg.open_ids()))
                 del self._requests[rid]
         return finished
 

@@ -268,32 +268,62 @@ def keeps(keep_logits: str, s: int, S: int) -> bool:
 class SegmentOutputs:
     """Collects what segments leave behind as they come out of the last layer, in order:
     the kept logits and the streamed loss. Both execution orders use it, so they run the
-    LM head on exactly the same segments and sum the loss in the same order."""
+    final norm and the LM head on exactly the same rows, in the same chunks, and sum the
+    loss in the same order.
 
-    def __init__(self, seg: Segmented, keep_logits: str, lm_head):
-        self.seg, self.keep_logits, self.lm_head = seg, keep_logits, lm_head
+    Segments are gathered and sent through norm + LM head together, a chunk at a time (up
+    to FLUSH_LOGITS logits: on a small vocabulary many segments, on LLaMA's 128K vocabulary
+    each segment alone), so a small model pays two kernels per chunk, not per segment, and
+    a large one still never holds more than a segment's logits beyond those it keeps."""
+
+    FLUSH_LOGITS = 1 << 22   # logits per chunk (16 MB in float32)
+
+    def __init__(self, seg: Segmented, keep_logits: str, lm_head, norm):
+        self.seg, self.keep_logits, self.lm_head, self.norm = seg, keep_logits, lm_head, norm
         self.logits: list[torch.Tensor] = []
         self.loss_sum, self.count = 0.0, 0
+        self._pending: list[tuple[int, int, int, torch.Tensor]] = []   # (s, a, e, text rows) waiting
+        self._pending_tokens = 0
 
     def wanted(self, s: int) -> bool:
         """Whether segment s needs the LM head at all (its logits are kept, or labels need them)."""
         return self.seg.targets is not None or keeps(self.keep_logits, s, self.seg.num_segments)
 
     def add(self, s: int, text: torch.Tensor) -> None:
-        """text: (B, n_s, d) final-norm hidden states of segment s's text rows."""
+        """text: (B, n_s, d) hidden states of segment s's text rows, before the final norm."""
         if not self.wanted(s):
             return
         a, e = self.seg.bounds[s]
         if a < self.seg.skip:  # tokens carried over from an open segment: logits already returned
             text, a = text[:, self.seg.skip - a:], self.seg.skip
-        seg_logits = self.lm_head(text)                                         # (B, n_s, V)
+        if text.untyped_storage().nbytes() > 2 * text.numel() * text.element_size():
+            text = text.clone()   # a view into a whole group's output: keep only these rows alive
+        self._pending.append((s, a, e, text))
+        self._pending_tokens += text.shape[0] * text.shape[1]
+        if (self._pending_tokens + text.shape[0] * text.shape[1]) * self.lm_head.out_features > self.FLUSH_LOGITS:
+            self.flush()   # the next segment of this size would overflow the chunk
+
+    def flush(self) -> None:
+        """Norm + LM head (+ loss terms) for the segments waiting: wanted segments arrive in
+        order and are consecutive, so they form one token range [a, e)."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_tokens = self._pending, [], 0
+        a, e = pending[0][1], pending[-1][2]
+        text = pending[0][3] if len(pending) == 1 else torch.cat([t for *_, t in pending], dim=1)
+        logits = self.lm_head(self.norm(text))                                  # (B, e - a, V)
         if self.seg.targets is not None:
-            ls, c = segment_loss_terms(seg_logits, self.seg.targets[:, a:e])
+            ls, c = segment_loss_terms(logits, self.seg.targets[:, a:e])
             self.loss_sum, self.count = self.loss_sum + ls, self.count + c
-        if keeps(self.keep_logits, s, self.seg.num_segments):
-            self.logits.append(seg_logits)
+        S = self.seg.num_segments
+        kept = [(sa - a, se - a) for s, sa, se, _ in pending if keeps(self.keep_logits, s, S)]
+        if len(kept) == len(pending):
+            self.logits.append(logits)
+        elif kept:   # only some segments keep theirs (last_segment with labels): still one range
+            self.logits.append(logits[:, kept[0][0]:kept[-1][1]])
 
     def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits (B, N or n_last, V) or None, mean loss or None)."""
+        self.flush()
         loss = self.loss_sum / self.count if self.seg.targets is not None else None
         return (torch.cat(self.logits, dim=1) if self.logits else None), loss

@@ -174,3 +174,31 @@ def test_presets_build():
     assert cfg.hidden_size == 2048 and cfg.num_hidden_layers == 16 and cfg.num_key_value_heads == 8
     with pytest.raises(ValueError, match="unknown preset"):
         diaglab.from_preset("huge")
+
+
+# ---- the final norm and LM head run a chunk of segments at a time ------------------------
+@pytest.mark.parametrize("keep", ["all", "last_segment", "none"])
+def test_head_chunks_change_no_numbers(monkeypatch, keep):
+    """SegmentOutputs sends several segments through norm + LM head at once: the logits and the
+    loss are those of one segment at a time, for both orders, and the head runs once per chunk."""
+    from diaglab import DiagonalExecutor
+    from diaglab.segments import SegmentOutputs
+    model = live_model(layers=2)
+    ids = random_ids(2, 8 * 7 - 3)            # 7 segments, the last partial
+    calls = []
+    model.base.lm_head.register_forward_hook(lambda m, i, o: calls.append(o.shape[1]))
+    with torch.no_grad():
+        monkeypatch.setattr(SegmentOutputs, "FLUSH_LOGITS", 1)          # one segment per chunk
+        one = [model(ids, labels=ids, keep_logits=keep), DiagonalExecutor(model)(ids, labels=ids, keep_logits=keep)]
+        assert calls == [8] * 6 + [5] + [8] * 6 + [5]
+        calls.clear()
+        monkeypatch.setattr(SegmentOutputs, "FLUSH_LOGITS", 2 * 8 * 3 * 256)   # three segments of B=2 a chunk
+        many = [model(ids, labels=ids, keep_logits=keep), DiagonalExecutor(model)(ids, labels=ids, keep_logits=keep)]
+        assert calls == [24, 24, 5, 24, 24, 5]
+    for a, b in zip(one, many):
+        assert rel(b.loss, a.loss) <= 1e-6
+        if keep == "none":
+            assert a.logits is None and b.logits is None
+        else:
+            assert b.logits.shape == a.logits.shape == (2, 53 if keep == "all" else 5, 256)
+            assert rel(b.logits, a.logits) <= 1e-6

@@ -200,7 +200,7 @@ def test_property_equivalence(layers, n, M, B, heads, extra, pad, correction, se
 def test_grouped_linear_equals_per_layer_loop(bias):
     from diaglab.grouped import grouped_linear, grouped_linear_ref
     g = torch.Generator().manual_seed(0)
-    x, W = torch.randn(5, 7, 16, generator=g), torch.randn(5, 24, 16, generator=g)
+    x, W = torch.randn(5, 7, 16, generator=g), torch.randn(5, 16, 24, generator=g)   # (G, in, out)
     b = torch.randn(5, 24, generator=g) if bias else None
     ref = grouped_linear_ref(x, W, b)
     assert rel(grouped_linear(x, W, b), ref) <= 1e-6

@@ -87,3 +87,35 @@ def test_sequential_model_is_the_twin_on_one_layer():
     finally:
         armt.grouped_layer_ref = real
     assert calls == [(l, l) for _ in range(3) for l in range(2)]
+
+
+# ---- the small fast twins inside grouped_layer: the same numbers, bit for bit ----------
+@pytest.mark.parametrize("d_mem,nu", [(4, 1), (16, 3), (32, 3), (7, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dpfp_gather_is_dpfp_bit_for_bit(d_mem, nu, dtype):
+    from diaglab.memory import dpfp, dpfp_gather, features
+    u = torch.randn(3, 2, 5, d_mem, generator=torch.Generator().manual_seed(d_mem)).to(dtype)
+    assert torch.equal(dpfp_gather(u, nu), dpfp(u, nu))
+    assert torch.equal(features(u, nu, True, fast=True), features(u, nu, True))
+
+
+def test_dpfp_gather_is_not_an_identity_on_wrong_rolls():
+    """The test above could not tell dpfp from a map that ignores j: check the gather uses
+    the roll by j (u = one-hot, so each product shows which entries were paired)."""
+    from diaglab.memory import dpfp_gather
+    u = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    r = torch.cat([u, torch.zeros(4)])
+    want = torch.cat([r * torch.roll(r, j) for j in (1, 2)])
+    assert torch.equal(dpfp_gather(u, 2), want)
+    assert not torch.equal(dpfp_gather(u, 2), torch.cat([r * torch.roll(r, j) for j in (2, 1)]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_rolled_is_rotate_bit_for_bit(dtype):
+    from diaglab.grouped import rotate, rotate_rolled, signed_sin
+    model = live_model(layers=1)
+    cos, sin = model.base.model.rotary_emb(torch.zeros(1), torch.arange(40)[None])   # (1, T, hd)
+    x = torch.randn(6, 4, 40, cos.shape[-1], generator=torch.Generator().manual_seed(0)).to(dtype)   # (G*B, H, T, hd)
+    cos, sin = cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+    assert sin.abs().max() > 0.5
+    assert torch.equal(rotate_rolled(x, cos, signed_sin(sin)), rotate(x, cos, sin))
