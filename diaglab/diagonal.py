@@ -35,7 +35,7 @@ from . import schedule as sched
 from .armt import ARMT, ARMTOutput
 from .generation import generate as _generate
 from .grouped import (GroupingCheck, LayerDims, LayerStack, TiedStacks, _stack_members, gather_stacks,
-                      grouped_layer, grouped_layer_ref)
+                      grouped_layer, grouped_layer_ref, profiler_range)
 from .memory import MemoryState, first_after_write
 from .segments import SegmentOutputs, SegmentRows, segment_rows, stack_rows
 
@@ -170,30 +170,34 @@ class DiagonalExecutor:
         full_step = self._full_step() if step is grouped_layer else None
         L, n = model.num_layers, model.config.segment_size
         has_memory = model.has_memory(state)
-        inbox: dict[tuple[int, int], torch.Tensor] = {}     # (layer, segment) -> its input rows (B, T, d)
         rows_of = {}                                        # segment -> its SegmentRows, while in flight
         outputs = SegmentOutputs(seg, keep_logits, model.base.lm_head, model.base.model.norm)
+        Y, prev_lo = None, 0
         for t, cells in enumerate(self.iter_steps(seg.num_segments)):
             lo, hi = cells[0][0], cells[-1][0]
-            with torch.profiler.record_function(f"diag_step {t} layers {lo}-{hi}"):
-                if cells[0][0] == 0:  # a new segment enters layer 0
+            with profiler_range(f"diag_step {t} layers {lo}-{hi}"):
+                # Inputs: layer l >= 1 takes what layer l - 1 gave at the previous step (in both
+                # orders the cell before (l, s) is (l - 1, s)); layer 0 takes a new segment's rows.
+                parts = []
+                if lo == 0:
                     s = cells[0][1]
                     rows_of[s] = segment_rows(model, seg, s, pad=True)
-                    inbox[(0, s)] = rows_of[s].X
-                X = torch.stack([inbox.pop(cell) for cell in cells])                  # (G, B, T, d)
+                    parts.append(rows_of[s].X[None])
+                if hi >= 1:
+                    parts.append(Y[max(lo - 1, 0) - prev_lo:hi - prev_lo])             # views of the last output
+                X = parts[0] if len(parts) == 1 else torch.cat(parts)                  # (G, B, T, d)
                 rows = [rows_of[s] for _, s in cells]
                 plain = all(r.mask is None and r.write_mask is None for r in rows)    # fixed shapes, no masks
                 run = full_step if full_step is not None and hi - lo + 1 == L and plain else step
                 Y, state = grouped_cells(run, layers, X, rows, state, lo, hi, n, read=any(has_memory[lo:hi + 1]))
-                for g, (l, s) in enumerate(cells):
-                    has_memory[l] = True
-                    if l < L - 1:
-                        inbox[(l + 1, s)] = Y[g]
-                    else:  # segment s leaves the last layer: final norm + LM head on its text rows only
-                        rows_of.pop(s)
-                        if outputs.wanted(s):
-                            a, e = seg.bounds[s]
-                            outputs.add(s, Y[g, :, :e - a])
+                prev_lo = lo
+                has_memory[lo:hi + 1] = [True] * (hi - lo + 1)
+                if hi == L - 1:  # a segment leaves the last layer: final norm + LM head on its text rows only
+                    s = cells[-1][1]
+                    rows_of.pop(s)
+                    if outputs.wanted(s):
+                        a, e = seg.bounds[s]
+                        outputs.add(s, Y[-1, :, :e - a])
             if on_step is not None:
                 on_step(t, cells)
         logits, loss = outputs.result()

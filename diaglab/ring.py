@@ -30,6 +30,7 @@ import torch
 
 from .armt import ARMT, ARMTOutput
 from .diagonal import DiagonalExecutor, check_no_dropout
+from .grouped import profiler_range
 from .memory import MemoryState, first_after_write
 from .segments import Segmented, SegmentOutputs, SegmentRows, segment_rows, stack_rows
 
@@ -111,7 +112,7 @@ class RingExecutor:
         layers, grouped = self._diag.layer_stack()
         t = self.step_count
         finished = {}
-        with torch.profiler.record_function(f"ring_step {t}"):
+        with profiler_range(f"ring_step {t}"):
             for run in _runs(busy):   # 2. consecutive busy slots: one grouped call each
                 finished.update(self._run(run, layers, grouped))
         self.step_count += 1

@@ -220,12 +220,14 @@ def segment_rows(model, seg: Segmented, s: int, pad: bool = False) -> SegmentRow
     inner = model.base.model
     X = torch.cat([inner.embed_tokens(ids), model.memory.expand(B, M, -1)], dim=1)   # (B, T, d)
     plain = not seg.padded and n_text == e - a
-    pos, mask = positions_and_mask(n_text, None if plain else seg.nreal[s], M, ids.device)
-    if plain:  # the same tables for every unmasked segment of this length
+    if plain:  # the same tables for every unmasked segment of this length, no mask
         if n_text not in seg.rope:
+            pos, _ = positions_and_mask(n_text, None, M, ids.device)
             seg.rope[n_text] = inner.rotary_emb(X, pos)
         cos, sin = seg.rope[n_text]
+        mask = None
     else:
+        pos, mask = positions_and_mask(n_text, seg.nreal[s], M, ids.device)
         cos, sin = inner.rotary_emb(X, pos)
     return SegmentRows(X, n_text, cos, sin, mask, seg.write_mask(s))
 

@@ -92,22 +92,21 @@ def test_sequential_model_is_the_twin_on_one_layer():
 # ---- the small fast twins inside grouped_layer: the same numbers, bit for bit ----------
 @pytest.mark.parametrize("d_mem,nu", [(4, 1), (16, 3), (32, 3), (7, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dpfp_gather_is_dpfp_bit_for_bit(d_mem, nu, dtype):
-    from diaglab.memory import dpfp, dpfp_gather, features
+def test_dpfp_fast_is_dpfp_bit_for_bit(d_mem, nu, dtype):
+    from diaglab.memory import dpfp, dpfp_fast, features
     u = torch.randn(3, 2, 5, d_mem, generator=torch.Generator().manual_seed(d_mem)).to(dtype)
-    assert torch.equal(dpfp_gather(u, nu), dpfp(u, nu))
+    assert torch.equal(dpfp_fast(u, nu), dpfp(u, nu))
     assert torch.equal(features(u, nu, True, fast=True), features(u, nu, True))
 
 
-def test_dpfp_gather_is_not_an_identity_on_wrong_rolls():
-    """The test above could not tell dpfp from a map that ignores j: check the gather uses
-    the roll by j (u = one-hot, so each product shows which entries were paired)."""
-    from diaglab.memory import dpfp_gather
+def test_dpfp_fast_pairs_each_entry_with_its_roll_by_j():
+    """By hand on distinct entries, so a wrong shift or order of the rolls shows."""
+    from diaglab.memory import dpfp_fast
     u = torch.tensor([1.0, 2.0, 3.0, 4.0])
     r = torch.cat([u, torch.zeros(4)])
     want = torch.cat([r * torch.roll(r, j) for j in (1, 2)])
-    assert torch.equal(dpfp_gather(u, 2), want)
-    assert not torch.equal(dpfp_gather(u, 2), torch.cat([r * torch.roll(r, j) for j in (2, 1)]))
+    assert torch.equal(dpfp_fast(u, 2), want)
+    assert not torch.equal(dpfp_fast(u, 2), torch.cat([r * torch.roll(r, j) for j in (2, 1)]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
