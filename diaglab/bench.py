@@ -15,6 +15,10 @@ ARMT modes keep only the last segment's logits (keep_logits="last_segment").
 Modes run interleaved — every repeat visits each mode once, starting from a different
 mode each round — so load from other processes hits all of them alike and the ratios
 stay fair on a noisy machine. Latency is the median over repeats, with min and max.
+The machine's limit is timed the same way: a torch.mm at the best of the anchor's sizes
+(flops.mm_peak, measured once at the start) runs in every round among the modes, and each
+row's pct_of_peak is its GFLOP/s over that point's median mm rate (peak_gflops; the start's
+figure stays as peak_gflops_at_start), so a fast or slow spell moves both alike.
 Peak memory comes from one more call per mode after the timed ones (peakmem.PeakMemory:
 CUDA allocations, or resident-set growth on CPU). The figures of these rows are
 viz.bench_figure; scripts/merge_reports.py joins the JSON files of several runs.
@@ -56,6 +60,9 @@ ROW_KEYS = ("mode", "dtype", "device", "preset", "layers", "segments", "tokens",
 # the machine's limit measured in the same run (anchor()), and the machine
 LIMIT_KEYS = ("hidden", "gflop", "gflops", "pct_of_peak", "peak_gflops", "mm_gflops_by_size",
               "plateau_gemm_gflops", "machine")
+# since 2026-12-02 also: the peak timed in the point's own interleaved rounds, and at the run's start
+PEAK_KEYS = ("peak_gflops_at_start", "peak_mm_size")
+PEAK_MODE = "mm_peak"   # the torch.mm round that runs among the modes of every point (not a row of its own)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -202,14 +209,23 @@ def run_bench(model: ARMT, inputs: Sequence[torch.Tensor], modes: Sequence[str] 
     execs = executors(model, "diagonal_compiled" in modes)
     L, n = model.num_layers, model.config.segment_size
     limit = anchor(model, inputs[0].shape[0], anchor_sizes)   # the same run, the same machine state
+    size = int(max(limit["mm_gflops_by_size"], key=limit["mm_gflops_by_size"].get))   # the anchor's best size
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=gen).to(model.device, model.dtype) for _ in range(2))
+    mm_round = lambda: torch.mm(a, b)                                                    # noqa: E731
     rows = []
     with tqdm(total=len(inputs), unit="point", desc=f"bench {preset} {dtype}", disable=not progress) as bar:
         for ids in inputs:                                                              # (B, N)
             B, N = ids.shape
             S = math.ceil(N / n)
             point_modes = tuple(m for m in modes if m != "full" or full_max_tokens is None or N <= full_max_tokens)
+            runners = mode_runners(model, ids, point_modes, execs)
+            runners[PEAK_MODE] = mm_round
             with torch.no_grad():
-                result = measure(mode_runners(model, ids, point_modes, execs), model.device, warmup, repeats)
+                result = measure(runners, model.device, warmup, repeats)
+            # the peak of this point: torch.mm timed in the same interleaved rounds as the modes, so a
+            # fast or slow spell of the machine moves both alike (a machine's speed drifts by 10-20 %)
+            peak_gflops = 2 * size ** 3 / statistics.median(result.pop(PEAK_MODE)[0]) / 1e9
             point = []
             for mode, (secs, peak) in result.items():
                 if mode == "ideal":
@@ -223,7 +239,9 @@ def run_bench(model: ARMT, inputs: Sequence[torch.Tensor], modes: Sequence[str] 
                                   batch=B, segment_size=n, num_mem_tokens=model.config.num_mem_tokens,
                                   repeats=repeats, threads=torch.get_num_threads(), hidden=model.hidden_size,
                                   gflop=gflop, gflops=gflop / median,
-                                  pct_of_peak=100 * gflop / median / limit["peak_gflops"], **limit, **extra))
+                                  pct_of_peak=100 * gflop / median / peak_gflops,
+                                  **{**limit, "peak_gflops": peak_gflops}, peak_gflops_at_start=limit["peak_gflops"],
+                                  peak_mm_size=size, **extra))
             rows += point
             if on_point is not None:
                 on_point(point)
@@ -406,7 +424,7 @@ def table(rows: list[dict]) -> str:
     if peaks:
         span = ", ".join(f"{dt} {min(p):.0f}" + (f"-{max(p):.0f}" if max(p) > min(p) else "") for dt, p in peaks.items())
         m = next(r["machine"] for r in rows if "machine" in r)
-        notes += [f"% peak: GFLOP/s over torch.mm's, measured in the same run ({span} GFLOP/s)",
+        notes += [f"% peak: GFLOP/s over torch.mm's, timed in each point's own rounds ({span} GFLOP/s)",
                   f"on {m['cpu'][:48]} ({m['cpu_capability']}, {m['threads']} threads, torch {m['torch']})"]
     return format_table(["dtype", *sweeps, "S", "tokens", "mode", "median ms", "peak MiB", "speed-up", "GFLOP/s",
                          "% peak"], body, notes)

@@ -48,7 +48,7 @@ def test_run_bench_rows_per_point_and_mode():
     assert {(r["dtype"], r["segments"], r["mode"]) for r in rows} == {
         (d, S, m) for d in ("float32", "bfloat16") for S in (1, 3) for m in bench.MODES}
     for r in rows:
-        assert REQUIRED <= set(r) == set(bench.ROW_KEYS) | set(bench.LIMIT_KEYS)
+        assert REQUIRED <= set(r) == set(bench.ROW_KEYS) | set(bench.LIMIT_KEYS) | set(bench.PEAK_KEYS)
         assert r["tokens"] == 32 * r["segments"] and r["layers"] == 2 and r["preset"] == "tiny"
         assert r["device"] == "cpu" and r["repeats"] == 2
         assert 0 < r["seconds_min"] <= r["seconds"] <= r["seconds_max"]
@@ -106,7 +106,7 @@ def test_cli_writes_json_csv_html_and_a_table(tmp_path, capsys):
     assert saved == rows and len(saved) == 3 * 3
     with open(out["csv"], newline="") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 9 and set(table[0]) == set(bench.ROW_KEYS) | set(bench.LIMIT_KEYS)
+    assert len(table) == 9 and set(table[0]) == set(bench.ROW_KEYS) | set(bench.LIMIT_KEYS) | set(bench.PEAK_KEYS)
     assert [r["mode"] for r in table[:3]] == ["sequential", "diagonal", "ideal"]
     assert "plotly" in out["html"].read_text()[:20000].lower()
     printed = capsys.readouterr().out.splitlines()
@@ -114,7 +114,7 @@ def test_cli_writes_json_csv_html_and_a_table(tmp_path, capsys):
                                   "GFLOP/s", "%", "peak"]
     assert len(printed) == 1 + 3 * 3 + 3                          # header + a line per point and mode + 3 notes
     assert printed[-3] == "a speed-up is x / diagonal; MiB is peak memory measured as process RSS growth"
-    assert printed[-2].startswith("% peak: GFLOP/s over torch.mm's, measured in the same run (float32 ")
+    assert printed[-2].startswith("% peak: GFLOP/s over torch.mm's, timed in each point's own rounds (float32 ")
     for line, r in zip(printed[1:-3], rows):                      # each mode's time over diagonal's
         diag = next(d for d in rows if d["mode"] == "diagonal" and d["tokens"] == r["tokens"])
         assert line.split()[2:4] == [str(r["tokens"]), r["mode"]]

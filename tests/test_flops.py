@@ -62,9 +62,15 @@ def test_bench_rows_carry_flops_peak_and_machine():
         assert r["gflop"] * 1e9 == flops.run_flops(model, r["tokens"], 1, r["mode"])["total"]
         assert r["gflops"] == r["gflop"] / r["seconds"]
         assert abs(r["pct_of_peak"] - 100 * r["gflops"] / r["peak_gflops"]) < 1e-9
+        assert r["peak_mm_size"] == 64 and r["peak_gflops_at_start"] > 0 and r["peak_gflops"] > 0
+        assert r["mode"] != bench.PEAK_MODE                     # the mm round is the peak, not a row
         assert r["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
         assert set(r["plateau_gemm_gflops"]) == set(flops.step_gemms(model))
     assert "% peak" in bench.table(rows) and "torch.mm" in bench.table(rows)
+    by_point = {}
+    for r in rows:
+        by_point.setdefault(r["segments"], set()).add(r["peak_gflops"])
+    assert all(len(peaks) == 1 for peaks in by_point.values())    # one peak per point, shared by its modes
     from diaglab import viz
     assert len(viz.roofline_figure(rows).data) == 3
 
