@@ -238,6 +238,10 @@ class TiedStacks:
     Each parameter is then a transposed view (out, in) with strides (1, out_total): the
     model's own F.linear multiplies by it without a copy. 1-D stacks (norms, biases) are (L, n).
 
+    Because the layers' weights are then strided views into shared stacks, code that assumes
+    contiguous weights fails on them — transformers' `save_pretrained` on the base model raises
+    in its shared-tensor check. `untie(model)` gives each its own storage back first.
+
     `is_valid(model)` re-reads the model's parameters: a parameter replaced by a new one
     (load_state_dict(assign=True), a new nn.Parameter or submodule, .to(...)), or re-pointed
     elsewhere, makes it False, and the executor re-ties. The stacks are ordinary tensors even
@@ -274,6 +278,25 @@ class TiedStacks:
                 return False
             self._key = _Registrations.count
         return all(p.data_ptr() == ptr for p, ptr in self._tied)   # moved, cast or .data = ...
+
+
+def untie(model) -> int:
+    """Give every parameter that lives in a TiedStacks stack its own contiguous storage again
+    (the same values; the model and any optimiser keep the same Parameter objects). Needed
+    before code that assumes each weight is contiguous or a contiguous slice of a shared
+    buffer — transformers' `model.base.save_pretrained` does (its shared-tensor check calls
+    .view(-1)); `ARMT.save_pretrained` needs nothing. An executor re-ties on its next call.
+    Returns how many parameters were given their own storage."""
+    n = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for per_layer in _stack_members(model, check=False).values():
+            for ps in per_layer:
+                for p in ps:
+                    if p is not None and (not p.is_contiguous() or p.untyped_storage().nbytes()
+                                          > p.numel() * p.element_size()):
+                        p.data = p.detach().clone(memory_format=torch.contiguous_format)
+                        n += 1
+    return n
 
 
 def _member_view(stack: torch.Tensor, l: int, r: int, n: int) -> torch.Tensor:

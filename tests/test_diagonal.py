@@ -287,3 +287,29 @@ def test_normalize_keys_flag(tmp_path):
         assert rel(plain(ids).logits, out.logits) > 1e-3
     with pytest.raises(ValueError, match="normalize_keys must be True or False"):
         diaglab.ARMTConfig(normalize_keys=1)
+
+
+def test_untie_lets_transformers_save_the_base(tmp_path):
+    """The tied stacks make the layers' weights strided views (transposed, shared storage);
+    transformers' save_pretrained cannot take those, diaglab's own save can, and untie()
+    gives them their own storage back — after which the executor re-ties and still agrees."""
+    from transformers import LlamaForCausalLM
+    from diaglab.grouped import untie
+    model = live_model(layers=2)
+    ex = DiagonalExecutor(model)
+    ids = random_ids(1, 20)
+    with torch.no_grad():
+        before = ex(ids)
+    assert not model.base.model.layers[0].self_attn.q_proj.weight.is_contiguous()
+    model.save_pretrained(tmp_path / "armt")                  # diaglab's save copies: fine while tied
+    with pytest.raises(RuntimeError):
+        model.base.save_pretrained(tmp_path / "tied")
+    assert untie(model) > 0 and untie(model) == 0
+    assert all(p.is_contiguous() for p in model.parameters())
+    model.base.save_pretrained(tmp_path / "base")
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.parameters(), model.base.parameters()))
+    with torch.no_grad():
+        assert_same(model(ids), before, 1e-6)
+        assert_same(ex(ids), before, 1e-6)                    # re-tied on this call
+    assert not model.base.model.layers[0].self_attn.q_proj.weight.is_contiguous()
