@@ -63,16 +63,8 @@ def decode_step(model, ids: torch.Tensor, state: MemoryState, cache: DynamicCach
     return inner.norm(h)
 
 
-@torch.no_grad()
-def generate(model, prefill_fn, input_ids, max_new_tokens: int = 16, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None, attention_mask=None) -> torch.Tensor:
-    """input_ids (B, N) -> (B, N + max_new_tokens). prefill_fn(ids, state=..., keep_logits=...)
-    runs full segments with writes (the model itself, or a DiagonalExecutor) and returns an
-    ARMTOutput."""
-    if attention_mask is not None and not bool(attention_mask.bool().all()):
-        raise ValueError("generate needs unpadded rows of equal length; call it per row for prompts "
-                         "of different lengths")
+def check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, generator) -> None:
+    """Refuse a sampling argument of the wrong kind or range, naming it."""
     check_int("max_new_tokens", max_new_tokens, 0)
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample must be True or False, got {do_sample!r}")
@@ -84,15 +76,39 @@ def generate(model, prefill_fn, input_ids, max_new_tokens: int = 16, do_sample: 
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+@torch.no_grad()
+def generate(model, prefill_fn, input_ids, max_new_tokens: int = 16, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None, attention_mask=None) -> torch.Tensor:
+    """input_ids (B, N) -> (B, N + max_new_tokens). prefill_fn(ids, state=..., keep_logits=...)
+    runs full segments with writes (the model itself, or a DiagonalExecutor) and returns an
+    ARMTOutput."""
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        raise ValueError("generate needs unpadded rows of equal length; call it per row for prompts "
+                         "of different lengths")
+    check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, generator)
     ids = validate_ids(input_ids, model.base.config.vocab_size, model.device)
     n = model.config.segment_size
-    B, N = ids.shape
-    n_full = (N // n) * n                                                     # tokens in full segments
-    state, last_logits = model.empty_state(B), None
+    n_full = (ids.shape[1] // n) * n                                          # tokens in full segments
+    state, last_logits = model.empty_state(ids.shape[0]), None
     if n_full > 0:  # 1. prefill
         out = prefill_fn(ids[:, :n_full], state=state, keep_logits="last_segment")
         state, last_logits = out.state, out.logits[:, -1]
-    open_seg = ids[:, n_full:]                                                # (B, r), r < n
+    return decode(model, prefill_fn, ids, state, last_logits, max_new_tokens, do_sample, temperature, top_k,
+                  top_p, generator)
+
+
+@torch.no_grad()
+def decode(model, prefill_fn, ids: torch.Tensor, state: MemoryState, last_logits: torch.Tensor | None,
+           max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Steps 2 and 3 for prompts ids (B, N) whose full segments are already in `state`
+    (last_logits: the prefill's logits at its last token, or None when there was none).
+    prefill_fn commits each segment that generation completes. Returns (B, N + max_new_tokens)."""
+    n = model.config.segment_size
+    open_seg = ids[:, (ids.shape[1] // n) * n:]                               # (B, r), r < n
     cache = DynamicCache(config=model.base.config)                            # the open segment's K, V
     new = []
     for i in range(max_new_tokens):

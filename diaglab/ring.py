@@ -30,9 +30,10 @@ import torch
 
 from .armt import ARMT, ARMTOutput
 from .diagonal import DiagonalExecutor, check_no_dropout
+from .generation import check_sampling, decode
 from .grouped import profiler_range
 from .memory import MemoryState, first_after_write
-from .segments import Segmented, SegmentOutputs, SegmentRows, segment_rows, stack_rows
+from .segments import Segmented, SegmentOutputs, SegmentRows, segment_rows, stack_rows, validate_ids
 
 RingStepHook = Callable[[int, list], None]   # on_step(t, cells): cells [(layer, request id, segment)]
 
@@ -191,6 +192,39 @@ class RingExecutor:
         while any(r not in done for r in rids):
             done.update(self.step(on_step))
         return [done[r] for r in rids]
+
+
+    @torch.no_grad()
+    def generate(self, requests: list, max_new_tokens: int = 16, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Continue several prompts: each request [1, N_i] or [N_i] -> [1, N_i + max_new_tokens].
+        The full segments of every prompt are prefilled together through the ring (one queue,
+        ramps paid once); then each request decodes from its own memory state as ARMT.generate
+        does (design §5: the open segment through a KV cache, a completed segment committed
+        with its write, here by the diagonal executor). Greedy tokens equal model.generate(ids_i)
+        for every request. With do_sample, requests draw from `generator` one after another."""
+        if self.pending:
+            raise RuntimeError(f"{self.pending} request(s) submitted earlier are still running; drive them with "
+                               "step() until runner.pending == 0 before generate()")
+        if not isinstance(requests, (list, tuple)) or len(requests) == 0:
+            raise ValueError("generate needs a non-empty list of prompts (each [1, N] or [N])")
+        check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, generator)
+        model, n = self.model, self.model.config.segment_size
+        prompts = [validate_ids(self._one_row(ids, f"prompt {i}"), model.base.config.vocab_size, model.device)
+                   for i, ids in enumerate(requests)]
+        rids = {i: self.submit(ids[:, :ids.shape[1] // n * n], keep_logits="last_segment")
+                for i, ids in enumerate(prompts) if ids.shape[1] >= n}          # 1. prefill, one queue
+        done: dict[int, ARMTOutput] = {}
+        while any(r not in done for r in rids.values()):
+            done.update(self.step())
+        results = []
+        for i, ids in enumerate(prompts):                                        # 2-3. decode each
+            state, last = ((done[rids[i]].state, done[rids[i]].logits[:, -1]) if i in rids
+                           else (model.empty_state(1), None))
+            results.append(decode(model, self._diag, ids, state, last, max_new_tokens, do_sample, temperature,
+                                  top_k, top_p, generator))
+        return results
 
 
 def _runs(busy: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:

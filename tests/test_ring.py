@@ -164,3 +164,36 @@ def test_ring_step_records_and_figure():
     fig = viz.ring_figure(3, steps=[list(r.cells) for r in records])
     assert "⟲" in "".join(str(t) for row in fig.data[0].text for t in row)
     assert len(viz.ring_animation(3, steps=[list(r.cells) for r in records]).frames) == len(records)
+
+
+# ---- generation after a shared prefill --------------------------------------------------
+def test_generate_equals_model_generate_per_request():
+    """Prompts of mixed lengths (shorter than a segment, partial, an exact multiple), greedy,
+    past a segment boundary (so a commit with its write happens while decoding): the tokens
+    of each request equal model.generate on it alone, and the prefill ran as one ring."""
+    model = live_model(layers=3)                                  # segment 8
+    prompts = [random_ids(1, N, seed=10 + i) for i, N in enumerate([5, 21, 16, 11])]
+    runner = RingExecutor(model)
+    outs = runner.generate(prompts, max_new_tokens=12)
+    for ids, out in zip(prompts, outs):
+        assert out.shape == (1, ids.shape[1] + 12)
+        assert torch.equal(out, model.generate(ids, max_new_tokens=12))
+    assert runner.step_count == (2 + 2 + 1) + 3 - 1               # full segments of 21, 16, 11; once
+    assert runner.pending == 0
+    assert torch.equal(runner.generate([prompts[0][0]], max_new_tokens=0)[0], prompts[0])   # [N], no tokens
+
+
+def test_generate_refuses_bad_input():
+    model = live_model(layers=2)
+    runner = RingExecutor(model)
+    with pytest.raises(ValueError, match="non-empty list"):
+        runner.generate([])
+    with pytest.raises(ValueError, match=r"prompt 1 must be \[1, N\]"):
+        runner.generate([random_ids(1, 5), random_ids(2, 5)])
+    with pytest.raises(ValueError, match="temperature"):
+        runner.generate([random_ids(1, 5)], do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="vocab"):
+        runner.generate([torch.full((1, 4), 10_000)])
+    runner.submit(random_ids(1, 9))
+    with pytest.raises(RuntimeError, match="still running"):
+        runner.generate([random_ids(1, 5)])
