@@ -96,6 +96,7 @@ class DiagonalExecutor:
         self.compile_seconds: float | None = None   # wall time of the first compiled step (compile included)
         self._compiled: Callable | None = None
         self._tied: TiedStacks | None = None
+        self._layers: LayerStack | None = None   # the last LayerStack on the tied stacks (its caches survive calls)
         self._warned: tuple[str, ...] = ()
         self._check = GroupingCheck(model)
         if not self._check.problems():
@@ -120,7 +121,12 @@ class DiagonalExecutor:
         problems = tuple(self._check.problems())
         dims = LayerDims.of(self.model, self.kernel)
         if not problems:
-            return LayerStack(self.model, self.stacked_weights(), dims), grouped_layer
+            W = self.stacked_weights()
+            kept = self._layers
+            if kept is None or kept.W is not W or kept.dims != dims:   # the same stacks: keep its caches
+                kept = LayerStack(self.model, W, dims)
+                self._layers = kept if W is (self._tied and self._tied.tensors) else None
+            return kept, grouped_layer
         if problems != self._warned:
             self._warned = problems
             warnings.warn("DiagonalExecutor: " + "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")

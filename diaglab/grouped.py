@@ -184,11 +184,22 @@ class _Registrations:
         cls.count += 1
 
 
+def _attr(module, name: str):
+    """module.name for a plain instance attribute, read from the instance dict (the ring asks
+    every step); anything else (a property, a class attribute) through getattr."""
+    d = module.__dict__
+    return d[name] if name in d else getattr(module, name, None)
+
+
 def _checked_attributes(model) -> tuple:
     """The plain attributes grouped_layer assumes (attention scale, norm epsilon, nu, normalize)."""
-    return tuple((getattr(b.self_attn, "scaling", None), getattr(b.input_layernorm, "variance_epsilon", None),
-                  getattr(b.post_attention_layernorm, "variance_epsilon", None)) for b in model.base.model.layers) \
-        + tuple((getattr(a, "nu", None), getattr(a, "normalize", None)) for a in model.assoc)
+    out = []
+    for b in _child(_child(model.base, "model"), "layers"):
+        out.append((_attr(_child(b, "self_attn"), "scaling"), _attr(_child(b, "input_layernorm"), "variance_epsilon"),
+                    _attr(_child(b, "post_attention_layernorm"), "variance_epsilon")))
+    for a in _child(model, "assoc"):
+        out.append((_attr(a, "nu"), _attr(a, "normalize")))
+    return tuple(out)
 
 
 class GroupingCheck:
@@ -201,15 +212,15 @@ class GroupingCheck:
         self.model = model
         self._key: tuple | None = None
         self._problems: list[str] = []
-        self._modules: list[nn.Module] = []
+        self._hook_tables: list[dict] = []   # every hook dict of every checked module
 
     def problems(self) -> list[str]:
         key = (_Registrations.count, _checked_attributes(self.model))
-        if key != self._key or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                                   or m._backward_pre_hooks for m in self._modules):
+        if key != self._key or any(self._hook_tables):
             self._problems = ungroupable(self.model)
-            self._modules = [m for b in list(self.model.base.model.layers) + list(self.model.assoc)
-                             for m in b.modules()]
+            self._hook_tables = [t for b in list(self.model.base.model.layers) + list(self.model.assoc)
+                                 for m in b.modules() for t in (m._forward_hooks, m._forward_pre_hooks,
+                                                                m._backward_hooks, m._backward_pre_hooks)]
             self._key = key
         return self._problems
 
@@ -270,6 +281,7 @@ class TiedStacks:
                         self._tied.append((p, view.data_ptr()))
                         r += p.shape[0]
                 self.tensors[name] = stack
+        self._params, self._ptrs = [p for p, _ in self._tied], [ptr for _, ptr in self._tied]
 
     def is_valid(self, model) -> bool:
         if _Registrations.count != self._key:   # something was registered: re-read the model's parameters
@@ -277,7 +289,7 @@ class TiedStacks:
             if len(now) != len(self._tied) or any(p is not q for p, (q, _) in zip(now, self._tied)):
                 return False
             self._key = _Registrations.count
-        return all(p.data_ptr() == ptr for p, ptr in self._tied)   # moved, cast or .data = ...
+        return [p.data_ptr() for p in self._params] == self._ptrs   # moved, cast or .data = ...
 
 
 def untie(model) -> int:

@@ -8,9 +8,10 @@ instead of once per request (schedule.ring draws it).
 
 Memory lives with the slots, as in the diagonal executor: slot l holds the layer-l memory
 of the request passing through it (a request's segments enter on consecutive steps, so
-its segment s meets the memory its segment s - 1 left there). It is reset to empty
-exactly when a request's first segment reaches the slot, and copied out when the
-request's last segment leaves it, into that request's own MemoryState. A step reads its
+its segment s meets the memory its segment s - 1 left there). When a request's last segment leaves a slot, the
+slot's memory is copied into that request's own MemoryState and the slot is emptied in
+place, so the next request's first segment finds it empty (under autograd, where the step's
+outputs must stay as they are, the slot is emptied by a mask when that segment arrives). A step reads its
 slots' memories as views of one ring state (no per-request gather), so a ring step costs
 what a diagonal step costs, and every request's numbers equal `model(ids_i)` run alone.
 
@@ -59,8 +60,10 @@ class RingExecutor:
         self._requests: dict[int, _Request] = {}
         self._queue: list[int] = []                           # request ids not fully fed, in order
         self._slots: list[tuple[int, int] | None] = [None] * model.num_layers   # slot -> (request, segment)
-        self._inbox: dict[tuple[int, int, int], torch.Tensor] = {}             # (layer, rid, s) -> rows
+        self._outputs: list[tuple[int, torch.Tensor]] = []   # the last step's runs: (first slot, Y (G, 1, T, d))
         self._memory: MemoryState | None = None   # slot l: the layer-l memory of the request passing through it
+        self._empty: set[int] = set()              # slots whose memory is known empty (zeros, is_first)
+        self._rope: dict = {}                      # shared Segmented.rope of the requests in flight
         self._next_id = 0
 
     # ---- requests -------------------------------------------------------------------------
@@ -71,6 +74,7 @@ class RingExecutor:
         mask = None if attention_mask is None else self._one_row(attention_mask, "attention_mask", like=ids)
         labels = None if labels is None else self._one_row(labels, "labels", like=ids)
         seg, _ = self.model.prepare(ids, mask, labels, None, keep_logits)
+        seg.rope = self._rope   # RoPE tables of unmasked segments depend only on the length: one set for all
         rid = self._next_id
         self._next_id += 1
         self._requests[rid] = _Request(seg, SegmentOutputs(seg, keep_logits, self.model.base.lm_head,
@@ -106,16 +110,18 @@ class RingExecutor:
         self._slots = [self._feed()] + self._slots[:-1]
         busy = [(l, *cell) for l, cell in enumerate(self._slots) if cell is not None]
         if not busy:
-            self._memory = None   # the ring is empty: the next request may meet another dtype or device
+            # the ring is empty: the next request may meet another dtype or device
+            self._memory, self._empty, self._rope = None, set(), {}
             return {}
         if self._memory is None:
-            self._memory = model.empty_state(1)
+            self._memory, self._empty = model.empty_state(1), set(range(model.num_layers))
         layers, grouped = self._diag.layer_stack()
         t = self.step_count
         finished = {}
+        prev, self._outputs = self._outputs, []
         with profiler_range(f"ring_step {t}"):
             for run in _runs(busy):   # 2. consecutive busy slots: one grouped call each
-                finished.update(self._run(run, layers, grouped))
+                finished.update(self._run(run, layers, grouped, prev))
         self.step_count += 1
         self.history.append(busy)
         if on_step is not None:
@@ -131,45 +137,61 @@ class RingExecutor:
                 s = req.fed
                 req.fed += 1
                 req.rows[s] = segment_rows(self.model, req.seg, s, pad=True)
-                self._inbox[(0, rid, s)] = req.rows[s].X
                 if req.fed == req.seg.num_segments:
                     self._queue.pop(0)
                 return rid, s
             self._queue.pop(0)
         return None
 
-    def _run(self, cells: list[tuple[int, int, int]], layers, grouped) -> dict[int, ARMTOutput]:
-        """One grouped call for the consecutive layers of `cells` [(layer, rid, segment)]."""
+    def _run(self, cells: list[tuple[int, int, int]], layers, grouped,
+             prev: list[tuple[int, torch.Tensor]]) -> dict[int, ARMTOutput]:
+        """One grouped call for the consecutive layers of `cells` [(layer, rid, segment)];
+        prev: the last step's outputs, (first slot, Y) per run."""
         model, L = self.model, self.model.num_layers
         lo, hi = cells[0][0], cells[-1][0]
         reqs = [self._requests[rid] for _, rid, _ in cells]
-        X = torch.stack([self._inbox.pop(cell) for cell in cells])                 # (G, 1, T, d)
+        # inputs: slot 0 takes a new segment's rows; slot l >= 1 what slot l - 1 gave at the last
+        # step (the same request and segment, one slot on), as slices of those outputs
+        parts = [reqs[0].rows[cells[0][2]].X[None]] if lo == 0 else []
+        l = max(lo, 1)
+        while l <= hi:
+            a, Y = next((a, Y) for a, Y in prev if a <= l - 1 < a + Y.shape[0])
+            e = min(hi, a + Y.shape[0])                      # layers l..e take slots l-1..e-1 of Y
+            parts.append(Y[l - 1 - a:e - a])
+            l = e + 1
+        X = parts[0] if len(parts) == 1 else torch.cat(parts)                      # (G, 1, T, d)
         cos, sin, mask, wmask = stack_rows([req.rows[s] for req, (_, _, s) in zip(reqs, cells)])
         W_mem, z, first = self._memory.layers(lo, hi)                               # (G, 1, dk, d), ... views
-        if any(s == 0 for _, _, s in cells):   # a request's first segment: that slot's memory starts empty
-            new = torch.tensor([s == 0 for _, _, s in cells], device=first.device)   # (G,)
+        reset = [s == 0 and l not in self._empty for l, _, s in cells]
+        if any(reset):   # a request's first segment meets a slot not yet emptied: empty it here
+            new = torch.tensor(reset, device=first.device)                           # (G,)
             W_mem = W_mem.masked_fill(new[:, None, None, None], 0)
             z, first = z.masked_fill(new[:, None, None], 0), first | new[:, None]
         Y, W_mem, z = grouped(X, layers=layers, lo=lo, hi=hi, n_text=model.config.segment_size, cos=cos, sin=sin,
                               mask=mask, W_mem=W_mem, z=z, is_first=first, write_mask=wmask,
                               read=any(s > 0 for _, _, s in cells))
         first = first_after_write(first, wmask)
-        self._memory = self._memory.replace(lo, hi, W_mem, z, first)
+        self._empty.difference_update(range(lo, hi + 1))
         finished = {}
         for g, (req, (l, rid, s)) in enumerate(zip(reqs, cells)):
             last = s == req.seg.num_segments - 1
-            if last:   # the request's memory at this layer is final
-                req.final[l] = (W_mem[g:g + 1], z[g:g + 1], first[g:g + 1])
-            if l < L - 1:
-                self._inbox[(l + 1, rid, s)] = Y[g]
-                continue
-            req.rows.pop(s)          # segment s leaves the ring: final norm + LM head on its text rows
+            if last:   # the request's memory at this layer is final: keep a copy, then empty the slot
+                req.final[l] = (W_mem[g:g + 1].clone(), z[g:g + 1].clone(), first[g:g + 1].clone())
+                if not torch.is_grad_enabled():   # fresh outputs of this step, owned by the ring alone
+                    W_mem[g].zero_(), z[g].zero_(), first[g].fill_(True)
+                    self._empty.add(l)
+        self._memory = self._memory.replace(lo, hi, W_mem, z, first)
+        self._outputs.append((lo, Y))
+        if hi == L - 1:   # a segment leaves the ring: final norm + LM head on its text rows
+            req, (l, rid, s), g = reqs[-1], cells[-1], len(cells) - 1
+            last = s == req.seg.num_segments - 1
+            req.rows.pop(s)
             if req.outputs.wanted(s):
                 a, e = req.seg.bounds[s]
                 req.outputs.add(s, Y[g, :, :e - a])
             if last:
                 logits, loss = req.outputs.result()
-                W, zz, f = (torch.cat([req.final[k][i] for k in range(L)]) for i in range(3))   # copies, own storage
+                W, zz, f = (torch.cat([req.final[k][i] for k in range(L)]) for i in range(3))   # (L, 1, ...)
                 finished[rid] = ARMTOutput(logits, loss, MemoryState(W, zz, f, req.seg.open_ids()))
                 del self._requests[rid]
         return finished

@@ -232,6 +232,16 @@ def segment_rows(model, seg: Segmented, s: int, pad: bool = False) -> SegmentRow
     return SegmentRows(X, n_text, cos, sin, mask, seg.write_mask(s))
 
 
+_CAUSAL: dict[tuple, torch.Tensor] = {}   # (T, device) -> (T, T) lower-triangular bool, never written to
+
+
+def _causal(T: int, device: torch.device) -> torch.Tensor:
+    key = (T, str(device))
+    if key not in _CAUSAL:
+        _CAUSAL[key] = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return _CAUSAL[key]
+
+
 def stack_rows(rows: list[SegmentRows]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
                                                   torch.Tensor | None]:
     """The per-segment tables of a group of G segments, for grouped_layer: cos, sin
@@ -241,9 +251,9 @@ def stack_rows(rows: list[SegmentRows]) -> tuple[torch.Tensor, torch.Tensor, tor
         cos, sin, mask = rows[0].cos, rows[0].sin, None
     else:
         B, T = rows[0].X.shape[:2]
-        causal = torch.ones(T, T, dtype=torch.bool, device=rows[0].X.device).tril()
-        cos = torch.cat([r.cos.expand(B, -1, -1) for r in rows])                       # (G*B, T, hd)
-        sin = torch.cat([r.sin.expand(B, -1, -1) for r in rows])
+        causal = _causal(T, rows[0].X.device)
+        cos = torch.cat([r.cos if r.cos.shape[0] == B else r.cos.expand(B, -1, -1) for r in rows])   # (G*B, T, hd)
+        sin = torch.cat([r.sin if r.sin.shape[0] == B else r.sin.expand(B, -1, -1) for r in rows])
         mask = torch.cat([causal.expand(B, T, T) if r.mask is None else r.mask for r in rows])  # (G*B, T, T)
     if all(r.write_mask is None for r in rows):
         return cos, sin, mask, None
