@@ -49,8 +49,8 @@ def check_no_dropout(model: ARMT) -> None:
     masks (and the grouped kernels apply none), so their numbers could not agree."""
     if not model.training:
         return
-    rates = {f"base.model.layers.{l}.self_attn": getattr(b.self_attn, "attention_dropout", 0.0)
-             for l, b in enumerate(model.base.model.layers)}
+    rates = {f"base.model.layers.{l}.{name}".rstrip("."): getattr(m, "attention_dropout", 0.0)
+             for l, b in enumerate(model.base.model.layers) for name, m in b.named_modules()}   # wrapped too
     live = {name: p for name, p in rates.items() if p > 0}
     if live:
         name, p = next(iter(live.items()))

@@ -51,7 +51,7 @@ from . import schedule as sched
 from ._checks import check_int
 from .armt import ARMT, ARMTOutput
 from .diagonal import DiagonalExecutor, check_no_dropout, grouped_cells
-from .grouped import ungroupable
+from .grouped import profiler_range, ungroupable
 from .memory import MemoryState
 from .segments import Segmented, SegmentOutputs, SegmentRows, positions_and_mask, segment_rows
 
@@ -200,7 +200,7 @@ def run_stage(block: ARMT, span: Span, L: int, seg: Segmented, link: Link,
                 tables[s] = segment_tables(block, seg, s, X)
             hidden[s] = tables[s].X
         X = torch.stack([hidden[s] for _, s in cells])                         # (G, B, T, d)
-        with torch.profiler.record_function(f"pipe_step {a + u} layers {a + lo}-{a + hi}"):
+        with profiler_range(f"pipe_step {a + u} layers {a + lo}-{a + hi}"):
             Y, state = grouped_cells(step, layers, X, [tables[s] for _, s in cells], state, lo, hi,
                                      seg.segment_size, any(has_memory[lo:hi + 1]))
         for g, (j, s) in enumerate(cells):   # 2. outputs move up one layer

@@ -43,27 +43,39 @@ class LayerDims:
 
     @classmethod
     def of(cls, model, kernel: str = "bmm") -> "LayerDims":
+        """Shapes from the configs; the values the modules compute with (norm epsilon, DPFP's
+        nu and normalisation) from layer 0's modules themselves, so that editing a config after
+        the model was built cannot make the grouped step differ from the modules (ungroupable
+        requires every layer to agree with layer 0)."""
         c = model.base.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return cls(c.num_attention_heads, c.num_key_value_heads, head_dim, c.rms_norm_eps,
-                   model.config.d_mem, model.config.nu, model.config.correction,
-                   model.config.normalize_keys, kernel)
+        layer0 = _child(_child(_child(model.base, "model"), "layers"), "0")
+        assoc0 = _child(_child(model, "assoc"), "0")
+        eps = _attr(_child(layer0, "input_layernorm"), "variance_epsilon")
+        nu, normalize = _attr(assoc0, "nu"), _attr(assoc0, "normalize")
+        return cls(c.num_attention_heads, c.num_key_value_heads, head_dim, c.rms_norm_eps if eps is None else eps,
+                   model.config.d_mem, model.config.nu if nu is None else nu, model.config.correction,
+                   model.config.normalize_keys if normalize is None else normalize, kernel)
 
 
 def _child(module: nn.Module, name: str):
     """module.name, read from the module's own dicts first (nn.Module.__getattr__ is slow and
     this runs on every call); parametrized weights are properties, found by getattr."""
+    if module is None:   # a parent that is missing (a wrapped or replaced layer): nothing below it
+        return None
     for table in (module._modules, module._parameters):
         if name in table:
             return table[name]
     return getattr(module, name, None)
 
 
-def _stack_members(model, check: bool = True) -> dict[str, list[list[torch.Tensor]]]:
+def _stack_members(model, check: bool = True, owners: bool = False) -> dict[str, list[list]]:
     """stack name -> per layer, the parameters concatenated (along dim 0) into that stack.
     q|k|v, gate|up and W_mk|W_mv|W_mb are fused: one matmul each. check: raise unless every
-    layer's members have the same shapes."""
+    layer's members have the same shapes. owners: (module, attribute name) pairs instead."""
     def params(units, *paths, attr="weight"):
+        if owners:
+            return [[(_child(u, p) if p else u, attr) for p in paths] for u in units]
         return [[_child(_child(u, p) if p else u, attr) for p in paths] for u in units]
     layers = list(_child(_child(model.base, "model"), "layers"))
     attn = [_child(b, "self_attn") for b in layers]
@@ -80,13 +92,13 @@ def _stack_members(model, check: bool = True) -> dict[str, list[list[torch.Tenso
         "W_mkvb.weight": params(assoc, "W_mk", "W_mv", "W_mb"),
         "W_mb.bias": params(assoc, "W_mb", attr="bias"),
     }
-    if _child(_child(attn[0], "q_proj"), "bias") is not None:
+    if _child(_child(attn[0], "q_proj"), "bias") is not None:   # (the bias members are checked on tensors)
         members["qkv_proj.bias"] = params(attn, "q_proj", "k_proj", "v_proj", attr="bias")
         members["o_proj.bias"] = params(attn, "o_proj", attr="bias")
     if _child(_child(mlp[0], "gate_proj"), "bias") is not None:
         members["gate_up_proj.bias"] = params(mlp, "gate_proj", "up_proj", attr="bias")
         members["down_proj.bias"] = params(mlp, "down_proj", attr="bias")
-    for name, per_layer in members.items() if check else ():
+    for name, per_layer in members.items() if check and not owners else ():
         shapes = {tuple(None if p is None else tuple(p.shape) for p in ps) for ps in per_layer}
         if len(shapes) != 1 or any(p is None for ps in per_layer for p in ps):
             raise ValueError(f"cannot group layers of different shapes ({name}: {sorted(map(str, shapes))}); "
@@ -121,8 +133,9 @@ def _hooked(module: nn.Module) -> bool:
 def ungroupable(model) -> list[str]:
     """Why grouped_layer would not compute what the model's own modules compute, one line
     per module: a hook (forward, pre-forward or backward), a class other than the standard
-    one (an adapter, a subclass with its own forward), or a changed attribute (attention
-    scale, norm epsilon). Parametrized weights (torch.nn.utils.parametrize) are fine: the
+    one (an adapter, a subclass with its own forward), a `forward` set on the instance, a
+    missing submodule (a wrapped layer), or an attribute that differs between layers
+    (attention scale, norm epsilon, DPFP's nu). Parametrized weights (torch.nn.utils.parametrize) are fine: the
     stacks read the parametrized `.weight`. Empty when grouped_layer is exact.
 
     Global module hooks (torch.nn.modules.module.register_module_forward_hook) are not
@@ -139,26 +152,33 @@ def ungroupable(model) -> list[str]:
             mod = unit
             for part in _PATHS.setdefault(path, tuple(path.split(".")) if path else ()):
                 mod = _child(mod, part)
+            name = f"{owner}.{l}.{path}".rstrip(".")
+            if mod is None:
+                problems.append(f"{name} is missing (the layer is wrapped or rebuilt)")
+                continue
             cls = type(mod)
             if "parametrizations" in getattr(mod, "_modules", ()):
                 cls = cls.__bases__[0]       # parametrize's generated subclass of the real class
-            if cls is not expected or _hooked(mod):
-                name = f"{owner}.{l}.{path}".rstrip(".")
-                problems.append(f"{name} is a {type(mod).__name__}, not a {expected.__name__}"
-                                if cls is not expected else f"{name} has hooks")
+            if cls is not expected:
+                problems.append(f"{name} is a {type(mod).__name__}, not a {expected.__name__}")
+            elif _hooked(mod):
+                problems.append(f"{name} has hooks")
+            elif "forward" in mod.__dict__:
+                problems.append(f"{name} has its own forward, set on the instance")
+    # the values grouped_layer computes with (LayerDims.of reads them from layer 0): every layer must agree
     for l, b in enumerate(model.base.model.layers):
-        scaling = getattr(b.self_attn, "scaling", None)
+        scaling = _attr(_child(b, "self_attn"), "scaling")
         if scaling != dims.head_dim ** -0.5:
             problems.append(f"base.model.layers.{l}.self_attn.scaling is {scaling}, not head_dim ** -0.5")
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            eps = getattr(getattr(b, norm), "variance_epsilon", None)
+            eps = _attr(_child(b, norm), "variance_epsilon")
             if eps != dims.eps:
-                problems.append(f"base.model.layers.{l}.{norm}.variance_epsilon is {eps}, "
-                                f"not config.rms_norm_eps = {dims.eps}")
+                problems.append(f"base.model.layers.{l}.{norm}.variance_epsilon is {eps}, not layer 0's "
+                                f"input_layernorm value {dims.eps} (the grouped step uses one epsilon)")
     for l, a in enumerate(model.assoc):
-        got = (getattr(a, "nu", None), getattr(a, "normalize", None))
+        got = (_attr(a, "nu"), _attr(a, "normalize"))
         if got != (dims.nu, dims.normalize):
-            problems.append(f"assoc.{l} has nu, normalize = {got}; the config says {(dims.nu, dims.normalize)}")
+            problems.append(f"assoc.{l} has nu, normalize = {got}; layer 0 has {(dims.nu, dims.normalize)}")
     return problems
 
 
@@ -187,7 +207,7 @@ class _Registrations:
 def _attr(module, name: str):
     """module.name for a plain instance attribute, read from the instance dict (the ring asks
     every step); anything else (a property, a class attribute) through getattr."""
-    d = module.__dict__
+    d = getattr(module, "__dict__", {})
     return d[name] if name in d else getattr(module, name, None)
 
 
@@ -204,8 +224,8 @@ def _checked_attributes(model) -> tuple:
 
 class GroupingCheck:
     """ungroupable(model), walked again only when something may have changed: a registration
-    anywhere (_Registrations), a hook on one of the checked modules, or a changed attribute.
-    Otherwise a call costs one pass over the hook tables of the checked modules."""
+    anywhere (_Registrations), a hook or an instance `forward` on one of the checked modules,
+    or a changed attribute. Otherwise a call costs one pass over those tables."""
 
     def __init__(self, model):
         _Registrations.listen()
@@ -213,14 +233,16 @@ class GroupingCheck:
         self._key: tuple | None = None
         self._problems: list[str] = []
         self._hook_tables: list[dict] = []   # every hook dict of every checked module
+        self._dicts: list[dict] = []         # every checked module's instance dict (a forward set there)
 
     def problems(self) -> list[str]:
         key = (_Registrations.count, _checked_attributes(self.model))
-        if key != self._key or any(self._hook_tables):
+        if key != self._key or any(self._hook_tables) or any("forward" in d for d in self._dicts):
             self._problems = ungroupable(self.model)
-            self._hook_tables = [t for b in list(self.model.base.model.layers) + list(self.model.assoc)
-                                 for m in b.modules() for t in (m._forward_hooks, m._forward_pre_hooks,
-                                                                m._backward_hooks, m._backward_pre_hooks)]
+            mods = [m for b in list(self.model.base.model.layers) + list(self.model.assoc) for m in b.modules()]
+            self._hook_tables = [t for m in mods for t in (m._forward_hooks, m._forward_pre_hooks,
+                                                            m._backward_hooks, m._backward_pre_hooks)]
+            self._dicts = [m.__dict__ for m in mods]
             self._key = key
         return self._problems
 
@@ -254,15 +276,20 @@ class TiedStacks:
     in its shared-tensor check. `untie(model)` gives each its own storage back first.
 
     `is_valid(model)` re-reads the model's parameters: a parameter replaced by a new one
-    (load_state_dict(assign=True), a new nn.Parameter or submodule, .to(...)), or re-pointed
-    elsewhere, makes it False, and the executor re-ties. The stacks are ordinary tensors even
+    (load_state_dict(assign=True), a new nn.Parameter or submodule, .to(...) also with
+    torch.__future__'s overwrite-on-conversion), or re-pointed elsewhere, makes it False, and
+    the executor re-ties. A parametrized weight (torch.nn.utils.parametrize) is computed, not
+    stored: it can never be tied, so is_valid is always False for stacks holding one and they
+    are rebuilt — a copy — on every call. The stacks are ordinary tensors even
     when built under torch.inference_mode, so the parameters stay trainable afterwards."""
 
     def __init__(self, model):
         _Registrations.listen()
         self._key = _Registrations.count
         self.tensors: dict[str, torch.Tensor] = {}
-        self._tied: list[tuple[torch.Tensor, int]] = []
+        self._params: list[torch.Tensor] = []   # the tied members, and where their data must stay
+        self._ptrs: list[int] = []
+        self._owners = [o for per_layer in _stack_members(model, owners=True).values() for ps in per_layer for o in ps]
         with torch.inference_mode(False), torch.no_grad():
             for name, per_layer in _stack_members(model).items():
                 stack = _existing_stack(per_layer)
@@ -278,18 +305,21 @@ class TiedStacks:
                         if p.data_ptr() != view.data_ptr() or p.stride() != view.stride():
                             view.copy_(p)
                             p.data = view
-                        self._tied.append((p, view.data_ptr()))
+                        self._params.append(p)
+                        self._ptrs.append(view.data_ptr())
                         r += p.shape[0]
                 self.tensors[name] = stack
-        self._params, self._ptrs = [p for p, _ in self._tied], [ptr for _, ptr in self._tied]
 
     def is_valid(self, model) -> bool:
-        if _Registrations.count != self._key:   # something was registered: re-read the model's parameters
-            now = [p for per_layer in _stack_members(model, check=False).values() for ps in per_layer for p in ps]
-            if len(now) != len(self._tied) or any(p is not q for p, (q, _) in zip(now, self._tied)):
+        if _Registrations.count != self._key:   # a module or parameter was registered: re-read the owners
+            now = [o for per_layer in _stack_members(model, owners=True).values() for ps in per_layer for o in ps]
+            if now != self._owners:
                 return False
             self._key = _Registrations.count
-        return [p.data_ptr() for p in self._params] == self._ptrs   # moved, cast or .data = ...
+        # each owner still holds the very Parameter that was tied (not a replacement, nor a computed
+        # parametrized weight), and its data still sits in the stack (not moved, cast or .data = ...)
+        return (all(o._parameters.get(a) is p for (o, a), p in zip(self._owners, self._params))
+                and [p.data_ptr() for p in self._params] == self._ptrs)
 
 
 def untie(model) -> int:

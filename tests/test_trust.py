@@ -52,10 +52,16 @@ def _replace(model, other, how):
         layer.mlp.gate_proj.weight.data = o_layer.mlp.gate_proj.weight.detach().clone()
     elif how == "cast":
         model.double()
+    elif how == "cast, overwriting parameters":   # _apply assigns new Parameters without registration hooks
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            model.double()
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(False)
 
 
 @pytest.mark.parametrize("how", ["load_state_dict(assign=True)", "new nn.Parameter", "new submodule",
-                                 "new associative linear", "tensor.data =", "cast"])
+                                 "new associative linear", "tensor.data =", "cast", "cast, overwriting parameters"])
 def test_executor_follows_replaced_weights(how):
     model, other = live_model(layers=2), live_model(layers=2, seed=7)
     ex = DiagonalExecutor(model)
@@ -64,7 +70,7 @@ def test_executor_follows_replaced_weights(how):
         before = ex(ids).logits                      # ties the stacks to the current weights
         _replace(model, other, how)
         after_model, after_ex = model(ids), ex(ids)
-    if how == "cast":
+    if how.startswith("cast"):
         assert after_ex.logits.dtype == torch.float64                                 # computed in the new dtype
     else:
         assert rel(after_model.logits, before) > 1e-4                                 # the change matters ...
@@ -84,6 +90,17 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         return self.base(x) + self.B(self.A(x))
+
+
+class Wrapped(nn.Module):
+    """A decoder layer inside a wrapper that damps its output: the grouped step cannot find its parts."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, h, **kw):
+        return 0.9 * self.inner(h, **kw)
 
 
 class ScaledLinear(nn.Linear):
@@ -107,10 +124,18 @@ def _modify(model, how):
         return model.assoc[1].W_mq.register_forward_hook(lambda m, i, o: 3 * o)
     if how == "changed attention scale":
         layer.self_attn.scaling = 0.5
+    if how == "forward set on the instance":
+        mlp, forward = layer.mlp, layer.mlp.forward
+        mlp.forward = lambda x: 0.5 * forward(x)
+    if how == "wrapped decoder layer":
+        model.base.model.layers[1] = Wrapped(layer)
+    if how == "changed norm epsilon":
+        layer.post_attention_layernorm.variance_epsilon = 0.1
 
 
 @pytest.mark.parametrize("how", ["forward hook", "forward pre-hook on a decoder layer", "LoRA adapter",
-                                 "nn.Linear subclass", "hook on an associative linear", "changed attention scale"])
+                                 "nn.Linear subclass", "hook on an associative linear", "changed attention scale",
+                                 "forward set on the instance", "wrapped decoder layer", "changed norm epsilon"])
 def test_executor_runs_what_the_model_runs(how):
     model = live_model(layers=2)
     ex = DiagonalExecutor(model)
@@ -163,6 +188,24 @@ def test_parametrized_weights_keep_the_fast_path():
     model.zero_grad()                                 # and gradients reach the parametrization's original
     ex(ids, labels=ids).loss.backward()
     assert model.base.model.layers[0].mlp.gate_proj.parametrizations.weight.original.grad.abs().sum() > 0
+    torch.optim.SGD(model.parameters(), lr=1.0).step()   # the original changes in place: a computed weight
+    with torch.no_grad():                                # cannot be tied, so the executor must see it
+        after = model(ids)
+        assert rel(after.logits, seq.logits) > 1e-4
+        assert_same(after, ex(ids), 1e-5)
+
+
+def test_config_edits_cannot_make_the_orders_differ():
+    """The grouped step takes the norm epsilon (and DPFP's nu) from the modules, which is what
+    they compute with; editing the base config after the model was built changes neither order."""
+    model = live_model(layers=2)
+    ex = DiagonalExecutor(model)
+    ids = random_ids(1, 40)
+    with torch.no_grad():
+        before = ex(ids)
+        model.base.config.rms_norm_eps = 0.1        # (ARMTConfig itself is frozen)
+        assert_same(model(ids), ex(ids), 1e-5)
+        assert_same(before, ex(ids), 1e-6)
 
 
 def test_dropout_advice_makes_both_orders_deterministic():
