@@ -53,7 +53,7 @@ from .armt import ARMT, ARMTOutput
 from .diagonal import DiagonalExecutor, check_no_dropout, grouped_cells
 from .grouped import profiler_range, ungroupable
 from .memory import MemoryState
-from .segments import Segmented, SegmentOutputs, SegmentRows, positions_and_mask, segment_rows
+from .segments import Segmented, SegmentOutputs, SegmentRows, segment_rows
 
 Span = tuple[int, int]   # a rank's layers [a, b)
 
@@ -131,18 +131,6 @@ def block_model(base_config, armt_config, tensors: Mapping[str, torch.Tensor], s
 
 
 # ---- the stage: one rank's part of the grid -----------------------------------------------
-def segment_tables(block: ARMT, seg: Segmented, s: int, X: torch.Tensor) -> SegmentRows:
-    """segment_rows(pad=True) of segment s with the rows X (B, T, d) received from the previous
-    rank: only the RoPE tables, attention mask and write mask are built here, from ids and mask."""
-    n, M = seg.segment_size, block.config.num_mem_tokens
-    a, e = seg.bounds[s]
-    nreal = seg.nreal[s] if seg.padded or e - a < n else None
-    pos, mask = positions_and_mask(n, nreal, M, seg.ids.device)
-    probe = block.memory[:0]          # rotary_emb reads only its first argument's dtype and device
-    cos, sin = block.base.model.rotary_emb(probe, pos)
-    return SegmentRows(X, n, cos, sin, mask, seg.write_mask(s))
-
-
 @dataclass
 class Link:
     """Point-to-point traffic of one rank, every wait bounded by `timeout` seconds."""
@@ -197,7 +185,7 @@ def run_stage(block: ARMT, span: Span, L: int, seg: Segmented, link: Link,
                 tables[s] = segment_rows(block, seg, s, pad=True)
             else:
                 X = link.recv((B, T, d), block.dtype, block.device, src=link.rank - 1)
-                tables[s] = segment_tables(block, seg, s, X)
+                tables[s] = segment_rows(block, seg, s, pad=True, X=X)   # the tables; rows from rank - 1
             hidden[s] = tables[s].X
         X = torch.stack([hidden[s] for _, s in cells])                         # (G, B, T, d)
         with profiler_range(f"pipe_step {a + u} layers {a + lo}-{a + hi}"):

@@ -397,8 +397,8 @@ class LayerStack:
         plateau makes them once). Materialised, not broadcast: an elementwise kernel over a
         broadcast middle axis runs hd-long inner loops, several times slower."""
         shape = (cos.shape[0], cos.shape[1], heads, cos.shape[2])
-        if torch.compiler.is_compiling():   # the compiler fuses the broadcast itself
-            return cos[:, :, None], signed_sin(sin)[:, :, None]
+        if torch.compiler.is_compiling() or cos.shape[0] != 1:   # compiled: fused anyway; per-row tables
+            return cos[:, :, None], signed_sin(sin)[:, :, None]   # (a masked step's) are not kept past it
         kept = self._slices.get("rope")
         if kept is None or kept[0] is not cos or kept[1] is not sin:
             kept = self._slices["rope"] = (cos, sin, cos[:, :, None].expand(shape).contiguous(),

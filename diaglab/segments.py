@@ -208,9 +208,11 @@ class SegmentRows:
     write_mask: torch.Tensor | None
 
 
-def segment_rows(model, seg: Segmented, s: int, pad: bool = False) -> SegmentRows:
+def segment_rows(model, seg: Segmented, s: int, pad: bool = False, X: torch.Tensor | None = None) -> SegmentRows:
     """Rows, positions and mask of segment s. pad=True pads a short segment to n text rows
-    (the diagonal executor stacks segments of one shape; padded keys are masked)."""
+    (the diagonal executor stacks segments of one shape; padded keys are masked). X: the
+    segment's rows (B, T, d) when they come from elsewhere (a pipeline rank receives them
+    from the one before); then only the tables are built here."""
     a, e = seg.bounds[s]
     ids = seg.ids[:, a:e]                                                       # (B, n_s)
     n_text = seg.segment_size if pad else e - a
@@ -218,8 +220,9 @@ def segment_rows(model, seg: Segmented, s: int, pad: bool = False) -> SegmentRow
         ids = F.pad(ids, (0, n_text - (e - a)))                                 # (B, n)
     B, M = ids.shape[0], model.config.num_mem_tokens
     inner = model.base.model
-    X = torch.cat([inner.embed_tokens(ids), model.memory.expand(B, M, -1)], dim=1)   # (B, T, d)
-    plain = not seg.padded and n_text == e - a
+    if X is None:
+        X = torch.cat([inner.embed_tokens(ids), model.memory.expand(B, M, -1)], dim=1)   # (B, T, d)
+    plain = seg.full[s] and n_text == e - a   # every row fills it: positions 0.., causal (padded batch too)
     if plain:  # the same tables for every unmasked segment of this length, no mask
         if n_text not in seg.rope:
             pos, _ = positions_and_mask(n_text, None, M, ids.device)

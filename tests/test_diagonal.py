@@ -313,3 +313,23 @@ def test_untie_lets_transformers_save_the_base(tmp_path):
         assert_same(model(ids), before, 1e-6)
         assert_same(ex(ids), before, 1e-6)                    # re-tied on this call
     assert not model.base.model.layers[0].self_attn.q_proj.weight.is_contiguous()
+
+
+def test_padded_batch_keeps_plain_segments_plain():
+    """In a right-padded batch, a segment every row fills has positions 0.. and a causal mask:
+    it needs no mask and shares the RoPE tables (only the segment where a row ends is masked);
+    per-row tables of a masked step are not kept on the executor after the call."""
+    from diaglab.segments import segment_rows
+    model = live_model(layers=2)                           # segment 8
+    ids = random_ids(2, 30)
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, 19:] = 0                                       # row 1 ends inside segment 2
+    seg, _ = model.prepare(ids, mask)
+    rows = [segment_rows(model, seg, s, pad=True) for s in range(seg.num_segments)]
+    assert [r.mask is None for r in rows] == [True, True, False, False]
+    assert rows[0].cos is rows[1].cos
+    ex = DiagonalExecutor(model)
+    with torch.no_grad():
+        assert_same(model(ids, attention_mask=mask), ex(ids, attention_mask=mask), 1e-5)
+    kept = ex.layer_stack()[0]._slices.get("rope")
+    assert kept is None or kept[0].shape[0] == 1
