@@ -30,11 +30,11 @@ from typing import Callable
 import torch
 
 from .armt import ARMT, ARMTOutput
-from .diagonal import DiagonalExecutor, check_no_dropout
+from .diagonal import DiagonalExecutor, check_no_dropout, grouped_cells
 from .generation import check_sampling, decode
 from .grouped import profiler_range
-from .memory import MemoryState, first_after_write
-from .segments import Segmented, SegmentOutputs, SegmentRows, segment_rows, stack_rows, validate_ids
+from .memory import MemoryState
+from .segments import Segmented, SegmentOutputs, SegmentRows, segment_rows, validate_ids
 
 RingStepHook = Callable[[int, list], None]   # on_step(t, cells): cells [(layer, request id, segment)]
 
@@ -70,15 +70,21 @@ class RingExecutor:
     def submit(self, input_ids, attention_mask=None, labels=None, keep_logits: str = "all") -> int:
         """Queue one request: input_ids [1, N] or [N] (any N >= 1), optional attention_mask and
         labels of the same shape. Returns its request id (0, 1, 2, ... in submission order)."""
+        return self._enqueue(self._prepare(input_ids, attention_mask, labels, keep_logits))
+
+    def _prepare(self, input_ids, attention_mask, labels, keep_logits: str) -> _Request:
+        """A request checked and cut into segments, not yet queued."""
         ids = self._one_row(input_ids, "input_ids")
         mask = None if attention_mask is None else self._one_row(attention_mask, "attention_mask", like=ids)
         labels = None if labels is None else self._one_row(labels, "labels", like=ids)
         seg, _ = self.model.prepare(ids, mask, labels, None, keep_logits)
-        seg.rope = self._rope   # RoPE tables of unmasked segments depend only on the length: one set for all
+        return _Request(seg, SegmentOutputs(seg, keep_logits, self.model.base.lm_head, self.model.base.model.norm))
+
+    def _enqueue(self, req: _Request) -> int:
+        req.seg.rope = self._rope   # RoPE tables of unmasked segments depend only on the length: one set for all
         rid = self._next_id
         self._next_id += 1
-        self._requests[rid] = _Request(seg, SegmentOutputs(seg, keep_logits, self.model.base.lm_head,
-                                                           self.model.base.model.norm))
+        self._requests[rid] = req
         self._queue.append(rid)
         return rid
 
@@ -106,27 +112,40 @@ class RingExecutor:
         Returns {request id: output} for the requests whose last segment left the ring now."""
         model = self.model
         check_no_dropout(model)
-        # 1. shift: slot k takes what slot k-1 held; slot 0 takes the next queued segment
-        self._slots = [self._feed()] + self._slots[:-1]
-        busy = [(l, *cell) for l, cell in enumerate(self._slots) if cell is not None]
-        if not busy:
-            # the ring is empty: the next request may meet another dtype or device
-            self._memory, self._empty, self._rope = None, set(), {}
-            return {}
-        if self._memory is None:
-            self._memory, self._empty = model.empty_state(1), set(range(model.num_layers))
-        layers, grouped = self._diag.layer_stack()
-        t = self.step_count
-        finished = {}
-        prev, self._outputs = self._outputs, []
-        with profiler_range(f"ring_step {t}"):
-            for run in _runs(busy):   # 2. consecutive busy slots: one grouped call each
-                finished.update(self._run(run, layers, grouped, prev))
-        self.step_count += 1
-        self.history.append(busy)
-        if on_step is not None:
-            on_step(t, busy)
+        finished: dict[int, ARMTOutput] = {}
+        try:
+            # 1. shift: slot k takes what slot k-1 held; slot 0 takes the next queued segment
+            self._slots = [self._feed()] + self._slots[:-1]
+            busy = [(l, *cell) for l, cell in enumerate(self._slots) if cell is not None]
+            if not busy:
+                return {}
+            if self._memory is None:
+                self._memory, self._empty = model.empty_state(1), set(range(model.num_layers))
+            layers, grouped = self._diag.layer_stack()
+            t = self.step_count
+            prev, self._outputs = self._outputs, []
+            with profiler_range(f"ring_step {t}"):
+                for run in _runs(busy):   # 2. consecutive busy slots: one grouped call each
+                    finished.update(self._run(run, layers, grouped, prev))
+            self.step_count += 1
+            self.history.append(busy)
+            if on_step is not None:
+                on_step(t, busy)
+        except Exception as err:
+            lost = sorted(set(self._requests) | set(finished))
+            self._clear()
+            raise RuntimeError(f"RingExecutor: a step failed ({type(err).__name__}: {err}); the ring was "
+                               f"emptied and request(s) {lost} were dropped: submit them again") from err
+        if not self._requests:
+            self._clear()   # drained: the next request may meet another dtype, device or grad mode
         return finished
+
+    def _clear(self) -> None:
+        """Forget every request and the ring's state (slots, memory, last outputs, RoPE tables)."""
+        self._requests.clear()
+        self._queue.clear()
+        self._slots = [None] * self.model.num_layers
+        self._outputs, self._memory, self._empty, self._rope = [], None, set(), {}
 
     def _feed(self) -> tuple[int, int] | None:
         """The next queued (request id, segment), or None when the queue is empty."""
@@ -160,27 +179,24 @@ class RingExecutor:
             parts.append(Y[l - 1 - a:e - a])
             l = e + 1
         X = parts[0] if len(parts) == 1 else torch.cat(parts)                      # (G, 1, T, d)
-        cos, sin, mask, wmask = stack_rows([req.rows[s] for req, (_, _, s) in zip(reqs, cells)])
-        W_mem, z, first = self._memory.layers(lo, hi)                               # (G, 1, dk, d), ... views
         reset = [s == 0 and l not in self._empty for l, _, s in cells]
         if any(reset):   # a request's first segment meets a slot not yet emptied: empty it here
+            W_mem, z, first = self._memory.layers(lo, hi)
             new = torch.tensor(reset, device=first.device)                           # (G,)
-            W_mem = W_mem.masked_fill(new[:, None, None, None], 0)
-            z, first = z.masked_fill(new[:, None, None], 0), first | new[:, None]
-        Y, W_mem, z = grouped(X, layers=layers, lo=lo, hi=hi, n_text=model.config.segment_size, cos=cos, sin=sin,
-                              mask=mask, W_mem=W_mem, z=z, is_first=first, write_mask=wmask,
-                              read=any(s > 0 for _, _, s in cells))
-        first = first_after_write(first, wmask)
+            self._memory = self._memory.replace(lo, hi, W_mem.masked_fill(new[:, None, None, None], 0),
+                                                z.masked_fill(new[:, None, None], 0), first | new[:, None])
+        rows = [req.rows[s] for req, (_, _, s) in zip(reqs, cells)]
+        Y, self._memory = grouped_cells(grouped, layers, X, rows, self._memory, lo, hi, model.config.segment_size,
+                                        read=any(s > 0 for _, _, s in cells))
         self._empty.difference_update(range(lo, hi + 1))
+        W_mem, z, first = self._memory.layers(lo, hi)                               # this step's own outputs
         finished = {}
         for g, (req, (l, rid, s)) in enumerate(zip(reqs, cells)):
-            last = s == req.seg.num_segments - 1
-            if last:   # the request's memory at this layer is final: keep a copy, then empty the slot
+            if s == req.seg.num_segments - 1:   # the request's memory at this layer is final: copy, empty the slot
                 req.final[l] = (W_mem[g:g + 1].clone(), z[g:g + 1].clone(), first[g:g + 1].clone())
                 if not torch.is_grad_enabled():   # fresh outputs of this step, owned by the ring alone
                     W_mem[g].zero_(), z[g].zero_(), first[g].fill_(True)
                     self._empty.add(l)
-        self._memory = self._memory.replace(lo, hi, W_mem, z, first)
         self._outputs.append((lo, Y))
         if hi == L - 1:   # a segment leaves the ring: final norm + LM head on its text rows
             req, (l, rid, s), g = reqs[-1], cells[-1], len(cells) - 1
@@ -208,8 +224,9 @@ class RingExecutor:
         for name, extra in (("attention_masks", attention_masks), ("labels", labels)):
             if extra is not None and len(extra) != len(requests):
                 raise ValueError(f"{name} has {len(extra)} entries for {len(requests)} requests")
-        rids = [self.submit(ids, None if attention_masks is None else attention_masks[i],
-                            None if labels is None else labels[i]) for i, ids in enumerate(requests)]
+        reqs = [self._prepare(ids, None if attention_masks is None else attention_masks[i],
+                              None if labels is None else labels[i], "all") for i, ids in enumerate(requests)]
+        rids = [self._enqueue(req) for req in reqs]   # queued only once every request passed its checks
         done: dict[int, ARMTOutput] = {}
         while any(r not in done for r in rids):
             done.update(self.step(on_step))

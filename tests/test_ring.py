@@ -217,3 +217,55 @@ def test_ring_under_autograd_resets_by_mask_and_backpropagates():
     for k, p in model.named_parameters():
         if p.grad is not None:
             assert rel(ring_grads[k], p.grad) <= 1e-5, k
+
+
+def test_a_failed_step_empties_the_ring_with_a_clear_error():
+    """An exception inside a step (here a hook that raises once) is reported with the requests
+    it dropped; the ring is empty afterwards, and the same runner then serves them exactly."""
+    model = live_model(layers=4)
+    runner = RingExecutor(model)
+    reqs = [random_ids(1, N, seed=N) for N in (40, 24, 16)]
+    calls = {"n": 0}
+
+    def boom(module, args, out):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+    hook = model.base.model.layers[2].register_forward_hook(boom)
+    with torch.no_grad(), pytest.warns(UserWarning):
+        for ids in reqs:
+            runner.submit(ids)
+        with pytest.raises(RuntimeError, match=r"a step failed \(RuntimeError: boom\).*\[0, 1, 2\] were dropped"):
+            for _ in range(20):
+                runner.step()
+    hook.remove()
+    assert runner.pending == 0
+    with torch.no_grad():
+        for ids, out in zip(reqs, runner.run(reqs)):
+            assert_same(_alone(model, ids), out, 1e-5)
+
+
+def test_a_drained_ring_meets_a_new_dtype_and_grad_mode():
+    model = live_model(layers=3)
+    runner = RingExecutor(model)
+    reqs = [random_ids(1, 37, seed=1), random_ids(1, 9, seed=2)]
+    with torch.inference_mode():
+        runner.run(reqs)                                  # slots emptied in place under inference mode
+    outs = runner.run(reqs, labels=reqs)                  # then with gradients: no inference tensors left
+    sum(o.loss for o in outs).backward()
+    model.zero_grad()
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        for ids, out in zip(reqs, runner.run(reqs)):
+            assert out.logits.dtype == torch.bfloat16
+            assert rel(out.logits, _alone(model, ids).logits) <= 2e-2
+
+
+def test_run_queues_nothing_when_one_request_is_bad():
+    model = live_model(layers=2)
+    runner = RingExecutor(model)
+    with pytest.raises(ValueError, match=r"input_ids must be \[1, N\]"):
+        runner.run([random_ids(1, 9), random_ids(2, 9)])
+    assert runner.pending == 0
+    with torch.no_grad():
+        assert_same(_alone(model, random_ids(1, 9)), runner.run([random_ids(1, 9)])[0], 1e-5)
