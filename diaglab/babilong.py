@@ -16,23 +16,28 @@ Commands (from the repository root):
 
     # the shipped checkpoint data/babilong/: two stages on one CPU thread, 24 + 5.5 minutes.
     # Stage 1 runs the curriculum 2 -> 8 segments from scratch; stage 2 trains at 8 segments
+    # (its shape comes from stage 1; replacing the shipped checkpoint needs --force-overwrite)
     python -m diaglab.babilong --out /tmp/babilong_stage1 --threads 1 --minutes 24 \
         --eval-every 250 --eval-samples 64 --no-progress
-    python -m diaglab.babilong --out data/babilong --init-from /tmp/babilong_stage1 --start-segments 8 \
-        --lr 1e-3 --warmup 50 --steps 2000 --threads 1 --minutes 5.5 --eval-every 250 --eval-samples 64 --no-progress
+    python -m diaglab.babilong --out data/babilong --force-overwrite --init-from /tmp/babilong_stage1 \
+        --start-segments 8 --lr 1e-3 --warmup 50 --steps 2000 --threads 1 --minutes 5.5 --eval-every 250 \
+        --eval-samples 64 --no-progress
     # re-measure it: prints the table, writes data/babilong/eval.json (100 stories per length)
     python -m diaglab.babilong --eval data/babilong --threads 1
+
+Training writes to runs/babilong-<date>-<time> unless given --out, and refuses to replace an
+existing checkpoint without --force-overwrite. With --init-from, the shape flags (--layers,
+--hidden, --heads, --kv-heads, --sentences, --num-mem-tokens, --d-mem) come from that checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -41,22 +46,30 @@ from .armt import ARMT
 from .diagonal import DiagonalExecutor
 from .presets import tiny_armt
 from .stories import SENTENCE, VOCAB, StoryBatch, qa1_single_fact
-from .train import Curriculum, answer_logits, guarded_step, optimiser, predict
+from .train import (EVAL_SEED, Curriculum, _base_config, _name, _Parser, _threads, _write_json, answer_logits,
+                    check_out, guarded_step, optimiser, predict, read_init_log, read_log, write_log)
+from .train import checkpoint_shape as _model_shape
 
-EVAL_SEED = 10_000_000       # held-out: training batches use seeds below it (seed * 1_000_003 + step)
 LENGTH_FACTORS = (1, 2, 4, 8, 16, 32)
+# the fields that a checkpoint fixes: with init_from they must match it
+SHAPE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "sentences", "num_mem_tokens", "d_mem")
+
+
+def _default_out() -> str:
+    """runs/babilong-<date>-<time>: outside data/, so a run never replaces the shipped checkpoint."""
+    return time.strftime("runs/babilong-%Y%m%d-%H%M%S")
 
 
 @dataclass(frozen=True)
 class StoryTrainConfig:
-    out: str = "data/babilong"  # checkpoint directory: save_pretrained + train_log.json (+ eval.json)
-    init_from: str = ""         # continue from this checkpoint (its shape wins over the shape flags)
+    out: str = field(default_factory=_default_out)  # checkpoint directory: weights + train_log.json (+ eval.json)
+    init_from: str = ""         # continue from this checkpoint, of the same shape (see continuing)
     layers: int = 2
     hidden: int = 64
     heads: int = 4
     kv_heads: int = 2
     sentences: int = 2          # sentence slots per segment: n = 6 * sentences tokens
-    mem_tokens: int = 8         # M
+    num_mem_tokens: int = 8     # M
     d_mem: int = 16
     facts: int = 4              # moves per story, whatever its length
     people: int = 2             # people in a story (drawn from 8 names)
@@ -75,9 +88,10 @@ class StoryTrainConfig:
     seed: int = 0
     threads: int = 1
     progress: bool = True
+    force_overwrite: bool = False  # allow `out` to be an existing checkpoint (it is replaced)
 
     def __post_init__(self):
-        for name in ("layers", "hidden", "heads", "kv_heads", "mem_tokens", "d_mem", "facts", "people", "questions",
+        for name in ("layers", "hidden", "heads", "kv_heads", "num_mem_tokens", "d_mem", "facts", "people", "questions",
                      "steps", "batch", "warmup", "eval_every", "eval_samples", "threads"):
             check_int(name, getattr(self, name), 1)
         check_int("sentences", self.sentences, 1)
@@ -92,6 +106,22 @@ class StoryTrainConfig:
             raise ValueError(f"promote_at must be in (0, 1], got {self.promote_at}")
         if self.lr <= 0 or self.minutes < 0:
             raise ValueError(f"lr must be > 0 and minutes >= 0, got lr={self.lr}, minutes={self.minutes}")
+        if not isinstance(self.out, str) or not self.out:
+            raise ValueError(f"out must name a directory, got {self.out!r}")
+        if not isinstance(self.init_from, str):
+            raise ValueError(f"init_from must be a directory name or '', got {self.init_from!r}")
+        for name in ("progress", "force_overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @classmethod
+    def continuing(cls, init_from: str, **fields) -> "StoryTrainConfig":
+        """A config that trains on from the checkpoint init_from: the model's shape (SHAPE_FIELDS)
+        is read from it, so the log records the model actually trained; a shape field given here
+        must agree with it."""
+        shape = checkpoint_shape(init_from)
+        _check_shape(init_from, {k: v for k, v in fields.items() if k in shape}, shape)
+        return cls(**{**fields, **shape, "init_from": init_from})
 
     @property
     def segment_size(self) -> int:
@@ -103,7 +133,7 @@ def build_model(cfg: StoryTrainConfig) -> ARMT:
     LLaMA weights at std 0.15, memory tokens at 0.02) with unit-length DPFP keys."""
     model = tiny_armt(layers=cfg.layers, hidden=cfg.hidden, heads=cfg.heads, kv_heads=cfg.kv_heads,
                       vocab=8 * math.ceil(VOCAB.size / 8), segment_size=cfg.segment_size,
-                      num_mem_tokens=cfg.mem_tokens, d_mem=cfg.d_mem, seed=cfg.seed, intermediate=2 * cfg.hidden,
+                      num_mem_tokens=cfg.num_mem_tokens, d_mem=cfg.d_mem, seed=cfg.seed, intermediate=2 * cfg.hidden,
                       initializer_range=0.15, normalize_keys=True)
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
@@ -112,11 +142,49 @@ def build_model(cfg: StoryTrainConfig) -> ARMT:
     return model
 
 
+def checkpoint_shape(path: str) -> dict:
+    """The SHAPE_FIELDS of the story checkpoint at path, read from its config files."""
+    checkpoint_config(path)
+    shape = _model_shape(path)
+    vocab = _base_config(path).vocab_size
+    if shape["segment_size"] % SENTENCE or vocab < VOCAB.size:
+        raise ValueError(f"{path} (segments of {shape['segment_size']} tokens, a vocabulary of {vocab}) is no story "
+                         f"checkpoint: the stories need whole sentences of {SENTENCE} tokens and {VOCAB.size} "
+                         f"words; pass one written by python -m diaglab.babilong")
+    return {**{k: shape[k] for k in SHAPE_FIELDS if k in shape}, "sentences": shape["segment_size"] // SENTENCE}
+
+
+def _check_shape(path: str, given: dict, shape: dict) -> None:
+    for k, v in given.items():
+        if v != shape[k]:
+            raise ValueError(f"{_name(k)} is {v!r} but the checkpoint {path} (--init-from) has {shape[k]!r}: "
+                             f"pass the same, or leave it out (StoryTrainConfig.continuing reads the shape)")
+
+
+def preflight(cfg: StoryTrainConfig) -> None:
+    """Everything train() can check before it starts: the output directory is writable and
+    replaces no checkpoint unless cfg.force_overwrite (train.check_out); init_from is a story
+    checkpoint with its log, of the shape cfg names."""
+    check_out(cfg.out, cfg.force_overwrite)
+    if cfg.init_from:
+        _check_shape(cfg.init_from, {k: getattr(cfg, k) for k in SHAPE_FIELDS}, checkpoint_shape(cfg.init_from))
+
+
+def _config_dict(cfg: dict | StoryTrainConfig) -> dict:
+    """A training config as a dict: a StoryTrainConfig, or the "config" of a train_log.json."""
+    if isinstance(cfg, StoryTrainConfig):
+        return asdict(cfg)
+    if not isinstance(cfg, dict):
+        raise TypeError(f"cfg must be a StoryTrainConfig or a dict (the \"config\" of a train_log.json, see "
+                        f"checkpoint_config), got {type(cfg).__name__}")
+    return cfg
+
+
 def stories(cfg: dict | StoryTrainConfig, batch_size: int, num_segments: int, seed: int,
             questions: int = 1) -> StoryBatch:
     """QA1 stories with a training configuration's story shape (a dict: from train_log.json).
     A story shorter than facts + 1 segments gets one fact per segment before the question."""
-    c = asdict(cfg) if isinstance(cfg, StoryTrainConfig) else cfg
+    c = _config_dict(cfg)
     return qa1_single_fact(batch_size, num_segments, c["sentences"], min(c["facts"], num_segments - 1),
                            c["people"], questions, seed)
 
@@ -130,13 +198,17 @@ def accuracy(model: ARMT, cfg: dict | StoryTrainConfig, num_segments: int, sampl
 
 def train(cfg: StoryTrainConfig) -> tuple[ARMT, list[dict]]:
     """Train with the curriculum, evaluate at the training length every cfg.eval_every steps,
-    save to cfg.out after each evaluation; returns (model, log)."""
+    save to cfg.out after each evaluation; returns (model, log). Checks the paths first
+    (preflight); the caller's torch thread count is restored."""
+    preflight(cfg)
+    init_from_log = read_init_log(cfg.init_from)   # read once: with out == init_from the first save replaces it
+    with _threads(cfg.threads):
+        return _train(cfg, init_from_log)
+
+
+def _train(cfg: StoryTrainConfig, init_from_log: dict | None) -> tuple[ARMT, list[dict]]:
     from tqdm.auto import tqdm
-    torch.set_num_threads(cfg.threads)
     model = (ARMT.from_pretrained(cfg.init_from) if cfg.init_from else build_model(cfg)).train()
-    if model.config.segment_size != cfg.segment_size:
-        raise ValueError(f"init_from {cfg.init_from} has segments of {model.config.segment_size} tokens; "
-                         f"set sentences = {model.config.segment_size // SENTENCE} to match it")
     ex = DiagonalExecutor(model)
     opt, sched = optimiser(model, cfg)
     rng = torch.Generator().manual_seed(cfg.seed)
@@ -172,23 +244,19 @@ def train(cfg: StoryTrainConfig) -> tuple[ARMT, list[dict]]:
             log.append(entry)
             bar.write(f"step {step + 1} {elapsed / 60:.1f} min S={current} loss {out.loss.item():.3f} | accuracy "
                       + " ".join(f"S={s}: {a:.2f}" for s, a in entry["accuracy"].items()))
-            save(model, cfg, log)
+            save(model, cfg, log, init_from_log)
         if out_of_time:
             break
     bar.close()
     return model.eval(), log
 
 
-def save(model: ARMT, cfg: StoryTrainConfig, log: list[dict]) -> None:
-    """save_pretrained + train_log.json (this run's config, the model's ARMTConfig, the curve;
-    with init_from, the log of the run it continued, so a staged training keeps its history)."""
+def save(model: ARMT, cfg: StoryTrainConfig, log: list[dict], init_from_log: dict | None = None) -> None:
+    """save_pretrained + train_log.json (train.write_log: this run's config, the model's ARMTConfig,
+    the curve; with init_from, init_from_log, read from cfg.init_from if not given, so a staged
+    training keeps its history)."""
     model.save_pretrained(cfg.out)
-    record = {"config": asdict(cfg), "armt": model.config.to_dict(), "log": log}
-    if cfg.init_from:
-        with open(os.path.join(cfg.init_from, "train_log.json")) as f:
-            record["init_from_log"] = json.load(f)
-    with open(os.path.join(cfg.out, "train_log.json"), "w") as f:
-        json.dump(record, f, indent=1)
+    write_log(model, cfg, log, init_from_log)
 
 
 def _timed(fn):
@@ -200,16 +268,32 @@ def _timed(fn):
 
 
 @torch.no_grad()
-def evaluate(model: ARMT, cfg: dict, factors=LENGTH_FACTORS, samples: int = 100, seed: int = EVAL_SEED,
-             batch_size: int = 1) -> dict:
+def evaluate(model: ARMT, cfg: dict | StoryTrainConfig, factors=LENGTH_FACTORS, samples: int = 100,
+             seed: int = EVAL_SEED, batch_size: int = 1) -> dict:
     """Accuracy by context length (the training length times each factor) on held-out stories:
     memory on (sequential and diagonal, which must agree), memory zeroed, and each order's time.
 
-    cfg: the training config (a dict, as in train_log.json). batch_size: stories per call in the
-    timed runs. 1 is the paper's latency setting; on one CPU thread a batch of 16 or more already
-    keeps the core busy, the grouped calls save nothing and the sequential order is as fast or
-    faster (the README's BABILong-style section has the numbers). Returns a JSON-ready dict."""
+    cfg: the training config (a StoryTrainConfig, or a dict as in train_log.json). batch_size: stories
+    per call in the timed runs. 1 is the paper's latency setting; on one CPU thread a batch of 16
+    or more already keeps the core busy, the grouped calls save nothing and the sequential order
+    is as fast or faster (the README's BABILong-style section has the numbers). Returns a
+    JSON-ready dict; the model is left in the train/eval mode it came in."""
+    cfg = _config_dict(cfg)
+    if not isinstance(factors, (tuple, list)) or not factors:
+        raise ValueError(f"factors must be a non-empty tuple of length factors, e.g. (1, 2, 4), got {factors!r}")
+    for i, f in enumerate(factors):
+        check_int(f"factors[{i}]", f, 1)
+    check_int("samples", samples, 1)
+    check_int("batch_size", batch_size, 1)
+    was_training = model.training
     model.eval()
+    try:
+        return _evaluate(model, cfg, factors, samples, seed, batch_size)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(model: ARMT, cfg: dict, factors, samples: int, seed: int, batch_size: int) -> dict:
     ex = DiagonalExecutor(model)
     n, S0 = model.config.segment_size, cfg["max_segments"]
     predict(model, stories(cfg, 2, 2, seed))     # warm-up: first calls allocate, keep them out of the timing
@@ -273,44 +357,59 @@ def format_table(result: dict) -> str:
 
 
 def checkpoint_config(path: str) -> dict:
-    """The training config recorded with the checkpoint at path (its train_log.json)."""
+    """The training config recorded with the checkpoint at path (its train_log.json), a dict."""
     log_path = os.path.join(path, "train_log.json")
     if not os.path.isfile(log_path) or not os.path.isfile(os.path.join(path, "armt_config.json")):
         raise ValueError(f"{path!r} holds no BABILong checkpoint (no train_log.json + armt_config.json): train "
                          f"one with python -m diaglab.babilong --out DIR, or pass data/babilong")
-    with open(log_path) as f:
-        return json.load(f)["config"]
+    return read_log(path)["config"]    # an old log's mem_tokens read as num_mem_tokens
 
 
 def run_eval(path: str, samples: int = 100, factors=LENGTH_FACTORS, write: bool = True, batch_size: int = 1) -> dict:
     """Load the checkpoint at path, evaluate it, optionally write path/eval.json."""
     res = evaluate(ARMT.from_pretrained(path), checkpoint_config(path), factors, samples, batch_size=batch_size)
     if write:
-        with open(os.path.join(path, "eval.json"), "w") as f:
-            json.dump(res, f, indent=1)
+        _write_json(os.path.join(path, "eval.json"), res)
     return res
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """Argument errors as one line and exit status 2, without the usage block."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _OneLineParser(prog="python -m diaglab.babilong", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m diaglab.babilong", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--eval", metavar="DIR", help="evaluate the checkpoint in DIR instead of training")
     p.add_argument("--no-write", action="store_true", help="with --eval: print only, do not write DIR/eval.json")
     p.add_argument("--samples", type=int, default=100, help="with --eval: held-out stories per length")
     p.add_argument("--eval-batch", type=int, default=1, help="with --eval: stories per call in the timed runs")
-    for name, value in asdict(StoryTrainConfig()).items():
-        if name == "progress":
-            p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the tqdm bar")
+    # StoryTrainConfig flags: absent unless given (SUPPRESS), so --init-from can tell a shape flag
+    # the user set from one it should take from the checkpoint
+    for f in StoryTrainConfig.__dataclass_fields__.values():
+        flag, common = "--" + f.name.replace("_", "-"), dict(dest=f.name, default=argparse.SUPPRESS)
+        if f.name == "progress":
+            p.add_argument("--no-progress", action="store_false", help="hide the tqdm bar", **common)
+        elif f.name == "force_overwrite":
+            p.add_argument(flag, action="store_true", help="allow --out to be an existing checkpoint "
+                           "(e.g. data/babilong), which is replaced", **common)
+        elif f.name == "out":
+            p.add_argument(flag, help="checkpoint directory, default runs/babilong-<date>-<time>", **common)
+        elif f.name == "init_from":
+            p.add_argument(flag, metavar="DIR", help="continue from this checkpoint (its shape and its history)",
+                           **common)
         else:
-            p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=f"default {value}")
-    return p.parse_args(argv)
+            flags = (flag, "--mem-tokens") if f.name == "num_mem_tokens" else (flag,)
+            extra = " (with --init-from: the checkpoint's)" if f.name in SHAPE_FIELDS else ""
+            p.add_argument(*flags, type=type(f.default), help=f"default {f.default}{extra}", **common)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; StoryTrainConfig flags that were not given are absent from the result."""
+    return build_parser().parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> StoryTrainConfig:
+    """The StoryTrainConfig of a command line: defaults, or with --init-from the checkpoint's shape."""
+    given = {k: v for k, v in vars(args).items() if k in StoryTrainConfig.__dataclass_fields__}
+    return StoryTrainConfig.continuing(**given) if given.get("init_from") else StoryTrainConfig(**given)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -318,23 +417,26 @@ def main(argv: list[str] | None = None) -> None:
     try:   # every argument is checked here, so a bad one ends in one line and exit status 2
         check_int("--samples", args.samples, 1)
         check_int("--eval-batch", args.eval_batch, 1)
-        cfg = StoryTrainConfig(**{k: v for k, v in vars(args).items() if k in StoryTrainConfig.__dataclass_fields__})
-        for path in filter(None, (args.eval, cfg.init_from)):
-            start = checkpoint_config(path)
-        if cfg.init_from and start["sentences"] != cfg.sentences:
-            raise ValueError(f"--init-from {cfg.init_from} was trained with --sentences {start['sentences']}; "
-                             f"pass the same")
-    except ValueError as e:
+        cfg = config_from_args(args)
+        if args.eval:
+            checkpoint_config(args.eval)
+        else:
+            preflight(cfg)
+    except (ValueError, OSError) as e:
         print(f"python -m diaglab.babilong: error: {e}", file=sys.stderr)
         sys.exit(2)
-    torch.set_num_threads(cfg.threads)
     if args.eval:
-        print(format_table(run_eval(args.eval, args.samples, write=not args.no_write, batch_size=args.eval_batch)))
+        with _threads(cfg.threads):
+            res = run_eval(args.eval, args.samples, write=not args.no_write, batch_size=args.eval_batch)
+        print(format_table(res))
         return
     t0 = time.perf_counter()
     train(cfg)
-    print(f"trained in {(time.perf_counter() - t0) / 60:.1f} min on {cfg.threads} thread(s); evaluating")
-    print(format_table(run_eval(cfg.out)))
+    print(f"trained in {(time.perf_counter() - t0) / 60:.1f} min on {cfg.threads} thread(s); saved in {cfg.out}; "
+          "evaluating")
+    with _threads(cfg.threads):
+        res = run_eval(cfg.out)
+    print(format_table(res))
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ a hint. Typical mistakes are recognised by name (the remainder dropped, relu(-u)
 the correction left out, ...). An answer that is still the template (it raises
 NotImplementedError or returns None) is told so, and where to find the solution: the
 collapsed cell under the exercise. Nothing here prints or raises on a wrong answer, so a
-learner's half-done notebook still runs top to bottom.
+learner's half-done notebook still runs top to bottom: an answer of the wrong form (an int
+for a list, 3-tuples for pairs, a complex tensor, ...) is told what it was and what is expected.
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,8 +61,83 @@ def _call(fn: Callable, *args) -> tuple[object, Verdict | None]:
 
 
 def _close(a, b, tol: float = 1e-5) -> bool:
-    return (isinstance(a, torch.Tensor) and a.shape == b.shape
+    return (isinstance(a, torch.Tensor) and not a.is_complex() and a.shape == b.shape
             and torch.allclose(a.double(), b.double(), rtol=tol, atol=tol))
+
+
+# ---- the form of an answer: converted here, or told what it was -----------------------
+def _describe(x) -> str:
+    """What the learner returned, in a few words: a tensor's dtype and shape, else type and value."""
+    if isinstance(x, torch.Tensor):
+        return f"a {str(x.dtype).replace('torch.', '')} tensor of shape {tuple(x.shape)}"
+    if isinstance(x, (tuple, list)) and 0 < len(x) <= 4 and any(isinstance(i, torch.Tensor) for i in x):
+        return f"a {type(x).__name__} of {len(x)}: " + ", ".join(_describe(i) for i in x)
+    try:
+        text = repr(x)
+    except Exception:  # the learner's object: even its repr may fail
+        text = "(no repr)"
+    name = type(x).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _form(got, convert: Callable, wanted: str) -> tuple[object, Verdict | None]:
+    """(convert(got), None), or (None, a Verdict saying what came back and what was expected)
+    when convert raises: the answer does not have the form `wanted`."""
+    try:
+        return convert(got), None
+    except Exception:  # whatever the learner returned: a message, never a crash
+        return None, _wrong(f"you returned {_describe(got)}", f"the checker expects {wanted}")
+
+
+def _whole(x) -> int:
+    """x as an int: an int, a whole float or a one-element real tensor; anything else raises."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.is_complex():
+            raise TypeError(f"not one real number: {_describe(x)}")
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or x != int(x):
+        raise TypeError(f"not a whole number: {x!r}")
+    return int(x)
+
+
+def _sequence(x) -> list:
+    """The items of x, a list, tuple, 1-d tensor or other ordered iterable (not a set, dict or string)."""
+    if isinstance(x, (str, bytes, dict, set, frozenset)) or (isinstance(x, torch.Tensor) and x.dim() != 1):
+        raise TypeError(f"not a sequence: {_describe(x)}")
+    return list(x)
+
+
+def _whole_list(x) -> list[int]:
+    return [_whole(v) for v in _sequence(x)]
+
+
+def _pairs(x) -> list[tuple[int, int]]:
+    """x as (layer, segment) pairs of ints: any collection of pairs but a string or a dict."""
+    if isinstance(x, (str, bytes, dict)) or (isinstance(x, torch.Tensor) and x.dim() != 2):
+        raise TypeError(f"not a collection of pairs: {_describe(x)}")
+    cells = [tuple(_whole(v) for v in _sequence(cell)) for cell in x]
+    if any(len(cell) != 2 for cell in cells):
+        raise ValueError("a cell is not a pair")
+    return cells
+
+
+def _real_tensor(shape: tuple[int, ...] | None = None) -> Callable:
+    """A converter that passes a real (not complex) tensor, of the given shape if one is given."""
+    def convert(x):
+        if not isinstance(x, torch.Tensor) or x.is_complex() or (shape is not None and tuple(x.shape) != shape):
+            raise TypeError(f"not a real tensor of shape {shape}: {_describe(x)}")
+        return x
+    return convert
+
+
+def _tensor_pair(*shapes: tuple[int, ...]) -> Callable:
+    """A converter that passes a pair (a tuple or list) of real tensors of the two shapes."""
+    def convert(x):
+        items = _sequence(x)
+        if len(items) != 2:
+            raise TypeError(f"not a pair: {_describe(x)}")
+        return tuple(_real_tensor(shape)(t) for t, shape in zip(items, shapes))
+    return convert
 
 
 # ---- notebook 01 ----------------------------------------------------------------------
@@ -69,9 +146,10 @@ def check_segment_lengths(fn: Callable[[int, int], list[int]]) -> Verdict:
     for N, n in ((100, 32), (64, 32), (5, 32), (1, 1), (33, 8)):
         expected = [n] * (N // n) + ([N % n] if N % n else [])
         got, verdict = _call(fn, N, n)
+        if verdict is None:
+            got, verdict = _form(got, _whole_list, "a list of ints, e.g. [32, 32, 32, 4]")
         if verdict is not None:
             return verdict
-        got = list(got)
         if got == expected:
             continue
         if got == [n] * (N // n):
@@ -96,6 +174,8 @@ def check_memory_bytes(fn: Callable[[int, int, int, int, int], int]) -> Verdict:
         dk = 2 * nu * d_mem
         expected = L * (dk * d + dk) * nb
         got, verdict = _call(fn, L, d, d_mem, nu, nb)
+        if verdict is None:
+            got, verdict = _form(got, _whole, "one whole number of bytes (an int)")
         if verdict is not None:
             return verdict
         if got == expected:
@@ -121,10 +201,10 @@ def check_dpfp(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Verdict:
     for nu in (3, 2):
         expected = dpfp(u, nu)
         got, verdict = _call(fn, u.clone(), nu)
+        if verdict is None:
+            got, verdict = _form(got, _real_tensor(), "a real torch.Tensor (float, not complex)")
         if verdict is not None:
             return verdict
-        if not isinstance(got, torch.Tensor):
-            return _wrong(f"you returned a {type(got).__name__}", "return a torch.Tensor")
         d_mem = u.shape[-1]
         if got.shape != expected.shape:
             hint = "keep the leading dimensions and work on the last axis (dim=-1)"
@@ -147,7 +227,7 @@ def check_dpfp(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Verdict:
             if _close(block, r * r.roll(j - 1, -1)):
                 return _wrong(f"nu={nu}: block {j} uses a shift of {j - 1}", "j runs from 1 to nu; j = 0 would give r · r")
             return _wrong(f"nu={nu}: block {j} (entries {(j - 1) * 2 * d_mem}…{j * 2 * d_mem - 1}) differs",
-                          f"block j is r · torch.roll(r, j, dims=-1) with r = [relu(u); relu(−u)]")
+                          "block j is r · torch.roll(r, j, dims=-1) with r = [relu(u); relu(−u)]")
     return _right("phi(u) = concat_j r · roll_j(r), non-negative and 2 · nu · d_mem wide")
 
 
@@ -173,10 +253,12 @@ def check_write(fn: Callable) -> Verdict:
         flags = torch.full((k.shape[0],), first)
         exp_W, exp_z = associative_write(k, v, beta, W_mem, z, flags)
         got, verdict = _call(fn, k, v, beta, W_mem.clone(), z.clone(), first)
+        if verdict is None:
+            shapes = tuple(W_mem.shape), tuple(z.shape)
+            got, verdict = _form(got, _tensor_pair(*shapes),
+                                 f"the pair (W_mem, z): real tensors of shapes {shapes[0]} and {shapes[1]}")
         if verdict is not None:
             return verdict
-        if not (isinstance(got, tuple) and len(got) == 2):
-            return _wrong("return the pair (new W_mem, new z)", "return W_mem, z")
         got_W, got_z = got
         when = "on the first segment" if first else "on a later segment"
         if not _close(got_W, exp_W):
@@ -185,8 +267,7 @@ def check_write(fn: Callable) -> Verdict:
                               "write only the difference v − v̄, with v̄ = k W_mem / (k · z + ε): what memory returns now")
             if _close(got_W, associative_write(k, v, torch.ones_like(beta), W_mem, z, flags)[0]):
                 return _wrong(f"W_mem {when}: each write has full strength", "scale v_j − v̄_j by beta_j")
-            return _wrong(f"W_mem {when} differs from the delta rule (max |Δ| = "
-                          f"{float((got_W - exp_W).abs().max()) if isinstance(got_W, torch.Tensor) else 'n/a'})",
+            return _wrong(f"W_mem {when} differs from the delta rule (max |Δ| = {float((got_W - exp_W).abs().max())})",
                           "W_mem + Σ_j beta_j · outer(k_j, v_j − v̄_j); on the first segment v̄ = 0")
         if not _close(got_z, exp_z):
             if _close(got_z, z + k.sum(-2)):
@@ -207,9 +288,11 @@ def check_antidiagonal(fn: Callable[[int, int, int], list[tuple[int, int]]]) -> 
     for L, S in ((4, 6), (16, 4), (1, 3), (3, 1)):
         for t, expected in enumerate(schedule.diagonal(L, S)):
             got, verdict = _call(fn, t, L, S)
+            if verdict is None:
+                got, verdict = _form(got, _pairs, "a list of (layer, segment) pairs of ints, e.g. [(0, 2), (1, 1)]")
             if verdict is not None:
                 return verdict
-            cases.append((t, L, S, expected, [tuple(int(x) for x in cell) for cell in got]))
+            cases.append((t, L, S, expected, got))
     wrong = [c for c in cases if c[3] != c[4]]
     if not wrong:
         return _right("cells (l, t − l) for l = max(0, t − S + 1) … min(t, L − 1)")
@@ -249,7 +332,11 @@ def check_prediction(name: str, answer) -> Verdict:
     question, right, hints = PREDICTIONS[name]
     if answer is None or answer is ...:
         return Verdict(False, f"… not attempted yet: {question} Set your answer and run the cell; {SOLUTION_WHERE}")
-    key = tuple(answer) if isinstance(answer, (list, tuple)) else answer
+    wanted = "a list of whole numbers" if isinstance(right, list) else "a whole number"
+    try:
+        key = tuple(_whole_list(answer)) if isinstance(right, list) else _whole(answer)
+    except Exception:  # the learner's answer: told its form, never a crash
+        return _wrong(f"{question} You said {_describe(answer)}", f"the answer is {wanted}")
     if key == (tuple(right) if isinstance(right, list) else right):
         return _right(f"{question} {right}")
     hint = hints.get(key, "draw the grid (schedule.diagonal) and count; notebook 03 has the formula")
@@ -264,9 +351,11 @@ def check_inbox(fn: Callable[[int, int, int], set[tuple[int, int]]]) -> Verdict:
         for t, cells in enumerate(steps):
             expected = {(l + 1, s) for l, s in cells if l < L - 1}
             got, verdict = _call(fn, t, L, S)
+            if verdict is None:
+                got, verdict = _form(got, lambda x: set(_pairs(x)),
+                                     "a set of (layer, segment) pairs of ints, e.g. {(1, 0), (2, 1)}")
             if verdict is not None:
                 return verdict
-            got = {tuple(int(x) for x in key) for key in got}
             if got == expected:
                 continue
             case = f"t={t}, L={L}, S={S}: expected {sorted(expected)}, you returned {sorted(got)}"
@@ -303,6 +392,9 @@ def check_read(fn: Callable) -> Verdict:
         q = features(layer.W_mq(h), nu, normalize)                              # (B, T, dk)
         expected = associative_read(q, W_mem, z)                                # (B, T, d)
         got, verdict = _call(fn, h, layer, W_mem, z)
+        if verdict is None:
+            got, verdict = _form(got, _real_tensor(tuple(expected.shape)),
+                                 f"a real tensor of shape {tuple(expected.shape)}, like h")
         if verdict is not None:
             return verdict
         if _close(got, expected, 1e-4):

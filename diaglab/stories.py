@@ -31,6 +31,7 @@ about 1,250 steps. BABILong asks in free text; this is a toy's concession.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -75,8 +76,9 @@ class StoryVocab:
         index = self._index
         return [index[w] for w in words]
 
-    @property
+    @cached_property
     def _index(self) -> dict[str, int]:
+        """word -> id, built once per vocabulary (cached_property writes past the frozen dataclass)."""
         return {w: i for i, w in enumerate(self.words)}
 
     def describe(self, token: int) -> str:
@@ -112,7 +114,7 @@ class StoryVocab:
 
 
 VOCAB = StoryVocab()
-SAMPLES_SEED = 99_999_999   # the notebook's fixed stories; training and evaluation seeds never reach it
+SAMPLES_SEED = 99_999_999   # fixed samples (the notebook's stories, tasks' data/ samples); no run's seed reaches it
 
 
 @dataclass
@@ -147,10 +149,6 @@ class StoryBatch:
             sentences = [f"[{t}]" if SENTENCE * j in marked else t for j, t in enumerate(sentences)]
         per_line = self.segment_size // SENTENCE
         return "\n".join(" ".join(sentences[a:a + per_line]) for a in range(0, len(sentences), per_line))
-
-    def prompt(self, i: int) -> torch.Tensor:
-        """Story i cut just before its answer: (1, answer_pos), the generation prompt."""
-        return self.input_ids[i:i + 1, :int(self.answer_pos[i, 0])]
 
 
 def _distractors(count: int, g: torch.Generator, vocab: StoryVocab) -> torch.Tensor:

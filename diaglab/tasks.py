@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import check_int
-from .stories import StoryBatch, StoryVocab, qa1_single_fact   # BABILong-style QA (diaglab.stories)
+from .stories import SAMPLES_SEED, StoryBatch, StoryVocab, qa1_single_fact   # BABILong-style QA (diaglab.stories)
 
 __all__ = ["SAMPLES_SEED", "VOCAB", "StoryBatch", "StoryVocab", "TaskBatch", "TaskVocab", "associative_recall",
            "fixed_samples", "load_samples", "needle_in_a_haystack", "qa1_single_fact", "save_samples"]
@@ -92,7 +92,7 @@ class TaskVocab:
 
 
 VOCAB = TaskVocab()
-SAMPLES_SEED = 99_999_999   # the fixed samples kept in data/ (see fixed_samples)
+# SAMPLES_SEED, imported above: one seed for the fixed samples kept in data/ (see fixed_samples) and the stories
 
 
 @dataclass

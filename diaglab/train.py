@@ -180,17 +180,29 @@ def _check_shape(path: str, given: dict, shape: dict) -> None:
 
 
 def read_log(path: str) -> dict:
-    """The train_log.json of the checkpoint directory path. Logs written before TrainConfig's
-    mem_tokens became num_mem_tokens are read with the new name."""
+    """The train_log.json of the checkpoint directory path. Logs written before the configs'
+    mem_tokens became num_mem_tokens are read with the new name, in the continued runs' logs too."""
     log_file = Path(path) / "train_log.json"
     if not log_file.is_file():
         raise FileNotFoundError(f"{log_file} not found: {path} is not a checkpoint written by diaglab.train "
                                 "(its training log says which task and lengths to evaluate or continue)")
     record = json.loads(log_file.read_text())
-    config = record.get("config", {})
-    if "mem_tokens" in config:
-        config["num_mem_tokens"] = config.pop("mem_tokens")
+    stage = record
+    while isinstance(stage, dict):   # this run's config and those of the runs it continued
+        config = stage.get("config", {})
+        if "mem_tokens" in config:
+            config["num_mem_tokens"] = config.pop("mem_tokens")
+        stage = stage.get("init_from_log")
     return record
+
+
+def read_init_log(init_from: str) -> dict | None:
+    """The train_log.json of the checkpoint a run continues, as written; None without init_from.
+    Read it once, before the first save: with out == init_from that save replaces it."""
+    if not init_from:
+        return None
+    with open(os.path.join(init_from, "train_log.json")) as f:
+        return json.load(f)
 
 
 def _check_writable_dir(path: str, flag: str) -> None:
@@ -205,18 +217,24 @@ def _check_writable_dir(path: str, flag: str) -> None:
         raise PermissionError(f"{flag} {path}: {existing} is not writable; choose another {flag}")
 
 
+def check_out(out: str, force_overwrite: bool) -> None:
+    """Raise unless the output directory out is writable (or can be made), and is new, empty or
+    a checkpoint that force_overwrite allows to replace. Shared by diaglab.train and diaglab.babilong."""
+    _check_writable_dir(out, "--out")
+    path = Path(out)
+    if path.is_dir() and (path / "armt_config.json").exists() and not force_overwrite:
+        raise FileExistsError(f"--out {out} already holds a checkpoint; choose another --out, or pass "
+                              "--force-overwrite (force_overwrite=True) to replace it")
+    if path.is_dir() and any(path.iterdir()) and not (path / "armt_config.json").exists():
+        raise FileExistsError(f"--out {out} is a non-empty directory without a checkpoint: "
+                              "choose a new or empty directory")
+
+
 def preflight(cfg: TrainConfig) -> None:
     """Everything train() can check before it starts: the output directory is writable and
     replaces no checkpoint unless cfg.force_overwrite; init_from is a checkpoint with its log,
     of the shape cfg names; the task's tokens fit the model's vocabulary."""
-    _check_writable_dir(cfg.out, "--out")
-    out = Path(cfg.out)
-    if out.is_dir() and (out / "armt_config.json").exists() and not cfg.force_overwrite:
-        raise FileExistsError(f"--out {cfg.out} already holds a checkpoint; choose another --out, or pass "
-                              "--force-overwrite (force_overwrite=True) to replace it")
-    if out.is_dir() and any(out.iterdir()) and not (out / "armt_config.json").exists():
-        raise FileExistsError(f"--out {cfg.out} is a non-empty directory without a checkpoint: "
-                              "choose a new or empty directory")
+    check_out(cfg.out, cfg.force_overwrite)
     if cfg.init_from:
         read_log(cfg.init_from)
         shape = checkpoint_shape(cfg.init_from)
@@ -229,6 +247,10 @@ def preflight(cfg: TrainConfig) -> None:
 
 def answer_logits(logits_last: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
     """Logits of the last segment (B, n, V) -> the logits that predict each answer (B, Q, V)."""
+    B, n = batch.input_ids.shape[0], batch.segment_size
+    if logits_last.dim() != 3 or tuple(logits_last.shape[:2]) != (B, n):
+        raise ValueError(f"answer_logits takes the last segment's logits, (B, n, V) = ({B}, {n}, V), got "
+                         f"{tuple(logits_last.shape)}: run the model with keep_logits=\"last_segment\"")
     start = (batch.num_segments - 1) * batch.segment_size
     idx = batch.answer_pos - 1 - start                                      # (B, Q) row inside the segment
     return logits_last.gather(1, idx[..., None].expand(-1, -1, logits_last.shape[-1]))
@@ -275,6 +297,8 @@ def evaluate(model: ARMT, num_segments: int = 9, samples: int = 100, pairs: int 
     """Accuracy by distance on held-out seeds for each task: with memory, with memory zeroed
     (the query segment alone), and the diagonal order's agreement with the sequential one.
     Returns a JSON-ready dict; rows hold '<task>' and '<task>_zeroed' accuracies."""
+    check_int("num_segments", num_segments, 2)   # a pair and its query: distance 1 at least
+    check_int("samples", samples, 1)
     was_training = model.training
     model.eval()
     ex = DiagonalExecutor(model)
@@ -361,6 +385,7 @@ class Curriculum:
     reaches `promote_at`."""
 
     def __init__(self, start: int, maximum: int, promote_at: float, window: int = 50):
+        check_int("window", window, 1)
         self.current, self.maximum, self.promote_at = start, maximum, promote_at
         self.recent: deque[float] = deque(maxlen=window)
 
@@ -421,10 +446,7 @@ def train(cfg: TrainConfig) -> tuple[ARMT, list[dict]]:
 
 def _train(cfg: TrainConfig) -> tuple[ARMT, list[dict]]:
     from tqdm.auto import tqdm
-    init_from_log = None
-    if cfg.init_from:  # read once: with out == init_from the first save replaces it
-        with open(os.path.join(cfg.init_from, "train_log.json")) as f:
-            init_from_log = json.load(f)
+    init_from_log = read_init_log(cfg.init_from)   # read once: with out == init_from the first save replaces it
     model = ARMT.from_pretrained(cfg.init_from) if cfg.init_from else build_model(cfg)
     model.train()
     ex = DiagonalExecutor(model)
@@ -481,12 +503,16 @@ def save(model: ARMT, cfg: TrainConfig, log: list[dict], init_from_log: dict | N
     model.save_pretrained(cfg.out)
     save_samples(fixed_samples(cfg.max_segments, cfg.segment_size, cfg.pairs, task_vocab(cfg)),
                  os.path.join(cfg.out, "samples.json"))
+    write_log(model, cfg, log, init_from_log)
+
+
+def write_log(model: ARMT, cfg, log: list[dict], init_from_log: dict | None = None) -> None:
+    """cfg.out/train_log.json, replaced atomically: cfg (a config dataclass), the model's ARMTConfig,
+    the curve and, with cfg.init_from, init_from_log (read from cfg.init_from if not given).
+    Shared by diaglab.train and diaglab.babilong."""
     record = {"config": asdict(cfg), "armt": model.config.to_dict(), "log": log}
     if cfg.init_from:
-        if init_from_log is None:
-            with open(os.path.join(cfg.init_from, "train_log.json")) as f:
-                init_from_log = json.load(f)
-        record["init_from_log"] = init_from_log
+        record["init_from_log"] = init_from_log if init_from_log is not None else read_init_log(cfg.init_from)
     _write_json(os.path.join(cfg.out, "train_log.json"), record)
 
 

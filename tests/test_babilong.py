@@ -196,10 +196,104 @@ def test_documented_commands_are_the_recorded_training_configs():
     commands = [line.split("python -m diaglab.babilong", 1)[1].split() for line in doc.splitlines()
                 if "python -m diaglab.babilong --out" in line]
     assert len(commands) == 2                                   # stage 1, stage 2
-    log = _recorded()[1]
-    paths = ("out", "init_from")
+    log = train.read_log(CKPT)                                  # the shipped log says mem_tokens: read as num_mem_tokens
+    paths = ("out", "init_from", "force_overwrite")             # where a run writes, and whether it may replace
     for argv, recorded in zip(commands, (log["init_from_log"]["config"], log["config"])):
         documented = asdict(babilong.StoryTrainConfig(**{k: v for k, v in vars(babilong.parse_args(argv)).items()
                                                          if k in babilong.StoryTrainConfig.__dataclass_fields__}))
         assert {k: v for k, v in documented.items() if k not in paths} == \
                {k: v for k, v in recorded.items() if k not in paths}
+
+
+# ---- training, saving and the degenerate arguments -------------------------------------------
+
+@pytest.fixture
+def one_thread():
+    """The tests below train: on one thread, and the session's thread count restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny(out, **kw) -> babilong.StoryTrainConfig:
+    return babilong.StoryTrainConfig(**{**dict(out=str(out), layers=1, hidden=32, heads=2, kv_heads=1, sentences=1,
+                                               num_mem_tokens=2, d_mem=8, facts=1, people=1, questions=1,
+                                               max_segments=2, start_segments=2, steps=1, batch=2, warmup=1,
+                                               eval_every=1, eval_samples=2, progress=False), **kw})
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("work started before the arguments were checked")
+
+
+def test_continuing_into_the_same_directory_keeps_one_earlier_stage(tmp_path, one_thread):
+    d = tmp_path / "run"
+    babilong.train(_tiny(d))
+    babilong.train(_tiny(d, init_from=str(d), steps=2, force_overwrite=True))
+    record = json.loads((d / "train_log.json").read_text())
+    assert [e["step"] for e in record["log"]] == [1, 2]                       # the current stage
+    earlier = record["init_from_log"]
+    assert [e["step"] for e in earlier["log"]] == [1] and earlier["config"]["steps"] == 1
+    assert "init_from_log" not in earlier                                     # exactly one earlier stage
+
+
+def test_training_never_replaces_the_shipped_checkpoint_by_default(tmp_path, monkeypatch, capsys):
+    default = babilong.StoryTrainConfig().out
+    assert default.startswith("runs/babilong-") and not Path(default).is_absolute()
+    before = {p.name: p.stat().st_mtime_ns for p in CKPT.iterdir()}
+    for name in ("build_model", "_train", "run_eval"):
+        monkeypatch.setattr(babilong, name, _no_work)
+    with pytest.raises(SystemExit) as e:
+        babilong.main(["--out", str(CKPT), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "already holds a checkpoint" in err and "--force-overwrite" in err
+    with pytest.raises(FileExistsError, match="--force-overwrite"):
+        babilong.train(_tiny(CKPT))
+    babilong.preflight(_tiny(CKPT, force_overwrite=True))                    # explicit: allowed (not run here)
+    assert {p.name: p.stat().st_mtime_ns for p in CKPT.iterdir()} == before
+    assert babilong.parse_args(["--force-overwrite"]).force_overwrite is True
+
+
+def test_init_from_records_the_checkpoints_shape(tmp_path, monkeypatch, one_thread):
+    first = _tiny(tmp_path / "a")
+    babilong.save(babilong.build_model(first), first, [])
+    monkeypatch.setattr(babilong, "run_eval", lambda *a, **k: {})
+    monkeypatch.setattr(babilong, "format_table", lambda res: "")
+    babilong.main(["--init-from", first.out, "--out", str(tmp_path / "b"), "--steps", "1", "--batch", "2",
+                   "--warmup", "1", "--eval-samples", "2", "--facts", "1", "--people", "1", "--questions", "1",
+                   "--max-segments", "2", "--no-progress"])
+    config = json.loads((tmp_path / "b" / "train_log.json").read_text())["config"]
+    shape = {k: config[k] for k in babilong.SHAPE_FIELDS}
+    assert shape == dict(layers=1, hidden=32, heads=2, kv_heads=1, sentences=1, num_mem_tokens=2, d_mem=8)
+    assert "mem_tokens" not in config and babilong.parse_args(["--mem-tokens", "3"]).num_mem_tokens == 3
+    with pytest.raises(ValueError, match=r"layers \(--layers\) is 2 but the checkpoint .* has 1"):
+        babilong.train(_tiny(tmp_path / "c", init_from=first.out, layers=2))   # a library call: refused
+    assert babilong.StoryTrainConfig.continuing(first.out, out=str(tmp_path / "c"), questions=1).hidden == 32
+    assert babilong.checkpoint_config(CKPT)["num_mem_tokens"] == 8           # an old log, written with mem_tokens
+
+
+def test_evaluate_refuses_degenerate_arguments_and_keeps_the_mode():
+    cfg = babilong.StoryTrainConfig(layers=1, hidden=32, max_segments=3, facts=2)
+    model = babilong.build_model(cfg).train()
+    with pytest.raises(ValueError, match="factors must be a non-empty tuple"):
+        babilong.evaluate(model, cfg, factors=())
+    with pytest.raises(ValueError, match=r"factors\[1\] must be an int >= 1, got 0"):
+        babilong.evaluate(model, cfg, factors=(1, 0))
+    with pytest.raises(TypeError, match="cfg must be a StoryTrainConfig or a dict"):
+        babilong.evaluate(model, "data/babilong")
+    res = babilong.evaluate(model, cfg, factors=(1,), samples=2, batch_size=2)   # the config object itself
+    assert res["training_segments"] == 3 and model.training                      # the caller's mode, restored
+    assert babilong.evaluate(model.eval(), asdict(cfg), factors=(1,), samples=2)["by_length"] and not model.training
+
+
+def test_train_restores_the_thread_count(tmp_path, one_thread):
+    torch.set_num_threads(2)
+    babilong.train(_tiny(tmp_path / "run", threads=1))
+    assert torch.get_num_threads() == 2
+
+
+def test_one_seed_and_one_vocabulary_index():
+    assert stories.SAMPLES_SEED is tasks.SAMPLES_SEED and babilong.EVAL_SEED is train.EVAL_SEED
+    assert VOCAB._index is VOCAB._index and VOCAB.ids(["Mary", "kitchen"]) == VOCAB.encode("Mary kitchen")

@@ -174,3 +174,63 @@ def test_untouched_template_and_errors(check):
     crashed = check(broken)
     assert not crashed and "ZeroDivisionError" in crashed.message
     assert "not attempted" in exercises.check_prediction("steps_L16_S4", None).message
+
+
+# answers of the wrong form: each checker says what came back and what it expected, and never raises
+CHECKERS = [exercises.check_segment_lengths, exercises.check_memory_bytes, exercises.check_dpfp, exercises.check_write,
+            exercises.check_antidiagonal, exercises.check_inbox, exercises.check_read]
+WRONG_FORMS = {
+    "an int": 3,
+    "a 3-tuple": (1, 2, 3),
+    "3-tuples": [(0, 0, 0), (1, 1, 1)],
+    "a list of ints": [1, 2, 3],
+    "a set": {(0, 1), 5},
+    "a tensor": torch.ones(2, 3),
+    "a complex tensor": torch.ones(2, 3, dtype=torch.complex64),
+    "a pair of mis-shaped tensors": (torch.ones(3), torch.ones(3)),
+    "a string": "32, 32",
+    "a dict": {"W_mem": 1},
+    "not a number": float("nan"),
+}
+
+
+@pytest.mark.parametrize("answer", WRONG_FORMS.values(), ids=list(WRONG_FORMS))
+@pytest.mark.parametrize("check", CHECKERS, ids=lambda c: c.__name__)
+def test_wrong_forms_are_told_not_raised(check, answer):
+    verdict = check(lambda *a: answer)
+    assert isinstance(verdict, exercises.Verdict) and not verdict and verdict.message.startswith("✗"), verdict
+
+
+def _complex(t):
+    return t.to(torch.complex64) + 1j            # the right real part, and an imaginary one
+
+
+@pytest.mark.parametrize("check, fn, words", [
+    (exercises.check_dpfp, lambda u, nu: _complex(phi(u, nu)), ["complex64 tensor", "a real torch.Tensor"]),
+    (exercises.check_write, lambda *a: tuple(map(_complex, write(*a))), ["complex64 tensor", "the pair (W_mem, z)"]),
+    (exercises.check_write, lambda *a: list(write(*a)) + [None], ["list", "the pair (W_mem, z)"]),
+    (exercises.check_read, lambda *a: _complex(read(*a)), ["complex64 tensor", "shape (2, 5, 16)"]),
+    (exercises.check_segment_lengths, lambda N, n: len(segment_lengths(N, n)), ["an int 4", "a list of ints"]),
+    (exercises.check_memory_bytes, lambda *a: torch.tensor([memory_bytes(*a)] * 2), ["tensor of shape (2,)", "bytes"]),
+    (exercises.check_antidiagonal, lambda t, L, S: [(l, s, 0) for l, s in antidiagonal(t, L, S)], ["pairs of ints"]),
+    (exercises.check_inbox, lambda t, L, S: [l for l, _ in inbox(t, L, S)] or [0], ["list", "pairs of ints"]),
+])
+def test_wrong_forms_of_right_values_say_what_came_back(check, fn, words):
+    rejected(check(fn), *words)
+
+
+def test_right_values_in_other_forms_still_pass():
+    assert exercises.check_segment_lengths(lambda N, n: torch.tensor(segment_lengths(N, n), dtype=torch.long))
+    assert exercises.check_memory_bytes(lambda *a: float(memory_bytes(*a)))
+    assert exercises.check_write(lambda *a: list(write(*a)))
+    assert exercises.check_antidiagonal(lambda t, L, S: [list(cell) for cell in antidiagonal(t, L, S)])
+    assert exercises.check_inbox(lambda t, L, S: list(inbox(t, L, S)))
+    assert exercises.check_prediction("steps_L16_S4", torch.tensor(19))
+
+
+@pytest.mark.parametrize("name, answer", [("steps_L16_S4", {19}), ("steps_L16_S4", torch.tensor([19, 19])),
+                                          ("steps_L16_S4", "19"), ("steps_L16_S4", 19 + 0j),
+                                          ("groups_L16_S4", {1, 2, 3}), ("groups_L16_S4", [[1, 2], [3]]),
+                                          ("groups_L16_S4", {"a": 1}), ("groups_L16_S4", 19)])
+def test_predictions_of_the_wrong_form(name, answer):
+    rejected(exercises.check_prediction(name, answer), "you said", "the answer is a")

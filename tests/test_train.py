@@ -132,3 +132,25 @@ def test_curriculum_and_guarded_step():
     assert torch.equal(w.detach(), torch.ones(2)) and sched.last_epoch == 1   # dropped; the schedule moved on
     assert guarded_step((w * w).sum(), torch.nn.ParameterList([w]), opt, sched)
     assert torch.allclose(w.detach(), torch.full((2,), 1 - 0.1 / 2 ** 0.5))   # gradient (2, 2) clipped to norm 1
+
+
+def test_answer_logits_refuses_full_length_logits():
+    cfg = _tiny_config("unused")
+    model = train.build_model(cfg).eval()
+    batch = associative_recall(2, 3, 8, seed=5)
+    with torch.no_grad():
+        full, last = model(batch.input_ids).logits, model(batch.input_ids, keep_logits="last_segment").logits
+    assert full.shape[1] == 24 and last.shape[1] == 8
+    assert train.answer_logits(last, batch).shape == (2, 1, full.shape[-1])
+    with pytest.raises(ValueError, match=r"\(B, n, V\) = \(2, 8, V\), got \(2, 24, .*keep_logits=\"last_segment\""):
+        train.answer_logits(full, batch)
+
+
+def test_degenerate_evaluation_and_curriculum_arguments_are_named():
+    model = train.build_model(_tiny_config("unused"))
+    with pytest.raises(ValueError, match="num_segments must be an int >= 2, got 1"):
+        train.evaluate(model, num_segments=1, samples=2)
+    with pytest.raises(ValueError, match="samples must be an int >= 1, got 0"):
+        train.evaluate(model, num_segments=3, samples=0)
+    with pytest.raises(ValueError, match="window must be an int >= 1, got 0"):
+        train.Curriculum(2, 3, 0.9, window=0)
