@@ -9,3 +9,15 @@ def check_int(name: str, value, low: int, high: int | None = None) -> None:
         wanted = f">= {low}" if high is None else f"in [{low}, {high}]"
         got = f"{type(value).__name__} {value!r}" if not isinstance(value, int) or isinstance(value, bool) else value
         raise ValueError(f"{name} must be an int {wanted}, got {got}")
+
+
+def check_device(device):
+    """torch.device(device), or a ValueError that says how to get CUDA when it is missing."""
+    import torch   # here, not at the top: this module stays importable without torch
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU build of torch" if torch.version.cuda is None else "no visible GPU"
+        raise ValueError(f"device {str(dev)!r} asked for, but CUDA is not available here ({build}, torch "
+                         f"{torch.__version__}): use device 'cpu' (or 'auto'), or install a CUDA build of torch "
+                         "(README: GPU users)")
+    return dev

@@ -42,11 +42,12 @@ from pathlib import Path
 import torch
 
 from . import flops, heap, schedule
+from ._checks import check_device, check_int   # check_device: bench's name for it too (scripts/gpu_checks.py)
 from .armt import ARMT, randomize_memory_
 from .diagonal import DiagonalExecutor
 from .peakmem import PeakMemory
 from .presets import PRESETS, from_preset, llama_config
-from .profiling import Timer
+from .profiling import timed
 from .tables import format_table
 
 MODES = ("full", "sequential", "sequential_grouped", "diagonal", "ideal")
@@ -67,17 +68,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 # ---- the model and input every benchmark uses --------------------------------------------
-def check_device(device: str | torch.device) -> torch.device:
-    """torch.device(device), or a ValueError that says how to get CUDA when it is missing."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        build = "a CPU build of torch" if torch.version.cuda is None else "no visible GPU"
-        raise ValueError(f"device {str(dev)!r} asked for, but CUDA is not available here ({build}, torch "
-                         f"{torch.__version__}): use device 'cpu' (or 'auto'), or install a CUDA build of torch "
-                         "(README: GPU users)")
-    return dev
-
-
 def live_preset(preset: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                 seed: int = 0, **overrides) -> ARMT:
     """The named preset (random weights) with its memory path switched on (randomize_memory_:
@@ -106,10 +96,13 @@ def make_inputs(model: ARMT, segments: Sequence[int] | None = None, lengths: Seq
 # ---- what each mode runs --------------------------------------------------------------
 def full_group_step(model: ARMT, executor: DiagonalExecutor, batch: int) -> Callable[[], object]:
     """One grouped step with all L layers busy (every layer past its first segment, so the
-    associative read runs too) on the shapes of a full segment: the ideal-even-load unit."""
+    associative read runs too) on the shapes of a full segment: the ideal-even-load unit.
+    Give it an executor of its own (executors() builds one, "ideal"): its RoPE tables differ
+    from a real run's, and a shared layer stack would rebuild its cached ones every call."""
     L, n, M = model.num_layers, model.config.segment_size, model.config.num_mem_tokens
     d, dev = model.hidden_size, model.device
-    layers, step = executor.layer_stack()
+    with torch.no_grad():   # the tied stacks the timed runs use, not in-graph copies
+        layers, step = executor.layer_stack()
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(L, batch, n + M, d, generator=gen).to(dev, model.dtype)         # (G, B, T, d)
     cos, sin = model.base.model.rotary_emb(X, torch.arange(n + M, device=dev)[None])  # (1, T, hd)
@@ -121,26 +114,43 @@ def full_group_step(model: ARMT, executor: DiagonalExecutor, batch: int) -> Call
 
 def executors(model: ARMT, compiled: bool = False) -> dict[str, DiagonalExecutor]:
     """The diagonal and the grouped-sequential executor (and, if asked, the compiled diagonal
-    one) on the same model, weights stacked up front (they share one set of stacks:
-    grouped.TiedStacks adopts existing ones)."""
+    one) on the same model, and one for the ideal mode's full_group_step, each with its weights
+    stacked and its layer stack built up front, so a first timed call pays no set-up even with
+    no warm-up (they share one set of stacks: grouped.TiedStacks adopts existing ones)."""
     execs = {"diagonal": DiagonalExecutor(model),
-             "sequential_grouped": DiagonalExecutor(model, order="sequential")}
+             "sequential_grouped": DiagonalExecutor(model, order="sequential"),
+             "ideal": DiagonalExecutor(model)}
     if compiled:
         execs["diagonal_compiled"] = DiagonalExecutor(model, compile=True)
     with torch.no_grad():
         for ex in execs.values():
-            ex.stacked_weights()
+            ex.layer_stack()
     return execs
+
+
+def check_modes(modes: Sequence[str], allowed: tuple[str, ...], what: str = "modes") -> tuple[str, ...]:
+    """modes as a tuple, or a ValueError naming the problem: a str where a list of names
+    belongs, no modes, a name not in allowed, a name given twice."""
+    if isinstance(modes, str):
+        raise ValueError(f"{what} must be a list of names, got the str {modes!r}: write ({modes!r},)")
+    modes = tuple(modes)
+    if not modes:
+        raise ValueError(f"{what} is empty: choose one or more of {allowed}")
+    unknown = set(modes) - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown {what} {sorted(unknown)}; choose from {allowed}")
+    twice = sorted({m for m in modes if modes.count(m) > 1})
+    if twice:
+        raise ValueError(f"{what} name {twice} more than once: give each mode once")
+    return modes
 
 
 def mode_runners(model: ARMT, input_ids: torch.Tensor, modes: tuple[str, ...],
                  execs: dict[str, DiagonalExecutor] | None = None) -> dict[str, Callable[[], object]]:
     """One zero-argument callable per mode, all on the same weights and input_ids (B, N);
     execs from executors(model), built here if not given. The 'ideal' callable is ONE
-    full-group step; run_bench scales its time by S."""
-    unknown = set(modes) - set(ALL_MODES)
-    if unknown:
-        raise ValueError(f"unknown modes {sorted(unknown)}; choose from {ALL_MODES}")
+    full-group step (on execs["ideal"]); run_bench scales its time by S."""
+    modes = check_modes(modes, ALL_MODES)
     execs = execs or executors(model, "diagonal_compiled" in modes)
     runs = {
         "diagonal_compiled": lambda: execs["diagonal_compiled"](input_ids, keep_logits="last_segment"),
@@ -149,31 +159,38 @@ def mode_runners(model: ARMT, input_ids: torch.Tensor, modes: tuple[str, ...],
         "sequential_grouped": lambda: execs["sequential_grouped"](input_ids, keep_logits="last_segment"),
         "diagonal": lambda: execs["diagonal"](input_ids, keep_logits="last_segment"),
     }
-    return {mode: full_group_step(model, execs["diagonal"], input_ids.shape[0]) if mode == "ideal"
+    return {mode: full_group_step(model, execs["ideal"], input_ids.shape[0]) if mode == "ideal"
             else runs[mode] for mode in modes}
+
+
+def interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
+                call: Callable[[Callable[[], object]], object]) -> dict[str, list]:
+    """Rounds that run every mode once, the start rotating by round, so load from other
+    processes hits all modes alike: mode -> call(fn) of each of the timed rounds (the first
+    `warmup` rounds are dropped)."""
+    names = list(fns)
+    out: dict[str, list] = {m: [] for m in names}
+    for r in range(warmup + repeats):
+        k = r % len(names)
+        for mode in names[k:] + names[:k]:
+            value = call(fns[mode])
+            if r >= warmup:
+                out[mode].append(value)
+    return out
 
 
 def measure(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
             repeats: int) -> dict[str, tuple[list[float], int | None]]:
-    """Interleaved timing: each round runs every mode once, the start rotating by round.
-    Then one more call per mode under PeakMemory, apart from the timed calls because
-    measuring memory on CPU returns the free heap to the OS, which slows the next call.
-    Returns mode -> (seconds of each timed repeat, peak bytes)."""
-    names = list(fns)
-    times: dict[str, list[float]] = {m: [] for m in names}
-    for r in range(warmup + repeats):
-        k = r % len(names)
-        for mode in names[k:] + names[:k]:
-            with Timer(device) as t:
-                fns[mode]()
-            if r >= warmup:
-                times[mode].append(t.seconds)
+    """Interleaved timing (interleaved()), then one more call per mode under PeakMemory,
+    apart from the timed calls because measuring memory on CPU returns the free heap to the
+    OS, which slows the next call. Returns mode -> (seconds of each timed repeat, peak bytes)."""
+    times = interleaved(fns, warmup, repeats, lambda fn: timed(fn, device)[1])
     peaks = {}
-    for mode in names:
+    for mode in fns:
         with PeakMemory(device) as pm:
             fns[mode]()
         peaks[mode] = pm.bytes
-    return {m: (times[m], peaks[m]) for m in names}
+    return {m: (times[m], peaks[m]) for m in fns}
 
 
 # ---- the benchmark ------------------------------------------------------------------
@@ -199,11 +216,25 @@ def run_bench(model: ARMT, inputs: Sequence[torch.Tensor], modes: Sequence[str] 
     so a run stopped part-way keeps its finished points). progress: a tqdm.auto bar over
     the inputs (a widget in a notebook), the last speed-up of diagonal over sequential as
     its postfix."""
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
+    modes = check_modes(modes, ALL_MODES)
+    check_int("warmup", warmup, 0)
+    check_int("repeats", repeats, 1)
+    if full_max_tokens is not None:
+        check_int("full_max_tokens", full_max_tokens, 1)
+    if isinstance(inputs, torch.Tensor):
+        raise ValueError(f"inputs must be a list of (B, N) tensors, got one tensor of shape {tuple(inputs.shape)}: "
+                         "pass [ids]")
     if len(inputs) == 0:
         raise ValueError("inputs is empty: give at least one (B, N) tensor of token ids "
                          "(make_inputs(model, segments=[1, 4]) builds them)")
+    for i, ids in enumerate(inputs):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
+            got = f"shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"inputs[{i}] must be a non-empty (B, N) tensor of token ids, got {got}")
+    batches = sorted({ids.shape[0] for ids in inputs})
+    if len(batches) > 1:
+        raise ValueError(f"inputs mix batch sizes {batches}: one batch size per call (the anchor's GEMM rates are "
+                         "for one); call run_bench once per batch size")
     from tqdm.auto import tqdm
     dtype = str(model.dtype).removeprefix("torch.")
     execs = executors(model, "diagonal_compiled" in modes)
@@ -253,6 +284,14 @@ def run_bench(model: ARMT, inputs: Sequence[torch.Tensor], modes: Sequence[str] 
 
 # ---- many requests: one queue through the ring, back to back, or batched ----------------
 QUEUE_MODES = ("ring", "back_to_back", "batched", "ideal")
+QUEUE_ROW_KEYS = ("mode", "dtype", "device", "preset", "layers", "requests", "request_segments", "segments", "tokens",
+                  "seconds", "seconds_min", "seconds_max", "tokens_per_s", "latency_ms", "steps", "even_load_steps",
+                  "segment_size", "num_mem_tokens", "repeats", "threads")
+
+
+def is_queue(rows: list[dict]) -> bool:
+    """Whether rows are run_queue_bench's (they count their requests), not run_bench's."""
+    return any("requests" in r for r in rows)
 
 
 def queue_requests(model: ARMT, requests: int = 8, segments: tuple[int, int] = (2, 8),
@@ -268,15 +307,34 @@ def queue_requests(model: ARMT, requests: int = 8, segments: tuple[int, int] = (
     return [random_tokens(model, S_i * n - c, seed + 1 + i) for i, (S_i, c) in enumerate(zip(S, cut))]
 
 
+def queue_rows(requests: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The requests as [1, N] rows ([N] is taken as [1, N], like RingExecutor.submit), or a
+    ValueError: no requests, or the first that is neither."""
+    if isinstance(requests, torch.Tensor):
+        raise ValueError(f"requests must be a list of [1, N] tensors (one per request), got one tensor of shape "
+                         f"{tuple(requests.shape)}: pass list(ids) for one request per row")
+    rows = []
+    for i, ids in enumerate(requests):
+        row = ids[None] if isinstance(ids, torch.Tensor) and ids.dim() == 1 else ids
+        if not isinstance(row, torch.Tensor) or row.dim() != 2 or row.shape[0] != 1 or row.shape[1] == 0:
+            got = f"shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"requests[{i}] must be token ids [1, N] or [N] with N >= 1 (one request; queue a "
+                             f"batch row by row), got {got}")
+        rows.append(row)
+    if not rows:
+        raise ValueError("requests is empty: give at least one [1, N] tensor of token ids "
+                         "(queue_requests(model, 8) draws a queue)")
+    return rows
+
+
 def queue_runners(model: ARMT, requests: Sequence[torch.Tensor],
                   modes: Sequence[str] = QUEUE_MODES) -> dict[str, Callable[[], list[float]]]:
     """mode -> a callable that serves the whole queue and returns each request's finish time
     (seconds from the start). ideal: the even-load time of the queue's segments (one timed
     full-group step x sum S_i), all finishing at the end."""
     from .ring import RingExecutor
-    unknown = set(modes) - set(QUEUE_MODES)
-    if unknown:
-        raise ValueError(f"unknown queue modes {sorted(unknown)}; choose from {QUEUE_MODES}")
+    modes = check_modes(modes, QUEUE_MODES, "queue modes")
+    requests = queue_rows(requests)
     dev, n = model.device, model.config.segment_size
     ex = DiagonalExecutor(model)
 
@@ -286,6 +344,10 @@ def queue_runners(model: ARMT, requests: Sequence[torch.Tensor],
         return time.perf_counter() - t0
 
     runner = RingExecutor(model)   # built once, like back_to_back's executor: no set-up in the timed runs
+    ideal_ex = DiagonalExecutor(model)   # the ideal step's own layer stack: its RoPE tables are not a request's
+    with torch.no_grad():   # the layer stacks too, as executors() does, so a first timed run pays no set-up
+        runner._diag.layer_stack()
+        ex.layer_stack()
 
     def ring() -> list[float]:
         t0 = time.perf_counter()
@@ -313,7 +375,7 @@ def queue_runners(model: ARMT, requests: Sequence[torch.Tensor],
         return [clock(t0)] * len(requests)
 
     total_segments = sum(math.ceil(ids.shape[1] / n) for ids in requests)
-    step = full_group_step(model, ex, 1)
+    step = full_group_step(model, ideal_ex, 1)
 
     def ideal() -> list[float]:
         t0 = time.perf_counter()
@@ -325,24 +387,17 @@ def queue_runners(model: ARMT, requests: Sequence[torch.Tensor],
 
 def run_queue_bench(model: ARMT, requests: Sequence[torch.Tensor], modes: Sequence[str] = QUEUE_MODES,
                     warmup: int = 1, repeats: int = 3, preset: str = "custom") -> list[dict]:
-    """Serve one queue of requests ([1, N_i] each) in every mode, interleaved like run_bench;
+    """Serve one queue of requests ([1, N_i] or [N_i] each) in every mode, interleaved like run_bench;
     one row per mode: total seconds (median, min, max), tokens/s, each request's median
     latency (time to finish) in ms, the steps the mode takes and the even-load steps."""
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup} and {repeats}")
-    if len(requests) == 0:
-        raise ValueError("requests is empty: give at least one [1, N] tensor of token ids "
-                         "(queue_requests(model, 8) draws a queue)")
+    modes = check_modes(modes, QUEUE_MODES, "queue modes")
+    check_int("warmup", warmup, 0)
+    check_int("repeats", repeats, 1)
+    requests = queue_rows(requests)
     fns = queue_runners(model, requests, modes)
     names = list(fns)
-    ends: dict[str, list[list[float]]] = {m: [] for m in names}
     with torch.no_grad():
-        for r in range(warmup + repeats):
-            k = r % len(names)
-            for mode in names[k:] + names[:k]:
-                finish = fns[mode]()
-                if r >= warmup:
-                    ends[mode].append(finish)
+        ends: dict[str, list[list[float]]] = interleaved(fns, warmup, repeats, lambda fn: fn())
     L, n = model.num_layers, model.config.segment_size
     S = [math.ceil(ids.shape[1] / n) for ids in requests]
     steps = {"ring": sum(S) + L - 1, "back_to_back": sum(s + L - 1 for s in S), "batched": max(S) * L,
@@ -419,14 +474,17 @@ def table(rows: list[dict]) -> str:
             body.append([dtype, *swept, str(S), str(N), mode, f"{r['seconds'] * 1e3:.1f}", peak, ratio, *rate])
     sources = dict.fromkeys(_PEAK_SOURCES.get(torch.device(r["device"]).type, "none") for r in rows)
     notes = [f"a speed-up is x / diagonal; MiB is peak memory measured as {' or '.join(sources)}"]
-    peaks: dict[str, list[float]] = {}
+    peaks: dict[str, dict[str, list[float]]] = {}   # how the peak was timed -> dtype -> the rows' peaks
     for r in rows:
-        if "peak_gflops" in r:
-            peaks.setdefault(r["dtype"], []).append(r["peak_gflops"])
+        if "peak_gflops" in r:   # rows from before PEAK_KEYS put the modes against the run's start-of-run peak
+            how = "timed in each point's own rounds" if "peak_gflops_at_start" in r else "measured in the same run"
+            peaks.setdefault(how, {}).setdefault(r["dtype"], []).append(r["peak_gflops"])
     if peaks:
-        span = ", ".join(f"{dt} {min(p):.0f}" + (f"-{max(p):.0f}" if max(p) > min(p) else "") for dt, p in peaks.items())
+        spans = "; ".join(how + " (" + ", ".join(f"{dt} {min(p):.0f}" + (f"-{max(p):.0f}" if max(p) > min(p) else "")
+                                                   for dt, p in by_dtype.items()) + " GFLOP/s)"
+                          for how, by_dtype in peaks.items())
         m = next(r["machine"] for r in rows if "machine" in r)
-        notes += [f"% peak: GFLOP/s over torch.mm's, timed in each point's own rounds ({span} GFLOP/s)",
+        notes += [f"% peak: GFLOP/s over torch.mm's, {spans}",
                   f"on {m['cpu'][:48]} ({m['cpu_capability']}, {m['threads']} threads, torch {m['torch']})"]
     return format_table(["dtype", *sweeps, "S", "tokens", "mode", "median ms", "peak MiB", "speed-up", "GFLOP/s",
                          "% peak"], body, notes)
@@ -448,14 +506,20 @@ def write_rows(rows: list[dict], json_path: str | None = None, csv_path: str | N
 
 def read_rows(paths: list[str]) -> list[dict]:
     """Rows from JSON files written by write_rows (e.g. one run per length), ordered by
-    dtype (first seen), tokens and mode, so they print and plot as one run."""
+    dtype (first seen), tokens and mode, so they print and plot as one run. Queue rows
+    (--queue, is_queue) keep the files' order: each queue's modes together."""
     rows = [r for path in paths for r in json.loads(Path(path).read_text())]
     for r in rows:
         if "mem_tokens" in r:   # files written before the rows took ARMTConfig's name
             r["num_mem_tokens"] = r.pop("mem_tokens")
-    missing = [k for r in rows for k in ROW_KEYS if k not in r]
+    queue = is_queue(rows)
+    if queue and not all("requests" in r for r in rows):
+        raise ValueError(f"queue rows (--queue) and single-input rows cannot be joined in one table: {paths}")
+    missing = [k for r in rows for k in (QUEUE_ROW_KEYS if queue else ROW_KEYS) if k not in r]
     if missing:
         raise ValueError(f"not a diaglab.bench JSON (row lacks {missing[0]!r}): {paths}")
+    if queue:
+        return rows
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
     return sorted(rows, key=lambda r: (dtypes.index(r["dtype"]), r["tokens"], ALL_MODES.index(r["mode"])))
 
@@ -469,7 +533,19 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (--help lists every flag)\n")
 
 
-def _int_list(low: int) -> Callable[[str], list[int]]:
+# Upper bounds of the integer flags: far above any real run, so a typo's extra digits fail here in one
+# line, not later in a C int overflow or a config that builds 10^20 layers (it would hang)
+MAX_COUNT = 10**6
+MAX_THREADS = 4096     # each one an OS thread: more than any machine's cores
+MAX_SEED = 2**63 - 1   # torch.Generator.manual_seed takes < 2**64, and inputs are seeded seed + point index
+
+
+def _twice(values: Sequence) -> object | None:
+    """The first value that comes again, or None."""
+    return next((v for i, v in enumerate(values) if v in values[:i]), None)
+
+
+def _int_list(low: int, high: int = MAX_COUNT, unique: bool = True) -> Callable[[str], list[int]]:
     def parse(text: str) -> list[int]:
         try:
             values = [int(v) for v in text.split(",")]
@@ -477,11 +553,15 @@ def _int_list(low: int) -> Callable[[str], list[int]]:
             values = []
         if not values or min(values) < low:
             raise argparse.ArgumentTypeError(f"expected a comma list of integers >= {low} like 1,4,16; got {text!r}")
+        if max(values) > high:
+            raise argparse.ArgumentTypeError(f"expected a comma list of integers from {low} to {high}; got {text!r}")
+        if unique and _twice(values) is not None:
+            raise argparse.ArgumentTypeError(f"{_twice(values)} comes twice in {text!r}: give each value once")
         return values
     return parse
 
 
-def _int(low: int) -> Callable[[str], int]:
+def _int(low: int, high: int = MAX_COUNT) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -489,6 +569,8 @@ def _int(low: int) -> Callable[[str], int]:
             value = low - 1
         if value < low:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {text!r}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}; got {text!r}")
         return value
     return parse
 
@@ -499,6 +581,8 @@ def _names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
         bad = [v for v in names if v not in allowed]
         if bad or not names:
             raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}; got {text!r}")
+        if _twice(names) is not None:
+            raise argparse.ArgumentTypeError(f"{_twice(names)} comes twice in {text!r}: give each name once")
         return names
     return parse
 
@@ -528,8 +612,16 @@ def unwritable(path: str) -> str | None:
 
 
 def check_outputs(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject unwritable --json/--csv/--html paths, and --html without plotly, before any
-    work (a failure after minutes of measuring would lose them)."""
+    """Reject unwritable --json/--csv/--html paths, two of them naming one file, and --html
+    without plotly, before any work (a failure after minutes of measuring would lose them)."""
+    seen: dict[Path, str] = {}
+    for flag in ("json", "csv", "html"):
+        path = getattr(args, flag)
+        if path is None:
+            continue
+        if Path(path).resolve() in seen:
+            p.error(f"--{seen[Path(path).resolve()]} and --{flag} name the same file {path}: give each its own path")
+        seen[Path(path).resolve()] = flag
     for flag in ("json", "csv", "html"):
         path = getattr(args, flag)
         problem = None if path is None else unwritable(path)
@@ -546,7 +638,7 @@ def check_outputs(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def write_outputs(rows: list[dict], args: argparse.Namespace) -> None:
     """Write the files the output flags ask for, then print the table."""
     write_rows(rows, args.json, args.csv)
-    queue = getattr(args, "queue", None) is not None
+    queue = is_queue(rows)   # from the rows: scripts/merge_reports.py has no --queue
     if args.html:
         from . import viz   # plotly only here: measuring needs torch alone
         (viz.queue_figure if queue else viz.bench_figure)(rows).write_html(args.html, include_plotlyjs=True)
@@ -571,7 +663,7 @@ def build_parser() -> OneLineParser:
     size.add_argument("--segments", type=_int_list(1),
                       help="comma list of segment counts S, N = S * n tokens each (default 1,2,4,8,16,32,64)")
     size.add_argument("--lengths", type=_int_list(1), help="comma list of token counts N (S = ceil(N / n))")
-    p.add_argument("--modes", type=_names(ALL_MODES), default=MODES,
+    p.add_argument("--modes", type=_names(ALL_MODES),
                    help=f"comma list from {','.join(ALL_MODES)} (default all but diagonal_compiled, which "
                         "compiles the full-group step first: tens of seconds on a CPU)")
     p.add_argument("--dtype", type=_names(DTYPES), default=("float32",),
@@ -579,7 +671,7 @@ def build_parser() -> OneLineParser:
                         "(default float32)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to run (default auto: cuda when available)")
-    p.add_argument("--batch", type=_int_list(1), default=[1],
+    p.add_argument("--batch", type=_int_list(1),
                    help="sequences per input B; a comma list sweeps it (e.g. 1,2,4,8: latency and throughput of "
                         "batching against the diagonal order) (default 1)")
     p.add_argument("--widths", type=_int_list(1), metavar="D,...",
@@ -587,7 +679,7 @@ def build_parser() -> OneLineParser:
                         "where the diagonal order stops paying on this machine")
     p.add_argument("--warmup", type=_int(0), default=1, help="untimed rounds over all modes first (default 1)")
     p.add_argument("--repeats", type=_int(1), default=3, help="timed rounds; the median is reported (default 3)")
-    p.add_argument("--threads", type=_int(1), help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_int(1, MAX_THREADS), help="torch CPU threads (default: torch's choice)")
     p.add_argument("--default-malloc", dest="keep_heap", action="store_false",
                    help="measure with glibc's default allocator behaviour, which returns freed blocks to the OS "
                         "(by default the bench keeps them: diaglab.heap.keep_freed_memory, recorded in each row)")
@@ -600,9 +692,9 @@ def build_parser() -> OneLineParser:
                    help="instead of single inputs: serve a seeded queue of R requests through the ring, back to "
                         "back (diagonal, one request after another), batched (sequential, padded to the longest) "
                         "and the even-load ideal; reports total time, tokens/s and each request's latency")
-    p.add_argument("--queue-segments", type=_int_list(1), default=[2, 8], metavar="LOW,HIGH",
+    p.add_argument("--queue-segments", type=_int_list(1, unique=False), metavar="LOW,HIGH",
                    help="segments per queued request, drawn uniformly from LOW..HIGH (default 2,8)")
-    p.add_argument("--seed", type=_int(0), default=0, help="seed of the inputs and of the queue (default 0)")
+    p.add_argument("--seed", type=_int(0, MAX_SEED), default=0, help="seed of the inputs and of the queue (default 0)")
     add_output_flags(p)
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar; one line per point on stderr instead")
@@ -613,14 +705,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags, every value checked before any work: a bad one exits with code 2 and one line."""
     p = build_parser()
     args = p.parse_args(argv)
+    # flags that only one kind of run reads default to None, so a flag the run would ignore is refused
+    if args.queue is None and args.queue_segments is not None:
+        p.error("--queue-segments shapes the requests of --queue R: add --queue, or drop --queue-segments")
     if args.queue is not None:
-        if args.segments is not None or args.lengths is not None or args.modes != MODES:
-            p.error("--queue measures one queue of requests in its own modes: drop --segments, --lengths "
-                    "and --modes")
+        ignored = [flag for flag in ("segments", "lengths", "modes", "batch", "full_max_tokens")
+                   if getattr(args, flag) is not None]
+        if ignored:
+            p.error(f"--queue measures one queue of requests in its own modes ({','.join(QUEUE_MODES)}): drop "
+                    + ", ".join("--" + flag.replace("_", "-") for flag in ignored))
+        args.queue_segments = args.queue_segments or [2, 8]
         if len(args.queue_segments) != 2 or args.queue_segments[0] > args.queue_segments[1]:
             p.error(f"--queue-segments: expected LOW,HIGH with LOW <= HIGH, got {args.queue_segments}")
     if args.segments is None and args.lengths is None:
         args.segments = [1, 2, 4, 8, 16, 32, 64]
+    args.modes = args.modes or MODES
+    args.batch = args.batch or [1]
     args.overrides = {k: v for k in ("layers", "heads", "kv_heads") if (v := getattr(args, k)) is not None}
     for width in args.widths or [None]:
         shape = {k: v for k, v in {**PRESETS[args.preset], **args.overrides, **width_overrides(args.preset, width)}

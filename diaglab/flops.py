@@ -26,12 +26,13 @@ against what the hardware does (`machine()` names the hardware).
 from __future__ import annotations
 
 import platform
-import time
+import statistics
 
 import torch
 
 from . import heap
-from ._checks import check_int
+from ._checks import check_device, check_int
+from .profiling import timed
 
 PARTS = ("read", "attention", "mlp", "write", "lm_head")
 
@@ -102,29 +103,28 @@ def run_flops(model, tokens: int, batch: int = 1, mode: str = "diagonal",
 
 # ---- the machine's own limit -------------------------------------------------------------
 def _timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of fn() over repeats, after one warm-up call."""
+    """Median seconds of fn() over repeats (profiling.timed), after one warm-up call."""
+    check_int("repeats", repeats, 1)
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(timed(fn, device)[1] for _ in range(repeats))
+
+
+def _check_dtype(dtype) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        got = f"{type(dtype).__name__} {dtype!r}" if not isinstance(dtype, torch.dtype) else dtype
+        raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.float32 or torch.bfloat16 "
+                         f"(the peak of the model's matmuls), got {got}")
 
 
 def mm_peak(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
             sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 5) -> dict:
     """torch.mm GFLOP/s on square (s, s) @ (s, s) products; 'peak' is the best size."""
+    _check_dtype(dtype)
     if not sizes:
         raise ValueError("sizes is empty: give at least one matrix size, such as (512, 1024)")
     for s in sizes:
         check_int("each of sizes", s, 16)
-    check_int("repeats", repeats, 1)
-    dev = torch.device(device)
+    dev = check_device(device)
     g = torch.Generator().manual_seed(0)
     rates = {}
     for s in sizes:
@@ -145,6 +145,7 @@ def step_gemms(model, batch: int = 1) -> dict[str, tuple[int, int, int, int]]:
 
 def gemm_rates(model, batch: int = 1, repeats: int = 5) -> dict[str, float]:
     """GFLOP/s of torch.bmm on each plateau GEMM shape, in the model's dtype and device."""
+    check_int("batch", batch, 1)   # repeats: _timed checks it
     g = torch.Generator().manual_seed(0)
     rates = {}
     for name, (G, R, k, m) in step_gemms(model, batch).items():

@@ -81,6 +81,11 @@ def llama_config(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int
     if hidden % heads or heads % kv_heads:
         raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads}), "
                          f"and heads by kv_heads ({kv_heads})")
+    head_dim = extra.get("head_dim") or hidden // heads
+    if head_dim % 2:
+        source = "head_dim" if extra.get("head_dim") else f"hidden {hidden} / heads {heads}"
+        raise ValueError(f"the head size ({source} = {head_dim}) is odd, and RoPE rotates channel pairs: "
+                         "choose a width and heads whose quotient is even")
     rope = {"rope_type": "default", "rope_theta": rope_theta}
     if llama3_rope:  # LLaMA-3.2's frequency scaling
         rope = {"rope_type": "llama3", "rope_theta": rope_theta, "factor": 32.0, "low_freq_factor": 1.0,

@@ -559,7 +559,6 @@ _QUEUE_STYLE = {"ring": ("blue", "circle"), "back_to_back": ("orange", "square")
 def queue_figure(rows: list[dict]) -> go.Figure:
     """bench.run_queue_bench rows: total time per mode (bars), and each request's latency —
     the time until its last logits — per mode (markers), requests in queue order."""
-    from plotly.subplots import make_subplots
     fig = make_subplots(rows=1, cols=2, column_widths=[0.35, 0.65],
                         subplot_titles=("total time (ms)", "latency per request (ms)"))
     for r in rows:
@@ -597,7 +596,7 @@ def roofline_figure(rows: list[dict], x: str = "tokens") -> go.Figure:
     other = "hidden" if x == "batch" else "batch"          # a line per value of the other sweep, if it varies
     others = sorted({r.get(other) for r in rows}, key=lambda v: (v is None, v))
     for i, dtype in enumerate(dtypes):
-        dash = ("solid", "dash", "dot")[i % 3]
+        dash = DASHES[i % len(DASHES)]
         for mode in ALL_MODES:
             for j, o in enumerate(others):
                 pts = sorted((r[x], r["gflops"], r["pct_of_peak"]) for r in rows
@@ -632,8 +631,6 @@ def pipeline_figure(L: int, S: int, world_size: int = 2, split: Sequence[int] | 
     """Two panels: the L x S grid coloured by the rank that owns each layer, each cell labelled
     with the step it runs in; below, each rank's busy layers per step (blank = idle), where the
     pipeline's fill and drain show as the idle corners."""
-    from plotly.subplots import make_subplots
-
     from .distributed import rank_group_sizes, split_layers
     spans = split_layers(L, world_size, split)
     if world_size > len(RANK_COLOURS):
@@ -647,7 +644,7 @@ def pipeline_figure(L: int, S: int, world_size: int = 2, split: Sequence[int] | 
     fig.add_trace(go.Heatmap(
         z=[[owner[l]] * S for l in range(L)], x=list(range(S)), y=list(range(L)), colorscale=scale, zmin=0,
         zmax=P, showscale=False, xgap=1, ygap=1, text=[[str(l + s) for s in range(S)] for l in range(L)],
-        texttemplate="%{text}" if L * S <= 600 else None,
+        texttemplate="%{text}" if _labelled(L, S) else None,
         hovertemplate="layer %{y}, segment %{x}: rank %{z}, step %{text}<extra></extra>"), row=1, col=1)
     sizes = rank_group_sizes(L, S, spans)
     fig.add_trace(go.Heatmap(

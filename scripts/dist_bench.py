@@ -14,7 +14,6 @@ Rounds alternate the modes, so machine noise hits all of them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import diaglab  # noqa: E402
+from diaglab.bench import OneLineParser, _int, _int_list, unwritable  # noqa: E402
 
 
 def one_process(model, ids, threads: int, repeats: int) -> list[float]:
@@ -65,19 +65,30 @@ def pipeline(preset: str, tokens: int, processes: int, repeats: int) -> tuple[li
     return data["times_s"][1:], wall, data["relative_errors"]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--tokens", default="1024,4096")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", default="data/bench/cpu_pipeline.json")
-    args = p.parse_args()
+def parse_args(argv: list[str] | None = None):
+    """The flags, checked before any work: a bad one exits with code 2 and one line (as diaglab.bench)."""
+    p = OneLineParser(prog="python scripts/dist_bench.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny", choices=sorted(diaglab.PRESETS), help="model size (default tiny)")
+    p.add_argument("--tokens", type=_int_list(1), default=[1024, 4096],
+                   help="comma list of token counts N, one record set each (default 1024,4096)")
+    p.add_argument("--rounds", type=_int(1), default=2, help="rounds, each running every mode (default 2)")
+    p.add_argument("--repeats", type=_int(1), default=5, help="timed forward passes per mode and round (default 5)")
+    p.add_argument("--json", default="data/bench/cpu_pipeline.json", metavar="PATH",
+                   help="where to write the records (default data/bench/cpu_pipeline.json)")
+    args = p.parse_args(argv)
+    problem = unwritable(args.json)
+    if problem:
+        p.error(f"--json: {problem}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     load_before = os.getloadavg()   # this machine is shared: say how busy it was
     model = diaglab.randomize_memory_(diaglab.from_preset(args.preset, seed=0), seed=1).eval()
     n = model.config.segment_size
     records = []
-    for tokens in [int(t) for t in args.tokens.split(",")]:
+    for tokens in args.tokens:
         ids = torch.randint(0, model.base.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
         runs = {"1 process x 1 thread": [], "1 process x 2 threads": [], "2 processes x 1 thread": []}
         walls, errors = [], {}

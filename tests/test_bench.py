@@ -253,3 +253,92 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     rows = json.loads((tmp_path / "gpu_llama1b.json").read_text())
     assert sorted({r["tokens"] for r in rows}) == [64, 128, 256] and len(rows) == 3 * len(bench.MODES)
     assert "phase attention" in (tmp_path / "gpu_profile.txt").read_text()
+
+
+def test_merge_reports_reads_queue_rows(tmp_path, capsys):
+    """Queue rows (--queue) are told from the rows themselves: merge_reports has no --queue."""
+    ring = ROOT / "data" / "bench" / "cpu_ring.json"
+    rows = merge_reports().main([str(ring), "--json", str(tmp_path / "ring.json")])
+    assert rows == json.loads(ring.read_text()) == json.loads((tmp_path / "ring.json").read_text())
+    printed = capsys.readouterr().out
+    assert "x / ring" in printed and "even load takes" in printed
+    with pytest.raises(ValueError, match="cannot be joined"):
+        bench.read_rows([str(ring), str(ROOT / "data" / "bench" / "cpu_tiny.json")])
+
+
+def test_table_says_how_each_peak_was_timed():
+    """Rows from before the per-point peak (no peak_gflops_at_start) were put against one
+    torch.mm run at the start: the legend must not claim each point's own rounds for them."""
+    old = bench.read_rows([str(ROOT / "data" / "bench" / "cpu_batch_sweep.json")])
+    assert "peak_gflops" in old[0] and "peak_gflops_at_start" not in old[0]
+    notes = bench.table(old).splitlines()
+    assert notes[-2].startswith("% peak: GFLOP/s over torch.mm's, measured in the same run (float32 ")
+    assert "own rounds" not in bench.table(old)
+    new = [dict(r, peak_gflops_at_start=r["peak_gflops"], dtype="bfloat16") for r in old[:2]]
+    mixed = bench.table(old + new).splitlines()[-2]
+    assert "measured in the same run (float32 " in mixed and "timed in each point's own rounds (bfloat16 " in mixed
+
+
+def test_run_bench_and_the_queue_refuse_bad_arguments_by_name():
+    model = tiny_model()
+    ids = bench.make_inputs(model, segments=[1])
+    fast = dict(warmup=0, repeats=1, anchor_sizes=(64,))
+    for kw, match in ((dict(modes=[]), "modes is empty"), (dict(modes="diagonal"), "got the str 'diagonal'"),
+                      (dict(modes=("diagonal", "diagonal")), "more than once"),
+                      (dict(warmup=1.5), "warmup must be an int >= 0, got float 1.5"),
+                      (dict(repeats=True), "repeats must be an int >= 1, got bool True"),
+                      (dict(full_max_tokens=0), "full_max_tokens must be an int >= 1")):
+        with pytest.raises(ValueError, match=match):
+            bench.run_bench(model, ids, **{**fast, **kw})
+    with pytest.raises(ValueError, match=r"got one tensor of shape \(1, 32\): pass \[ids\]"):
+        bench.run_bench(model, ids[0], **fast)
+    with pytest.raises(ValueError, match=r"inputs mix batch sizes \[1, 2\]: one batch size per call"):
+        bench.run_bench(model, ids + bench.make_inputs(model, segments=[1], batch=2), **fast)
+    requests = bench.queue_requests(model, 2, (1, 2))
+    with pytest.raises(ValueError, match="queue modes is empty"):
+        bench.run_queue_bench(model, requests, modes=(), warmup=0, repeats=1)
+    with pytest.raises(ValueError, match=r"requests\[0\] must be token ids \[1, N\] or \[N\]"):
+        bench.run_queue_bench(model, [torch.zeros(2, 32, dtype=torch.long)], warmup=0, repeats=1)
+    rows = bench.run_queue_bench(model, [r[0] for r in requests], ("ring", "back_to_back"), warmup=0, repeats=1)
+    assert [r["request_segments"] for r in rows] == [[-(-r.shape[1] // 32) for r in requests]] * 2   # [N] as [1, N]
+
+
+def spy_executors(monkeypatch):
+    """(executors made, ids of those whose layer_stack() was built outside autograd) from now on."""
+    made, primed = [], set()
+    real_init, real_stack = diaglab.DiagonalExecutor.__init__, diaglab.DiagonalExecutor.layer_stack
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    def layer_stack(self):
+        if not torch.is_grad_enabled():   # under autograd the stacks are in-graph copies, not the kept ones
+            primed.add(id(self))
+        return real_stack(self)
+    monkeypatch.setattr(diaglab.DiagonalExecutor, "__init__", init)
+    monkeypatch.setattr(diaglab.DiagonalExecutor, "layer_stack", layer_stack)
+    return made, primed
+
+
+def test_executors_are_primed_and_ideal_has_its_own(monkeypatch):
+    """With --warmup 0 the first timed call must not build layer stacks, and the ideal step's
+    RoPE tables must not evict the diagonal executor's cached ones: it gets its own executor."""
+    model = tiny_model()
+    made, primed = spy_executors(monkeypatch)
+    execs = bench.executors(model)
+    assert {id(ex) for ex in made} == primed and set(execs) == {"diagonal", "sequential_grouped", "ideal"}
+    assert len({id(ex) for ex in execs.values()}) == 3
+    primed.clear()
+    bench.mode_runners(model, bench.make_inputs(model, segments=[1])[0], ("diagonal", "ideal"), execs)
+    assert primed == {id(execs["ideal"])}
+    made.clear(), primed.clear()
+    bench.queue_runners(model, bench.queue_requests(model, 2, (1, 2)))
+    assert len(made) == 3 and {id(ex) for ex in made} == primed   # the ring's, back to back's, the ideal step's
+
+
+def test_pipeline_grid_is_labelled_like_the_schedule_grids():
+    """viz.pipeline_figure drops its cell labels past the grids' limit (viz._labelled), not only
+    past 600 cells: 30 columns of labels would not fit a notebook-wide figure."""
+    assert viz.pipeline_figure(2, 24).data[0].texttemplate == "%{text}"
+    assert viz.pipeline_figure(2, 30).data[0].texttemplate is None

@@ -135,3 +135,74 @@ def test_the_command_itself_prints_one_line():
     assert done.stderr.splitlines() == [
         "python -m diaglab.bench: error: argument --segments: expected a comma list of integers >= 1 like 1,4,16; "
         "got '0' (--help lists every flag)"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--widths", "100", "--segments", "1"], "--widths: the head size (hidden 100 / heads 4 = 25) is odd"),
+    (["--heads", "128", "--kv-heads", "1"], "--heads/--kv-heads: the head size (hidden 128 / heads 128 = 1) is odd"),
+    (["--seed", "9" * 20], "--seed: expected an integer from 0 to 9223372036854775807; got '9999"),
+    (["--segments", "9" * 20], "--segments: expected a comma list of integers from 1 to 1000000"),
+    (["--layers", "9" * 23], "--layers: expected an integer from 1 to 1000000"),   # it hung, building the config
+    (["--threads", "100000"], "--threads: expected an integer from 1 to 4096"),
+    (["--segments", "1,1"], "--segments: 1 comes twice in '1,1': give each value once"),
+    (["--lengths", "64,32,64"], "--lengths: 64 comes twice"),
+    (["--batch", "2,2"], "--batch: 2 comes twice"),
+    (["--widths", "128,128"], "--widths: 128 comes twice"),
+    (["--dtype", "float32,float32"], "--dtype: float32 comes twice in 'float32,float32': give each name once"),
+    (["--modes", "diagonal,diagonal"], "--modes: diagonal comes twice"),
+    (["--queue", "2", "--batch", "2"], "--queue measures one queue of requests in its own modes"),
+    (["--queue", "2", "--full-max-tokens", "64"], "drop --full-max-tokens"),
+    (["--queue", "2", "--modes", ",".join(bench.MODES)], "drop --modes"),     # even the default, when given
+    (["--queue", "2", "--segments", "2", "--batch", "1"], "drop --segments, --batch"),
+    (["--queue", "2", "--lengths", "64"], "drop --lengths"),
+    (["--queue-segments", "2,4"], "--queue-segments shapes the requests of --queue R: add --queue"),
+])
+def test_hostile_flag_is_one_line_and_exit_code_2(rejected, argv, says):
+    """Values past any real run, repeated list items and flags the run would ignore: one line,
+    before any work (no traceback from deep in transformers, no hang)."""
+    assert says in rejected(bench.main, argv)
+
+
+def test_queue_segments_may_repeat_and_fill_in_with_queue():
+    assert bench.parse_args(["--queue", "2", "--queue-segments", "3,3"]).queue_segments == [3, 3]
+    args = bench.parse_args(["--queue", "2"])
+    assert args.queue_segments == [2, 8] and args.modes == bench.MODES and args.batch == [1]
+    args = bench.parse_args([])
+    assert args.queue_segments is None and args.modes == bench.MODES and args.batch == [1]
+
+
+def test_two_outputs_on_one_file_are_rejected(rejected, tmp_path):
+    rows = tmp_path / "rows.json"
+    err = rejected(bench.main, ["--json", str(rows), "--csv", str(tmp_path / "sub" / ".." / "rows.json")])
+    assert "--json and --csv name the same file" in err and "give each its own path" in err
+    report = tmp_path / "a.json"
+    report.write_text("[]")
+    assert "--csv and --html name the same file" in rejected(
+        merge_main, [str(report), "--csv", str(rows), "--html", str(rows)])
+    assert not rows.exists()
+
+
+def dist_main(argv):
+    spec = importlib.util.spec_from_file_location("dist_bench", ROOT / "scripts" / "dist_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--rounds", "0"], "--rounds: expected an integer >= 1"),
+    (["--repeats", "x"], "--repeats: expected an integer >= 1"),
+    (["--tokens", "a"], "--tokens: expected a comma list of integers >= 1"),
+    (["--tokens", "64,64"], "--tokens: 64 comes twice"),
+    (["--preset", "huge"], "--preset: invalid choice: 'huge'"),
+])
+def test_dist_bench_bad_flag_is_one_line(rejected, argv, says):
+    assert says in rejected(dist_main, argv)
+
+
+def test_the_command_itself_refuses_a_huge_count_at_once():
+    """Before the bound, --layers with 23 digits hung while transformers built the config."""
+    done = subprocess.run([sys.executable, "-m", "diaglab.bench", "--layers", "9" * 23], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and done.stdout == "" and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "argument --layers: expected an integer from 1 to 1000000" in done.stderr

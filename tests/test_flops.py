@@ -109,3 +109,34 @@ def test_bad_arguments_are_refused_by_name():
     from diaglab import bench
     with pytest.raises(ValueError, match="requests is empty"):
         bench.run_queue_bench(model, [], warmup=0, repeats=1)
+
+
+def test_timed_is_the_median_and_needs_a_repeat(monkeypatch):
+    """An even count of repeats takes the mean of the two middle times (statistics.median),
+    as the benchmark does, not the upper one."""
+    import time
+    ticks = iter([0.0, 1.0, 10.0, 12.0, 20.0, 23.0, 30.0, 34.0])   # calls of 1, 2, 3 and 4 s
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks))
+    assert flops._timed(lambda: None, torch.device("cpu"), 4) == 2.5
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="repeats must be an int >= 1, got 0"):
+        flops._timed(lambda: None, torch.device("cpu"), 0)
+
+
+def test_peak_probes_refuse_bad_arguments_by_name():
+    from diaglab import _checks, bench
+    model = live_model(layers=2)
+    for kw, match in ((dict(batch=0), "batch must be an int >= 1"), (dict(repeats=0), "repeats must be an int >= 1")):
+        with pytest.raises(ValueError, match=match):
+            flops.gemm_rates(model, **kw)
+    with pytest.raises(ValueError, match="floating-point torch.dtype .* got str 'float32'"):
+        flops.mm_peak("float32", sizes=(16,))
+    for dtype in (torch.int32, torch.bool):
+        with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+            flops.mm_peak(dtype, sizes=(16,))
+    with pytest.raises(ValueError, match="repeats"):
+        flops.mm_peak(sizes=(16,), repeats=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            flops.mm_peak(device="cuda", sizes=(16,))
+    assert bench.check_device is _checks.check_device                 # the benchmark's name still works
