@@ -309,6 +309,7 @@ class TiedStacks:
                         self._ptrs.append(view.data_ptr())
                         r += p.shape[0]
                 self.tensors[name] = stack
+        self._held = [(o._parameters, a, p) for (o, a), p in zip(self._owners, self._params)]   # owner's table
 
     def is_valid(self, model) -> bool:
         if _Registrations.count != self._key:   # a module or parameter was registered: re-read the owners
@@ -318,7 +319,7 @@ class TiedStacks:
             self._key = _Registrations.count
         # each owner still holds the very Parameter that was tied (not a replacement, nor a computed
         # parametrized weight), and its data still sits in the stack (not moved, cast or .data = ...)
-        return (all(o._parameters.get(a) is p for (o, a), p in zip(self._owners, self._params))
+        return (all(table.get(a) is p for table, a, p in self._held)
                 and [p.data_ptr() for p in self._params] == self._ptrs)
 
 
