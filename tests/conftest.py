@@ -1,6 +1,10 @@
-"""Shared helpers: small models with the memory path switched on, and error metrics."""
+"""Shared helpers: small models with the memory path switched on, error metrics, and the
+check every command line's refusal must pass."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,3 +41,34 @@ def random_ids(B, N, vocab=256, seed=0):
 @pytest.fixture
 def model():
     return live_model()
+
+
+# ---- command lines: a bad value is one line and exit code 2 ---------------------------------
+def assert_cli_error(code, err: str, prog: str | None = None, out: str | None = None) -> str:
+    """A command line's refusal: exit code 2, exactly one line on stderr (starting with
+    "<prog>: error: " when prog is given), no traceback, nothing on stdout when out is given.
+    Returns that line."""
+    assert code == 2, (code, err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    if prog is not None:
+        assert err.startswith(f"{prog}: error: "), err
+    if out is not None:
+        assert out == "", out
+    return err.strip()
+
+
+def cli_error(main, argv, capsys, prog: str | None = None) -> str:
+    """main(argv) in this process must refuse argv (assert_cli_error); returns the line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return assert_cli_error(exit_info.value.code, captured.err, prog, captured.out)
+
+
+def cli_error_in_a_process(module: str, argv, prog: str | None = None) -> str:
+    """`python -m module argv` in a fresh process must refuse argv (assert_cli_error)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True,
+                          cwd=root, env=env, timeout=300)
+    return assert_cli_error(done.returncode, done.stderr, prog, done.stdout)

@@ -2,14 +2,13 @@
 re-reading the decoded text, the tokenizer, the shipped checkpoint, and argument errors."""
 
 import json
-import os
 from dataclasses import asdict
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import cli_error, cli_error_in_a_process
 
 import diaglab
 from diaglab import babilong, stories, tasks, train, viz
@@ -176,19 +175,12 @@ def test_evaluate_layout_on_a_fresh_model():
                                         (["--layers", "two"], "invalid int value: 'two'"),
                                         (["--bogus"], "unrecognized arguments: --bogus")])
 def test_cli_errors_are_one_line_with_exit_status_2(argv, match, capsys):
-    with pytest.raises(SystemExit) as e:
-        babilong.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and match in err and err.startswith("python -m diaglab.babilong: error:")
+    assert match in cli_error(babilong.main, argv, capsys, "python -m diaglab.babilong")
 
 
 def test_cli_error_has_no_traceback():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "diaglab.babilong", "--people", "-1"], capture_output=True,
-                       text=True, cwd=ROOT, env=env, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == ["python -m diaglab.babilong: error: people must be an int >= 1, got -1"]
+    assert cli_error_in_a_process("diaglab.babilong", ["--people", "-1"], "python -m diaglab.babilong") == \
+        "python -m diaglab.babilong: error: people must be an int >= 1, got -1"
 
 
 def test_documented_commands_are_the_recorded_training_configs():
@@ -244,10 +236,7 @@ def test_training_never_replaces_the_shipped_checkpoint_by_default(tmp_path, mon
     before = {p.name: p.stat().st_mtime_ns for p in CKPT.iterdir()}
     for name in ("build_model", "_train", "run_eval"):
         monkeypatch.setattr(babilong, name, _no_work)
-    with pytest.raises(SystemExit) as e:
-        babilong.main(["--out", str(CKPT), "--steps", "1"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1
+    err = cli_error(babilong.main, ["--out", CKPT, "--steps", "1"], capsys, "python -m diaglab.babilong")
     assert "already holds a checkpoint" in err and "--force-overwrite" in err
     with pytest.raises(FileExistsError, match="--force-overwrite"):
         babilong.train(_tiny(CKPT))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_error, cli_error_in_a_process
 
 from diaglab import bench
 
@@ -35,14 +36,7 @@ def rejected(monkeypatch, capsys):
     monkeypatch.setattr(bench, "run_bench", no_work)
     monkeypatch.setattr(bench, "read_rows", no_work)
 
-    def check(main, argv):
-        with pytest.raises(SystemExit) as exit_info:
-            main(argv)
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2, err
-        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-        return err
-    return check
+    return lambda main, argv: cli_error(main, argv, capsys)
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -111,10 +105,7 @@ def test_merge_reports_rejects_files_that_are_not_bench_rows(tmp_path, capsys):
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "other.json").write_text('[{"mode": "diagonal"}]')
     for name, says in (("broken.json", "Expecting property name"), ("other.json", "not a diaglab.bench JSON")):
-        with pytest.raises(SystemExit) as exit_info:
-            merge_main([str(tmp_path / name)])
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and says in err
+        assert says in cli_error(merge_main, [tmp_path / name], capsys)
 
 
 def test_every_flag_has_help():
@@ -129,12 +120,9 @@ def test_every_flag_has_help():
 
 def test_the_command_itself_prints_one_line():
     """The real entry point: exit code 2, one stderr line, no traceback, nothing on stdout."""
-    done = subprocess.run([sys.executable, "-m", "diaglab.bench", "--segments", "0"], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.splitlines() == [
+    assert cli_error_in_a_process("diaglab.bench", ["--segments", "0"]) == (
         "python -m diaglab.bench: error: argument --segments: expected a comma list of integers >= 1 like 1,4,16; "
-        "got '0' (--help lists every flag)"]
+        "got '0' (--help lists every flag)")
 
 
 @pytest.mark.parametrize("argv, says", [
