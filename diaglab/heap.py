@@ -22,8 +22,9 @@ should not change a process's allocator behind its back.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
+
+from .peakmem import _libc
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # glibc's mallopt parameter numbers (malloc.h)
 MMAP_THRESHOLD = 32 << 20    # glibc's largest allowed value on 64-bit systems
@@ -39,17 +40,18 @@ def keep_freed_memory() -> str | None:
     global _applied
     if _applied is not None:
         return _applied
-    if not sys.platform.startswith("linux"):
+    libc = _libc() if sys.platform.startswith("linux") else None
+    if libc is None or not hasattr(libc, "mallopt"):
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return None
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+    mmap_ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    trim_ok = bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    if not (mmap_ok or trim_ok):
         return None
-    _applied = f"glibc mallopt: mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 30} GiB"
+    parts = ([f"mmap threshold {MMAP_THRESHOLD >> 20} MiB"] if mmap_ok else []) + \
+        ([f"trim threshold {TRIM_THRESHOLD >> 30} GiB"] if trim_ok else [])
+    _applied = "glibc mallopt: " + ", ".join(parts)   # says what took effect, also when only one did
     return _applied
 
 

@@ -302,6 +302,10 @@ def test_untie_lets_transformers_save_the_base(tmp_path):
         before = ex(ids)
     assert not model.base.model.layers[0].self_attn.q_proj.weight.is_contiguous()
     model.save_pretrained(tmp_path / "armt")                  # diaglab's save copies: fine while tied
+    loaded = diaglab.ARMT.from_pretrained(tmp_path / "armt")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert_same(loaded(ids), before, 1e-6)
     with pytest.raises(RuntimeError):
         model.base.save_pretrained(tmp_path / "tied")
     assert untie(model) > 0 and untie(model) == 0

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import live_model, random_ids, rel
+import diaglab
 from diaglab import distributed as dd
 from diaglab import viz
 
@@ -92,6 +93,8 @@ def test_block_model_holds_only_its_layers():
 def test_pipeline_equals_one_process():
     model = live_model(layers=3, segment_size=8)
     assert all(float(a.W_mv.weight.detach().abs().max()) > 0 for a in model.assoc)   # live memory
+    with torch.no_grad():
+        diaglab.DiagonalExecutor(model)(random_ids(1, 8))   # weights tied (strided views) before they are shipped
     padded = random_ids(2, 37, seed=1)
     mask = torch.ones_like(padded)
     mask[1, 29:] = 0

@@ -9,7 +9,6 @@ import time
 
 import plotly.graph_objects as go
 import pytest
-import torch
 from conftest import live_model, random_ids
 
 from diaglab import DiagonalExecutor, schedule
