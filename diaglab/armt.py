@@ -21,8 +21,8 @@ from torch import nn
 from . import checkpoint
 from .config import ARMTConfig
 from .generation import generate
-from .grouped import LayerDims, LayerStack, grouped_layer_ref
-from .memory import MemoryState, associative_read, associative_write, features, first_after_write
+from .grouped import LayerDims, LayerStack, grouped_cells, grouped_layer_ref
+from .memory import MemoryState, associative_read, associative_write, features
 from .segments import Segmented, SegmentOutputs, SegmentRows, segment, segment_rows, validate_ids, validate_mask
 
 _KEEP_LOGITS = ("all", "last_segment", "none")
@@ -186,19 +186,16 @@ class ARMT(nn.Module):
         return LayerStack(self, None, LayerDims.of(self))
 
     # ---- one segment through all layers (design §1-2) ----------------------------------
-    def segment_step(self, rows: SegmentRows, state: MemoryState,
-                     has_memory: list[bool]) -> tuple[torch.Tensor, MemoryState]:
+    def segment_step(self, rows: SegmentRows, state: MemoryState, has_memory: list[bool],
+                     layers: LayerStack | None = None) -> tuple[torch.Tensor, MemoryState]:
         """Segment rows (B, T, d) through layers 0..L-1 -> output rows (B, T, d), new state.
-        has_memory: (L,) host flags (has_memory()); after the step every layer has written."""
-        layers = self.layer_stack()
+        has_memory: (L,) host flags (has_memory()); after the step every layer has written.
+        layers: layer_stack(), when the caller runs several segments (built once per call)."""
+        layers = self.layer_stack() if layers is None else layers
         h = rows.X[None]                                                        # (1, B, T, d): G = 1
-        wmask = None if rows.write_mask is None else rows.write_mask[None]      # (1, B)
         for l in range(self.num_layers):
-            W_mem, z, first = state.layers(l, l)                                # (1, B, dk, d), (1, B, dk), (1, B)
-            h, W_mem, z = grouped_layer_ref(h, layers=layers, lo=l, hi=l, n_text=rows.n_text, cos=rows.cos,
-                                            sin=rows.sin, mask=rows.mask, W_mem=W_mem, z=z, is_first=first,
-                                            write_mask=wmask, read=has_memory[l])
-            state = state.replace(l, l, W_mem, z, first_after_write(first, wmask))
+            h, state = grouped_cells(grouped_layer_ref, layers, h, [rows], state, l, l, rows.n_text,
+                                     has_memory[l])   # the executor's grid step, on the range (l, l)
         return h[0], state
 
     def forward(self, input_ids, attention_mask=None, labels=None, state: MemoryState | None = None,
@@ -214,9 +211,10 @@ class ARMT(nn.Module):
         seg, state = self.prepare(input_ids, attention_mask, labels, state, keep_logits)
         has_memory = self.has_memory(state)
         outputs = SegmentOutputs(seg, keep_logits, self.base.lm_head, self.base.model.norm)
+        layers = self.layer_stack()
         for s in range(seg.num_segments):
             rows = segment_rows(self, seg, s)                                   # [embed ; memory], positions, mask
-            h, state = self.segment_step(rows, state, has_memory)
+            h, state = self.segment_step(rows, state, has_memory, layers)
             has_memory = [True] * self.num_layers
             outputs.add(s, h[:, :rows.n_text])            # text rows only
         logits, loss = outputs.result()

@@ -37,9 +37,9 @@ from . import schedule as sched
 from .armt import ARMT, ARMTOutput
 from .generation import generate as _generate
 from .grouped import (GroupingCheck, LayerDims, LayerStack, TiedStacks, _stack_members, gather_stacks,
-                      grouped_layer, grouped_layer_ref, profiler_range)
-from .memory import MemoryState, first_after_write
-from .segments import SegmentOutputs, SegmentRows, segment_rows, stack_rows
+                      grouped_cells, grouped_layer, grouped_layer_ref, profiler_range)
+from .memory import MemoryState
+from .segments import SegmentOutputs, segment_rows
 
 StepHook = Callable[[int, list], None]
 
@@ -59,18 +59,6 @@ def check_no_dropout(model: ARMT) -> None:
                          "model.eval(), or turn it off on every attention module (the modules keep their own "
                          "copy: setting base.config.attention_dropout alone does not): "
                          "for b in model.base.model.layers: b.self_attn.attention_dropout = 0.0")
-
-
-def grouped_cells(step: Callable, layers: LayerStack, X: torch.Tensor, rows: list[SegmentRows],
-                  state: MemoryState, lo: int, hi: int, n_text: int, read: bool) -> tuple[torch.Tensor, MemoryState]:
-    """One step of the grid: layers lo..hi, each on its own segment (rows, in layer order), as
-    one call of `step` (grouped_layer or its twin). X (G, B, T, d) -> (Y (G, B, T, d), the state
-    with those layers' memories replaced). The executor, the pipeline's ranks share it."""
-    cos, sin, mask, wmask = stack_rows(rows)
-    W_mem, z, first = state.layers(lo, hi)                                    # (G, B, dk, d), (G, B, dk), (G, B)
-    Y, W_mem, z = step(X, layers=layers, lo=lo, hi=hi, n_text=n_text, cos=cos, sin=sin, mask=mask,
-                       W_mem=W_mem, z=z, is_first=first, write_mask=wmask, read=read)
-    return Y, state.replace(lo, hi, W_mem, z, first_after_write(first, wmask))
 
 
 class DiagonalExecutor:

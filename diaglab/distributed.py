@@ -50,8 +50,8 @@ import torch.distributed as dist
 from . import schedule as sched
 from ._checks import check_int
 from .armt import ARMT, ARMTOutput
-from .diagonal import DiagonalExecutor, check_no_dropout, grouped_cells
-from .grouped import profiler_range, ungroupable
+from .diagonal import DiagonalExecutor, check_no_dropout
+from .grouped import grouped_cells, profiler_range, ungroupable
 from .memory import MemoryState
 from .segments import Segmented, SegmentOutputs, SegmentRows, segment_rows
 

@@ -19,13 +19,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .memory import associative_read, associative_write, features
+from .memory import MemoryState, associative_read, associative_write, features, first_after_write
+from .segments import SegmentRows, stack_rows
 
 
 # ---- what a layer is made of -----------------------------------------------------------
@@ -524,6 +526,18 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
         W_mem, z = associative_write(k, v.view(G, B, M, d), beta, W_mem, z, is_first,
                                      dims.correction, write_mask)
     return X, W_mem, z
+
+
+def grouped_cells(step: Callable, layers: LayerStack, X: torch.Tensor, rows: list[SegmentRows],
+                  state: MemoryState, lo: int, hi: int, n_text: int, read: bool) -> tuple[torch.Tensor, MemoryState]:
+    """One step of the grid: layers lo..hi, each on its own segment (rows, in layer order), as
+    one call of `step` (grouped_layer or its twin). X (G, B, T, d) -> (Y (G, B, T, d), the state
+    with those layers' memories replaced). The executor, the pipeline's ranks share it."""
+    cos, sin, mask, wmask = stack_rows(rows)
+    W_mem, z, first = state.layers(lo, hi)                                    # (G, B, dk, d), (G, B, dk), (G, B)
+    Y, W_mem, z = step(X, layers=layers, lo=lo, hi=hi, n_text=n_text, cos=cos, sin=sin, mask=mask,
+                       W_mem=W_mem, z=z, is_first=first, write_mask=wmask, read=read)
+    return Y, state.replace(lo, hi, W_mem, z, first_after_write(first, wmask))
 
 
 def grouped_layer_ref(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_text: int,

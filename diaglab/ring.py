@@ -30,9 +30,9 @@ from typing import Callable
 import torch
 
 from .armt import ARMT, ARMTOutput
-from .diagonal import DiagonalExecutor, check_no_dropout, grouped_cells
+from .diagonal import DiagonalExecutor, check_no_dropout
+from .grouped import grouped_cells, profiler_range
 from .generation import check_sampling, decode
-from .grouped import profiler_range
 from .memory import MemoryState
 from .segments import Segmented, SegmentOutputs, SegmentRows, segment_rows, validate_ids
 
