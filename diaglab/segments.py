@@ -222,6 +222,9 @@ def segment_rows(model, seg: Segmented, s: int, pad: bool = False, X: torch.Tens
     inner = model.base.model
     if X is None:
         X = torch.cat([inner.embed_tokens(ids), model.memory.expand(B, M, -1)], dim=1)   # (B, T, d)
+    elif tuple(X.shape) != (B, n_text + M, model.hidden_size):
+        raise ValueError(f"segment {s}'s rows X must be (B, n_text + M, d) = {(B, n_text + M, model.hidden_size)}, "
+                         f"got {tuple(X.shape)}")
     plain = seg.full[s] and n_text == e - a   # every row fills it: positions 0.., causal (padded batch too)
     if plain:  # the same tables for every unmasked segment of this length, no mask
         if n_text not in seg.rope:

@@ -202,3 +202,14 @@ def test_head_chunks_change_no_numbers(monkeypatch, keep):
         else:
             assert b.logits.shape == a.logits.shape == (2, 53 if keep == "all" else 5, 256)
             assert rel(b.logits, a.logits) <= 1e-6
+
+
+def test_segment_rows_checks_rows_given_from_elsewhere():
+    from diaglab.segments import segment_rows
+    model = live_model(layers=1)
+    seg, _ = model.prepare(random_ids(1, 20))
+    rows = segment_rows(model, seg, 2, pad=True)
+    again = segment_rows(model, seg, 2, pad=True, X=rows.X)          # the tables for rows received elsewhere
+    assert again.X is rows.X and torch.equal(again.mask, rows.mask) and torch.equal(again.cos, rows.cos)
+    with pytest.raises(ValueError, match=r"rows X must be \(B, n_text \+ M, d\)"):
+        segment_rows(model, seg, 2, pad=True, X=rows.X[:, :-1])
