@@ -46,7 +46,7 @@ from .armt import ARMT
 from .diagonal import DiagonalExecutor
 from .presets import tiny_armt
 from .stories import SENTENCE, VOCAB, StoryBatch, qa1_single_fact
-from .train import (EVAL_SEED, Curriculum, _base_config, _name, _Parser, _threads, _write_json, answer_logits,
+from .train import (EVAL_SEED, Curriculum, _base_config, _check_shape, _Parser, _threads, _write_json, answer_logits,
                     check_out, guarded_step, optimiser, predict, read_init_log, read_log, write_log)
 from .train import checkpoint_shape as _model_shape
 
@@ -152,13 +152,6 @@ def checkpoint_shape(path: str) -> dict:
                          f"checkpoint: the stories need whole sentences of {SENTENCE} tokens and {VOCAB.size} "
                          f"words; pass one written by python -m diaglab.babilong")
     return {**{k: shape[k] for k in SHAPE_FIELDS if k in shape}, "sentences": shape["segment_size"] // SENTENCE}
-
-
-def _check_shape(path: str, given: dict, shape: dict) -> None:
-    for k, v in given.items():
-        if v != shape[k]:
-            raise ValueError(f"{_name(k)} is {v!r} but the checkpoint {path} (--init-from) has {shape[k]!r}: "
-                             f"pass the same, or leave it out (StoryTrainConfig.continuing reads the shape)")
 
 
 def preflight(cfg: StoryTrainConfig) -> None:

@@ -46,8 +46,9 @@ def _wrong(what: str, hint: str) -> Verdict:
     return Verdict(False, f"✗ not yet: {what}\n  hint: {hint}")
 
 
-def _call(fn: Callable, *args) -> tuple[object, Verdict | None]:
-    """fn(*args), or a Verdict saying the template is untouched or the code raised."""
+def _call(fn: Callable, *args, form: tuple[Callable, str] | None = None) -> tuple[object, Verdict | None]:
+    """fn(*args), or a Verdict saying the template is untouched or the code raised; with
+    form = (convert, wanted), the result converted by _form (a Verdict when it has another form)."""
     try:
         result = fn(*args)
     except NotImplementedError:
@@ -57,7 +58,7 @@ def _call(fn: Callable, *args) -> tuple[object, Verdict | None]:
                             "run it on a small input by hand and read the traceback")
     if result is None:
         return None, Verdict(False, f"… not attempted yet: fill in the body and run the cell again; {SOLUTION_WHERE}")
-    return result, None
+    return (result, None) if form is None else _form(result, *form)
 
 
 def _close(a, b, tol: float = 1e-5) -> bool:
@@ -145,9 +146,7 @@ def check_segment_lengths(fn: Callable[[int, int], list[int]]) -> Verdict:
     """fn(N, n) -> the lengths of ARMT's segments of N tokens: chunks of n from the left."""
     for N, n in ((100, 32), (64, 32), (5, 32), (1, 1), (33, 8)):
         expected = [n] * (N // n) + ([N % n] if N % n else [])
-        got, verdict = _call(fn, N, n)
-        if verdict is None:
-            got, verdict = _form(got, _whole_list, "a list of ints, e.g. [32, 32, 32, 4]")
+        got, verdict = _call(fn, N, n, form=(_whole_list, "a list of ints, e.g. [32, 32, 32, 4]"))
         if verdict is not None:
             return verdict
         if got == expected:
@@ -173,9 +172,7 @@ def check_memory_bytes(fn: Callable[[int, int, int, int, int], int]) -> Verdict:
     for L, d, d_mem, nu, nb in ((3, 128, 16, 3, 4), (16, 2048, 64, 3, 2), (2, 64, 8, 2, 4)):
         dk = 2 * nu * d_mem
         expected = L * (dk * d + dk) * nb
-        got, verdict = _call(fn, L, d, d_mem, nu, nb)
-        if verdict is None:
-            got, verdict = _form(got, _whole, "one whole number of bytes (an int)")
+        got, verdict = _call(fn, L, d, d_mem, nu, nb, form=(_whole, "one whole number of bytes (an int)"))
         if verdict is not None:
             return verdict
         if got == expected:
@@ -200,9 +197,7 @@ def check_dpfp(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Verdict:
     u = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
     for nu in (3, 2):
         expected = dpfp(u, nu)
-        got, verdict = _call(fn, u.clone(), nu)
-        if verdict is None:
-            got, verdict = _form(got, _real_tensor(), "a real torch.Tensor (float, not complex)")
+        got, verdict = _call(fn, u.clone(), nu, form=(_real_tensor(), "a real torch.Tensor (float, not complex)"))
         if verdict is not None:
             return verdict
         d_mem = u.shape[-1]
@@ -252,11 +247,9 @@ def check_write(fn: Callable) -> Verdict:
             W_mem, z = torch.zeros_like(W_mem), torch.zeros_like(z)
         flags = torch.full((k.shape[0],), first)
         exp_W, exp_z = associative_write(k, v, beta, W_mem, z, flags)
-        got, verdict = _call(fn, k, v, beta, W_mem.clone(), z.clone(), first)
-        if verdict is None:
-            shapes = tuple(W_mem.shape), tuple(z.shape)
-            got, verdict = _form(got, _tensor_pair(*shapes),
-                                 f"the pair (W_mem, z): real tensors of shapes {shapes[0]} and {shapes[1]}")
+        shapes = tuple(W_mem.shape), tuple(z.shape)
+        got, verdict = _call(fn, k, v, beta, W_mem.clone(), z.clone(), first, form=(
+            _tensor_pair(*shapes), f"the pair (W_mem, z): real tensors of shapes {shapes[0]} and {shapes[1]}"))
         if verdict is not None:
             return verdict
         got_W, got_z = got
@@ -287,9 +280,8 @@ def check_antidiagonal(fn: Callable[[int, int, int], list[tuple[int, int]]]) -> 
     cases = []                                                                  # (t, L, S, expected, answer)
     for L, S in ((4, 6), (16, 4), (1, 3), (3, 1)):
         for t, expected in enumerate(schedule.diagonal(L, S)):
-            got, verdict = _call(fn, t, L, S)
-            if verdict is None:
-                got, verdict = _form(got, _pairs, "a list of (layer, segment) pairs of ints, e.g. [(0, 2), (1, 1)]")
+            got, verdict = _call(fn, t, L, S, form=(
+                _pairs, "a list of (layer, segment) pairs of ints, e.g. [(0, 2), (1, 1)]"))
             if verdict is not None:
                 return verdict
             cases.append((t, L, S, expected, got))
@@ -350,10 +342,8 @@ def check_inbox(fn: Callable[[int, int, int], set[tuple[int, int]]]) -> Verdict:
         steps = schedule.diagonal(L, S)
         for t, cells in enumerate(steps):
             expected = {(l + 1, s) for l, s in cells if l < L - 1}
-            got, verdict = _call(fn, t, L, S)
-            if verdict is None:
-                got, verdict = _form(got, lambda x: set(_pairs(x)),
-                                     "a set of (layer, segment) pairs of ints, e.g. {(1, 0), (2, 1)}")
+            got, verdict = _call(fn, t, L, S, form=(
+                lambda x: set(_pairs(x)), "a set of (layer, segment) pairs of ints, e.g. {(1, 0), (2, 1)}"))
             if verdict is not None:
                 return verdict
             if got == expected:
@@ -391,10 +381,8 @@ def check_read(fn: Callable) -> Verdict:
         W_mem, z = torch.randn(2, 2 * nu * d_mem, d, generator=g), torch.rand(2, 2 * nu * d_mem, generator=g)
         q = features(layer.W_mq(h), nu, normalize)                              # (B, T, dk)
         expected = associative_read(q, W_mem, z)                                # (B, T, d)
-        got, verdict = _call(fn, h, layer, W_mem, z)
-        if verdict is None:
-            got, verdict = _form(got, _real_tensor(tuple(expected.shape)),
-                                 f"a real tensor of shape {tuple(expected.shape)}, like h")
+        got, verdict = _call(fn, h, layer, W_mem, z, form=(
+            _real_tensor(tuple(expected.shape)), f"a real tensor of shape {tuple(expected.shape)}, like h"))
         if verdict is not None:
             return verdict
         if _close(got, expected, 1e-4):

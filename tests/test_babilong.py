@@ -170,7 +170,7 @@ def test_evaluate_layout_on_a_fresh_model():
                                         (["--max-segments", "3", "--facts", "4"], "facts (4) must be at most"),
                                         (["--samples", "0", "--eval", "data/babilong"], "--samples must be"),
                                         (["--eval", "/nonexistent/dir"], "no BABILong checkpoint"),
-                                        (["--init-from", "data/babilong", "--sentences", "3"], "pass the same"),
+                                        (["--init-from", "data/babilong", "--sentences", "3"], "the model's shape comes from the checkpoint"),
                                         (["--eval-batch", "0", "--eval", "data/babilong"], "--eval-batch must be"),
                                         (["--layers", "two"], "invalid int value: 'two'"),
                                         (["--bogus"], "unrecognized arguments: --bogus")])
