@@ -46,8 +46,9 @@ from .armt import ARMT
 from .diagonal import DiagonalExecutor
 from .presets import tiny_armt
 from .stories import SENTENCE, VOCAB, StoryBatch, qa1_single_fact
-from .train import (EVAL_SEED, Curriculum, _base_config, _check_shape, _Parser, _threads, _write_json, answer_logits,
-                    check_out, guarded_step, optimiser, predict, read_init_log, read_log, write_log)
+from .train import (EVAL_SEED, Curriculum, _base_config, _check_shape, _Parser, _threads, _write_json,
+                    add_config_flags, answer_logits, check_out, guarded_step, optimiser, predict, read_init_log,
+                    read_log, write_log)
 from .train import checkpoint_shape as _model_shape
 
 LENGTH_FACTORS = (1, 2, 4, 8, 16, 32)
@@ -373,24 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-write", action="store_true", help="with --eval: print only, do not write DIR/eval.json")
     p.add_argument("--samples", type=int, default=100, help="with --eval: held-out stories per length")
     p.add_argument("--eval-batch", type=int, default=1, help="with --eval: stories per call in the timed runs")
-    # StoryTrainConfig flags: absent unless given (SUPPRESS), so --init-from can tell a shape flag
-    # the user set from one it should take from the checkpoint
-    for f in StoryTrainConfig.__dataclass_fields__.values():
-        flag, common = "--" + f.name.replace("_", "-"), dict(dest=f.name, default=argparse.SUPPRESS)
-        if f.name == "progress":
-            p.add_argument("--no-progress", action="store_false", help="hide the tqdm bar", **common)
-        elif f.name == "force_overwrite":
-            p.add_argument(flag, action="store_true", help="allow --out to be an existing checkpoint "
-                           "(e.g. data/babilong), which is replaced", **common)
-        elif f.name == "out":
-            p.add_argument(flag, help="checkpoint directory, default runs/babilong-<date>-<time>", **common)
-        elif f.name == "init_from":
-            p.add_argument(flag, metavar="DIR", help="continue from this checkpoint (its shape and its history)",
-                           **common)
-        else:
-            flags = (flag, "--mem-tokens") if f.name == "num_mem_tokens" else (flag,)
-            extra = " (with --init-from: the checkpoint's)" if f.name in SHAPE_FIELDS else ""
-            p.add_argument(*flags, type=type(f.default), help=f"default {f.default}{extra}", **common)
+    add_config_flags(p, StoryTrainConfig, SHAPE_FIELDS, "data/babilong", "runs/babilong-<date>-<time>",
+                     "continue from this checkpoint (its shape and its history)")
     return p
 
 

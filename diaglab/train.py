@@ -578,32 +578,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --eval: print only, do not write DIR/eval.json")
     p.add_argument("--samples", type=int, default=argparse.SUPPRESS,
                    help="with --eval: held-out samples per distance, default 200")
-    # TrainConfig flags: absent unless given (SUPPRESS), so --init-from can tell a shape flag
-    # the user set from one it should take from the checkpoint
-    for f in TrainConfig.__dataclass_fields__.values():
-        flag = "--" + f.name.replace("_", "-")
-        default = None if f.name == "out" else f.default
-        common = dict(dest=f.name, default=argparse.SUPPRESS)
+    p.add_argument("--minutes", type=float, dest="minutes", default=argparse.SUPPRESS,
+                   help="stop training after this many minutes")
+    add_config_flags(p, TrainConfig, SHAPE_FIELDS, "data/recall", "runs/recall-<date>-<time>",
+                     "start from this checkpoint (its shape and its history) instead of a fresh model")
+    return p
+
+
+def add_config_flags(p: argparse.ArgumentParser, config_cls, shape_fields, shipped: str, out_default: str,
+                     init_help: str) -> None:
+    """One flag per field of a training config dataclass (train's TrainConfig, babilong's
+    StoryTrainConfig), absent unless given (SUPPRESS), so --init-from can tell a shape flag the
+    user set from one it should take from the checkpoint. Fields that already have a flag are
+    skipped; num_mem_tokens also answers to the old --mem-tokens."""
+    taken = {a.dest for a in p._actions}
+    for f in config_cls.__dataclass_fields__.values():
+        if f.name in taken:
+            continue
+        flag, common = "--" + f.name.replace("_", "-"), dict(dest=f.name, default=argparse.SUPPRESS)
         if f.name == "progress":
             p.add_argument("--no-progress", action="store_false", help="hide the tqdm bar", **common)
         elif f.name == "force_overwrite":
-            p.add_argument(flag, action="store_true", help="allow --out to be an existing checkpoint "
-                           "(e.g. data/recall), which is replaced", **common)
+            p.add_argument(flag, action="store_true", help=f"allow --out to be an existing checkpoint "
+                           f"(e.g. {shipped}), which is replaced", **common)
         elif f.name == "out":
-            p.add_argument(flag, help="checkpoint directory, default runs/recall-<date>-<time>", **common)
+            p.add_argument(flag, help=f"checkpoint directory, default {out_default}", **common)
         elif f.name == "init_from":
-            p.add_argument(flag, metavar="DIR", help="start from this checkpoint (its shape and its history) "
-                           "instead of a fresh model", **common)
-        elif f.name == "minutes":
-            p.add_argument(flag, type=float, help="stop training after this many minutes", **common)
-        elif f.name == "num_mem_tokens":
-            p.add_argument(flag, "--mem-tokens", type=int, help=f"M, default {default}", **common)
-        elif isinstance(default, bool):
-            p.add_argument(flag, type=_flag_bool, help=f"default {default} (1/0, true/false)", **common)
+            p.add_argument(flag, metavar="DIR", help=init_help, **common)
+        elif isinstance(f.default, bool):
+            p.add_argument(flag, type=_flag_bool, help=f"default {f.default} (1/0, true/false)", **common)
         else:
-            extra = " (with --init-from: the checkpoint's)" if f.name in SHAPE_FIELDS else ""
-            p.add_argument(flag, type=type(default), help=f"default {default}{extra}", **common)
-    return p
+            flags = (flag, "--mem-tokens") if f.name == "num_mem_tokens" else (flag,)
+            extra = " (with --init-from: the checkpoint's)" if f.name in shape_fields else ""
+            p.add_argument(*flags, type=type(f.default), help=f"default {f.default}{extra}", **common)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
