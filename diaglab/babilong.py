@@ -41,12 +41,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import checkpoint
 from ._checks import check_int
 from .armt import ARMT
 from .diagonal import DiagonalExecutor
 from .presets import tiny_armt
 from .stories import SENTENCE, VOCAB, StoryBatch, qa1_single_fact
-from .train import (EVAL_SEED, Curriculum, _base_config, _check_shape, _Parser, _threads, _write_json,
+from .train import (EVAL_SEED, Curriculum, _check_shape, _Parser, _threads, _write_json,
                     add_config_flags, answer_logits, check_out, guarded_step, optimiser, predict, read_init_log,
                     read_log, write_log)
 from .train import checkpoint_shape as _model_shape
@@ -147,7 +148,7 @@ def checkpoint_shape(path: str) -> dict:
     """The SHAPE_FIELDS of the story checkpoint at path, read from its config files."""
     checkpoint_config(path)
     shape = _model_shape(path)
-    vocab = _base_config(path).vocab_size
+    vocab = checkpoint.read_base_config(path).vocab_size
     if shape["segment_size"] % SENTENCE or vocab < VOCAB.size:
         raise ValueError(f"{path} (segments of {shape['segment_size']} tokens, a vocabulary of {vocab}) is no story "
                          f"checkpoint: the stories need whole sentences of {SENTENCE} tokens and {VOCAB.size} "

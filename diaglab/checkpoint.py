@@ -132,19 +132,12 @@ def load(cls, path: str | os.PathLike, device=None):
     Each tensor keeps its saved dtype (a bfloat16 base with float32 memory comes back so),
     tied weights stay tied, and the caller's global RNG is left as it was.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from .armt import _seeded
     path = Path(path)
     meta = read_meta(path)
-    base_file = path / "base_config.json"
-    if not base_file.is_file():
-        raise FileNotFoundError(f"{base_file} is missing: the checkpoint at {path} is incomplete; "
-                                "save the model again with save_pretrained")
-    base_cfg = LlamaConfig.from_json_file(str(base_file))
-    if base_cfg.model_type != "llama":
-        raise ValueError(f"{base_file} describes a {base_cfg.model_type!r} model; diaglab checkpoints "
-                         "hold a LLaMA base (model_type 'llama')")
+    base_cfg = read_base_config(path)
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: the checkpoint at {path} is incomplete; "
@@ -162,6 +155,20 @@ def load(cls, path: str | os.PathLike, device=None):
                          f"as {model.dtype}; the files come from different saves: save the model again")
     model.eval()  # like transformers: a loaded model is for inference until .train() is called
     return model.to(device) if device is not None else model
+
+
+def read_base_config(path: str | os.PathLike):
+    """base_config.json of the checkpoint at path, as a transformers LlamaConfig, checked."""
+    from transformers import LlamaConfig
+    base_file = Path(path) / "base_config.json"
+    if not base_file.is_file():
+        raise FileNotFoundError(f"{base_file} is missing: the checkpoint at {path} is incomplete; "
+                                "save the model again with save_pretrained")
+    base_cfg = LlamaConfig.from_json_file(str(base_file))
+    if base_cfg.model_type != "llama":
+        raise ValueError(f"{base_file} describes a {base_cfg.model_type!r} model; diaglab checkpoints "
+                         "hold a LLaMA base (model_type 'llama')")
+    return base_cfg
 
 
 def read_meta(path: str | os.PathLike) -> dict:

@@ -512,18 +512,16 @@ def _source(args, world_size: int):
     rank = int(os.environ["RANK"])
     if args.checkpoint:
         from safetensors import safe_open
-        from transformers import LlamaConfig
-        from .config import ARMTConfig
+        from .checkpoint import read_base_config, read_meta
         path = Path(args.checkpoint)
-        meta = json.loads((path / "armt_config.json").read_text())
-        base_cfg = LlamaConfig.from_json_file(str(path / "base_config.json"))
-        L, dtype = base_cfg.num_hidden_layers, getattr(torch, meta.get("dtype", "float32"))
+        meta, base_cfg = read_meta(path), read_base_config(path)   # the checks from_pretrained makes
+        L, dtype = base_cfg.num_hidden_layers, getattr(torch, meta["dtype"])
         spans = split_layers(L, world_size, args.split)
         with safe_open(str(path / "model.safetensors"), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()
                        if wanted_by(k, spans[rank], L, base_cfg.tie_word_embeddings)}
         full = ARMT.from_pretrained(path) if args.check and rank == 0 else None
-        return base_cfg, ARMTConfig.from_dict(meta["armt"]), dtype, spans, tensors, full
+        return base_cfg, meta["armt"], dtype, spans, tensors, full
     from .armt import randomize_memory_
     from .presets import from_preset
     dtype = getattr(torch, args.dtype)

@@ -156,17 +156,9 @@ def _check_float(name: str, value, positive: bool) -> None:
         raise ValueError(f"{_name(name)} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
 
 
-def _base_config(path: str):
-    from transformers import LlamaConfig
-    base_file = Path(path) / "base_config.json"
-    if not base_file.is_file():
-        raise FileNotFoundError(f"{base_file} is missing: the checkpoint at {path} is incomplete")
-    return LlamaConfig.from_json_file(str(base_file))
-
-
 def checkpoint_shape(path: str) -> dict:
     """The SHAPE_FIELDS of the checkpoint at path, read from its two config files."""
-    armt, base = checkpoint.read_meta(path)["armt"], _base_config(path)
+    armt, base = checkpoint.read_meta(path)["armt"], checkpoint.read_base_config(path)
     return {"layers": base.num_hidden_layers, "hidden": base.hidden_size, "heads": base.num_attention_heads,
             "kv_heads": base.num_key_value_heads, "segment_size": armt.segment_size,
             "num_mem_tokens": armt.num_mem_tokens, "d_mem": armt.d_mem, "normalize_keys": armt.normalize_keys}
@@ -239,7 +231,7 @@ def preflight(cfg: TrainConfig) -> None:
         read_log(cfg.init_from)
         shape = checkpoint_shape(cfg.init_from)
         _check_shape(cfg.init_from, {k: getattr(cfg, k) for k in SHAPE_FIELDS}, shape)
-        vocab = _base_config(cfg.init_from).vocab_size
+        vocab = checkpoint.read_base_config(cfg.init_from).vocab_size
         if task_vocab(cfg).size > vocab:
             raise ValueError(f"the tasks need {task_vocab(cfg).size} tokens (--fillers {cfg.fillers}) but the "
                              f"checkpoint {cfg.init_from} has a vocabulary of {vocab}: lower --fillers")

@@ -178,3 +178,21 @@ def test_torchrun_entry_point_loads_blocks_from_a_checkpoint(tmp_path):
     assert report["spans"] == [[0, 2], [2, 3]] and report["segments"] == 3
     assert max(report["relative_errors"]["diagonal"].values()) <= 1e-5
     assert max(report["relative_errors"]["sequential"].values()) <= 1e-5
+
+
+def test_torchrun_entry_reads_a_checkpoint_with_from_pretrained_checks(tmp_path):
+    """The ranks read a checkpoint through checkpoint.read_meta / read_base_config: one that
+    from_pretrained refuses (a newer format) is refused by them too, by name."""
+    import argparse
+    import json
+    model = live_model(layers=2)
+    model.save_pretrained(tmp_path / "ck")
+    meta_file = tmp_path / "ck" / "armt_config.json"
+    meta = json.loads(meta_file.read_text())
+    meta["format"] = meta["format"].rsplit("-", 1)[0] + "-99"
+    meta_file.write_text(json.dumps(meta))
+    args = argparse.Namespace(checkpoint=str(tmp_path / "ck"), split=None, check=False)
+    with pytest.raises(ValueError, match="newer diaglab"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RANK", "0")
+            dd._source(args, 1)
