@@ -48,8 +48,8 @@ from .diagonal import DiagonalExecutor
 from .presets import tiny_armt
 from .stories import SENTENCE, VOCAB, StoryBatch, qa1_single_fact
 from .train import (EVAL_SEED, Curriculum, _check_shape, _Parser, _threads, _write_json,
-                    add_config_flags, answer_logits, check_out, guarded_step, optimiser, predict, read_init_log,
-                    read_log, write_log)
+                    add_config_flags, answer_logits, check_out, guarded_step, log_record, optimiser, predict,
+                    read_init_log, read_log)
 from .train import checkpoint_shape as _model_shape
 
 LENGTH_FACTORS = (1, 2, 4, 8, 16, 32)
@@ -247,11 +247,11 @@ def _train(cfg: StoryTrainConfig, init_from_log: dict | None) -> tuple[ARMT, lis
 
 
 def save(model: ARMT, cfg: StoryTrainConfig, log: list[dict], init_from_log: dict | None = None) -> None:
-    """save_pretrained + train_log.json (train.write_log: this run's config, the model's ARMTConfig,
+    """The weights and train_log.json (train.log_record: this run's config, the model's ARMTConfig,
     the curve; with init_from, init_from_log, read from cfg.init_from if not given, so a staged
-    training keeps its history)."""
-    model.save_pretrained(cfg.out)
-    write_log(model, cfg, log, init_from_log)
+    training keeps its history), replaced together; an eval.json of the old weights is dropped."""
+    checkpoint.save(model, cfg.out, drop=("eval.json",), extra={
+        "train_log.json": lambda path: _write_json(str(path), log_record(model, cfg, log, init_from_log))})
 
 
 def _timed(fn):

@@ -32,14 +32,16 @@ _META_FIELDS = ("format", "armt", "dtype")
 
 
 # ---- save ------------------------------------------------------------------------------
-def save(model, path: str | os.PathLike) -> None:
+def save(model, path: str | os.PathLike, extra: dict | None = None, drop: tuple[str, ...] = ()) -> None:
     """Write model (a diaglab.ARMT) to the directory path, replacing a checkpoint already there.
 
     Steps: 1. write the three files into a new sibling directory; 2. move an existing
     checkpoint aside, 3. move the new one into place, 4. delete the old one. rename(2)
     cannot replace a non-empty directory, hence steps 2-4; a failure in 2-3 moves the old
     one back. Other files in an existing checkpoint directory (a train_log.json, an
-    eval.json) are carried over into the new one.
+    eval.json) are carried over into the new one, except those named in `drop`.
+    extra: file name -> writer(path) for files that belong with these weights (a training
+    log): written in step 1, so they and the weights are replaced together or not at all.
     """
     path = Path(os.path.realpath(path))  # '.' gets a name; a symlinked checkpoint is replaced where it lives
     _check_target(path)
@@ -48,9 +50,11 @@ def save(model, path: str | os.PathLike) -> None:
     os.mkdir(new)  # not tempfile.mkdtemp: its mode 0700 would replace the directory's own
     try:
         _write(model, new)
+        for name, writer in (extra or {}).items():
+            writer(new / name)
         if path.exists():
             shutil.copymode(path, new)
-            _carry_over(path, new)
+            _carry_over(path, new, skip=set(extra or ()) | set(drop))
         _swap_in(new, path)
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
@@ -86,10 +90,11 @@ def _write(model, directory: Path) -> None:
     model.base.config.to_json_file(str(directory / "base_config.json"))
 
 
-def _carry_over(old: Path, new: Path) -> None:
-    """Hard-link (or copy) the old directory's other files into the new one; the old stays intact."""
+def _carry_over(old: Path, new: Path, skip: set[str] = frozenset()) -> None:
+    """Hard-link (or copy) the old directory's other files (not FILES, not skip) into the new
+    one; the old stays intact."""
     for entry in old.iterdir():
-        if entry.name in FILES:
+        if entry.name in FILES or entry.name in skip:
             continue
         if entry.is_dir():
             shutil.copytree(entry, new / entry.name, copy_function=_link_or_copy)

@@ -491,21 +491,22 @@ def save(model: ARMT, cfg: TrainConfig, log: list[dict], init_from_log: dict | N
     """save_pretrained + train_log.json + samples.json in cfg.out. The log holds this run's
     config and curve, the model's own ARMTConfig and, with --init-from, the log of the run
     it started from (init_from_log, read from cfg.init_from if not given), so a staged
-    training keeps its whole history. The two JSON files are replaced atomically too."""
-    model.save_pretrained(cfg.out)
-    save_samples(fixed_samples(cfg.max_segments, cfg.segment_size, cfg.pairs, task_vocab(cfg)),
-                 os.path.join(cfg.out, "samples.json"))
-    write_log(model, cfg, log, init_from_log)
+    training keeps its whole history. Weights and both JSON files are replaced together
+    (checkpoint.save's staging directory); an eval.json of the replaced weights is dropped."""
+    samples = fixed_samples(cfg.max_segments, cfg.segment_size, cfg.pairs, task_vocab(cfg))
+    checkpoint.save(model, cfg.out, drop=("eval.json",), extra={
+        "samples.json": lambda path: save_samples(samples, str(path)),
+        "train_log.json": lambda path: _write_json(str(path), log_record(model, cfg, log, init_from_log))})
 
 
-def write_log(model: ARMT, cfg, log: list[dict], init_from_log: dict | None = None) -> None:
-    """cfg.out/train_log.json, replaced atomically: cfg (a config dataclass), the model's ARMTConfig,
-    the curve and, with cfg.init_from, init_from_log (read from cfg.init_from if not given).
-    Shared by diaglab.train and diaglab.babilong."""
+def log_record(model: ARMT, cfg, log: list[dict], init_from_log: dict | None = None) -> dict:
+    """What train_log.json holds: cfg (a config dataclass), the model's ARMTConfig, the curve
+    and, with cfg.init_from, init_from_log (read from cfg.init_from if not given). Shared by
+    diaglab.train and diaglab.babilong."""
     record = {"config": asdict(cfg), "armt": model.config.to_dict(), "log": log}
     if cfg.init_from:
         record["init_from_log"] = init_from_log if init_from_log is not None else read_init_log(cfg.init_from)
-    _write_json(os.path.join(cfg.out, "train_log.json"), record)
+    return record
 
 
 def _write_json(path: str, obj) -> None:

@@ -4,6 +4,7 @@ Checkpoints survive a save that fails at any stage and load only what they can l
 faithfully; misspelled or degenerate arguments are refused with the name of the
 argument; the train CLI rejects bad values before any work (exit 2, one line)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -371,3 +372,28 @@ def test_num_mem_tokens_everywhere_and_old_logs_still_read():
 def test_cli_error_in_a_real_process(tmp_path):
     line = cli_error_in_a_process("diaglab.train", ["--steps", "0", "--out", tmp_path / "r"], "python -m diaglab.train")
     assert "--steps" in line
+
+
+def test_a_training_save_replaces_weights_and_logs_together(tmp_path, monkeypatch):
+    """train.save writes the weights, samples.json and train_log.json into one staging
+    directory: a failure while writing the samples leaves the previous weights AND logs; a
+    successful save drops an eval.json that described the previous weights."""
+    cfg = train.TrainConfig(layers=1, hidden=32, heads=2, kv_heads=1, segment_size=8, num_mem_tokens=2,
+                            max_segments=3, out=str(tmp_path / "run"))
+    first = train.build_model(cfg)
+    train.save(first, cfg, [{"step": 1}])
+    (tmp_path / "run" / "eval.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    second = train.build_model(dataclasses.replace(cfg, seed=5))
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(train, "save_samples", broken)
+    with pytest.raises(OSError, match="disk full"):
+        train.save(second, cfg, [{"step": 2}])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before   # nothing replaced
+    monkeypatch.undo()
+    train.save(second, cfg, [{"step": 2}])
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert "eval.json" not in names and {"samples.json", "train_log.json", "model.safetensors"} <= names
+    assert train.read_log(str(tmp_path / "run"))["log"] == [{"step": 2}]
