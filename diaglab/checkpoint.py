@@ -64,9 +64,9 @@ def save(model, path: str | os.PathLike, extra: dict | None = None, drop: tuple[
 def _check_target(path: Path) -> None:
     """Refuse to replace anything but a missing path, an empty directory or a checkpoint:
     save_pretrained(a_project_dir) must not swap the user's files away."""
-    if path == Path(os.getcwd()).resolve():
-        raise ValueError(f"{path} is the working directory; replacing it would leave this process in a deleted "
-                         "directory: give a path outside it, e.g. from its parent")
+    if Path(os.getcwd()).resolve().is_relative_to(path):
+        raise ValueError(f"{path} is or holds the working directory; replacing it would leave this process in a "
+                         "deleted directory: give a path outside it, e.g. from its parent")
     if path.is_file():
         raise FileExistsError(f"{path} is a file; save_pretrained writes a directory: choose another path")
     if path.is_dir() and any(path.iterdir()) and not (path / "armt_config.json").is_file():
@@ -147,13 +147,15 @@ def load(cls, path: str | os.PathLike, device=None):
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: the checkpoint at {path} is incomplete; "
                                 "save the model again with save_pretrained")
-    with _seeded(0):  # the skeleton's random init is overwritten below; keep the caller's RNG
+    # ordinary tensors even when loaded under torch.inference_mode: the model stays trainable
+    with _seeded(0), torch.inference_mode(False):   # the skeleton's init is overwritten; keep the caller's RNG
         model = cls(LlamaForCausalLM(base_cfg), meta["armt"])
-    try:
-        tensors = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
-        raise ValueError(f"{weights} cannot be read ({e}): the file is damaged; save the model again") from None
-    _assign(model, tensors, path)
+    with torch.inference_mode(False):
+        try:
+            tensors = load_file(str(weights))
+        except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+            raise ValueError(f"{weights} cannot be read ({e}): the file is damaged; save the model again") from None
+        _assign(model, tensors, path)
     _match_unsaved_buffers(model)
     if str(model.dtype).removeprefix("torch.") != meta["dtype"]:
         raise ValueError(f"{path}: armt_config.json says dtype {meta['dtype']} but model.memory is stored "

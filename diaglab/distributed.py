@@ -458,6 +458,8 @@ def pipeline_cost(L: int, S: int, world_size: int, B: int, T: int, d: int, bytes
     of T rows (n text + M memory) of width d. With an even split of k = L / P layers per rank,
     bubble = (L - k) / (L + S - 1): small when S >> L."""
     sched._check_sizes(L, S)
+    for name, value in (("B", B), ("T", T), ("d", d), ("bytes_per_value", bytes_per_value)):
+        check_int(name, value, 1)
     spans = split_layers(L, world_size, split)
     busy = tuple(sum(g > 0 for g in row) for row in rank_group_sizes(L, S, spans))
     hop = B * T * d * bytes_per_value

@@ -118,8 +118,21 @@ def test_save_through_a_symlink_and_not_over_the_working_directory(tmp_path, mon
     assert (tmp_path / "link").is_symlink()
     assert_same_tensors(diaglab.ARMT.from_pretrained(tmp_path / "real"), tensors_of(b))
     monkeypatch.chdir(tmp_path / "real")
-    with pytest.raises(ValueError, match="is the working directory"):
+    with pytest.raises(ValueError, match="is or holds the working directory"):
         b.save_pretrained(".")
+    (tmp_path / "real" / "notes").mkdir()
+    monkeypatch.chdir(tmp_path / "real" / "notes")              # inside the checkpoint: refused too
+    with pytest.raises(ValueError, match="is or holds the working directory"):
+        b.save_pretrained(tmp_path / "real")
+
+
+def test_a_model_loaded_under_inference_mode_can_be_trained(tmp_path):
+    live_model(seed=5).save_pretrained(tmp_path / "ck")
+    with torch.inference_mode():
+        model = diaglab.ARMT.from_pretrained(tmp_path / "ck")
+    assert not any(p.is_inference() for p in model.parameters())
+    model(torch.randint(0, 256, (1, 12)), labels=torch.randint(0, 256, (1, 12))).loss.backward()
+    assert all(p.grad is not None for p in model.base.model.layers[0].parameters())
 
 
 def _edit_meta(path: Path, edit) -> None:
