@@ -143,6 +143,9 @@ def test_pipeline_cost_by_hand():
     assert four.hop_bytes == 2 * 40 * 128 * 2
     assert four.max_bytes_per_step == 3 * four.hop_bytes        # step 5: all three boundaries carry one
     assert dd.pipeline_cost(L=8, S=16, world_size=1, B=1, T=40, d=128).bubble == 0
+    for bad in (dict(B=-1), dict(T=0), dict(d=0), dict(bytes_per_value=0)):
+        with pytest.raises(ValueError, match=list(bad)[0]):
+            dd.pipeline_cost(**{**dict(L=8, S=16, world_size=2, B=1, T=40, d=128), **bad})
 
 
 def test_expected_latency_by_hand():
