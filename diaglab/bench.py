@@ -30,6 +30,7 @@ viz.bench_figure; scripts/merge_reports.py joins the JSON files of several runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -108,8 +109,12 @@ def full_group_step(model: ARMT, executor: DiagonalExecutor, batch: int) -> Call
     cos, sin = model.base.model.rotary_emb(X, torch.arange(n + M, device=dev)[None])  # (1, T, hd)
     state = model.empty_state(batch)
     not_first = torch.zeros_like(state.is_first)                                    # (L, B)
-    return lambda: step(X, layers=layers, lo=0, hi=L - 1, n_text=n, cos=cos, sin=sin, mask=None,
+    def one_step():
+        # as the executor runs its steps: in inference mode under no_grad
+        with torch.inference_mode() if not torch.is_grad_enabled() else contextlib.nullcontext():
+            return step(X, layers=layers, lo=0, hi=L - 1, n_text=n, cos=cos, sin=sin, mask=None,
                         W_mem=state.W_mem, z=state.z, is_first=not_first)
+    return one_step
 
 
 def executors(model: ARMT, compiled: bool = False) -> dict[str, DiagonalExecutor]:

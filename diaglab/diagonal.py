@@ -27,6 +27,7 @@ On CUDA, compile_mode="reduce-overhead" adds CUDA graphs.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from typing import Callable
@@ -173,6 +174,22 @@ class DiagonalExecutor:
         has_memory = model.has_memory(state)
         rows_of = {}                                        # segment -> its SegmentRows, while in flight
         outputs = SegmentOutputs(seg, keep_logits, model.base.lm_head, model.base.model.norm)
+        # Under torch.no_grad the grouped steps run in inference mode: the same kernels with less
+        # dispatch per operation (measured 7-10 % on a `tiny` step). What the call returns is made
+        # outside it — logits and loss by SegmentOutputs, the memory copied out at the end — so a
+        # caller gets ordinary tensors, usable later under autograd.
+        infer = step is grouped_layer and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        with torch.inference_mode() if infer else contextlib.nullcontext():
+            state = self._run(model, seg, layers, step, full_step, state, has_memory, rows_of, outputs, infer,
+                              on_step)
+        logits, loss = outputs.result()
+        if infer:
+            state = state.ordinary()
+        return ARMTOutput(logits, loss, state.with_open(seg.open_ids()))
+
+    def _run(self, model, seg, layers, step, full_step, state, has_memory, rows_of, outputs, infer, on_step):
+        """The steps of one call; returns the final memory state."""
+        L, n = model.num_layers, model.config.segment_size
         Y, prev_lo = None, 0
         for t, cells in enumerate(self.iter_steps(seg.num_segments)):
             lo, hi = cells[0][0], cells[-1][0]
@@ -198,11 +215,11 @@ class DiagonalExecutor:
                     rows_of.pop(s)
                     if outputs.wanted(s):
                         a, e = seg.bounds[s]
-                        outputs.add(s, Y[-1, :, :e - a])
+                        with torch.inference_mode(False) if infer else contextlib.nullcontext():
+                            outputs.add(s, Y[-1, :, :e - a])   # logits are made outside inference mode
             if on_step is not None:
                 on_step(t, cells)
-        logits, loss = outputs.result()
-        return ARMTOutput(logits, loss, state.with_open(seg.open_ids()))
+        return state
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 16, **sampling) -> torch.Tensor:

@@ -207,6 +207,14 @@ class MemoryState:
     def batch_size(self) -> int:
         return self._blocks[0][2].shape[1]
 
+    def ordinary(self) -> "MemoryState":
+        """This state with any tensor made under torch.inference_mode copied into an ordinary
+        one (the executor runs its steps in inference mode under no_grad; what it returns must
+        work under autograd later). Call it outside inference mode; other tensors are shared."""
+        blocks = [tuple(t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t for t in blk)
+                  for blk in self._blocks]
+        return MemoryState._of_blocks(blocks, self.open_ids)
+
     def detach(self) -> "MemoryState":
         return MemoryState(self.W_mem.detach(), self.z.detach(), self.is_first, self.open_ids)
 

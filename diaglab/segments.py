@@ -244,7 +244,8 @@ _CAUSAL: dict[tuple, torch.Tensor] = {}   # (T, device) -> (T, T) lower-triangul
 def _causal(T: int, device: torch.device) -> torch.Tensor:
     key = (T, str(device))
     if key not in _CAUSAL:
-        _CAUSAL[key] = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        with torch.inference_mode(False):   # kept for later calls, which may run under autograd
+            _CAUSAL[key] = torch.ones(T, T, dtype=torch.bool, device=device).tril()
     return _CAUSAL[key]
 
 

@@ -337,3 +337,43 @@ def test_padded_batch_keeps_plain_segments_plain():
         assert_same(model(ids, attention_mask=mask), ex(ids, attention_mask=mask), 1e-5)
     kept = ex.layer_stack()[0]._slices.get("rope")
     assert kept is None or kept[0].shape[0] == 1
+
+
+@pytest.mark.parametrize("layers", [1, 3])   # one layer: the memory comes back as one block, not joined
+def test_no_grad_call_returns_ordinary_tensors(layers):
+    """Under no_grad the executor runs its steps in inference mode, but what it returns is
+    ordinary: logits and loss, and a memory a later call under autograd can start from (the
+    continuation's gradients equal the sequential model's; with one layer the memory comes
+    back as the very tensors the last step wrote). A padded batch run the same way under
+    autograd afterwards, and frozen weights with a memory that needs a gradient, work too."""
+    from diaglab import segments
+    model = live_model(layers=layers)
+    ex = DiagonalExecutor(model)
+    ids, more = random_ids(2, 45, seed=3), random_ids(2, 24, seed=4)
+    mask = torch.ones(2, 45, dtype=torch.long)
+    mask[1, 30:] = 0                                      # a padded row: the masked tables are cached
+    segments._CAUSAL.clear()
+    with torch.no_grad():
+        out = ex(ids, attention_mask=mask, labels=ids)
+        ref = model(ids, attention_mask=mask, labels=ids)
+    assert not out.logits.is_inference() and not out.loss.is_inference()
+    assert_same(ref, out, 1e-5, real=mask.bool())
+    # the same padded shapes again, under autograd
+    ex(ids, attention_mask=mask, labels=ids).loss.backward()
+    with torch.no_grad():
+        out = ex(ids, labels=ids)                         # no padding: a state to continue from
+    # continue from the no_grad state under autograd: gradients equal the sequential model's
+    grads = []
+    for fn in (model, ex):
+        model.zero_grad()
+        fn(more, labels=more, state=out.state).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert rel(grads[1], grads[0]) <= 1e-5
+    assert not any(t.is_inference() for t in (out.state.W_mem, out.state.z, out.state.is_first))
+    # frozen weights, a memory that needs a gradient: the tied stacks with the tables cached above
+    for p in model.parameters():
+        p.requires_grad_(False)
+    W = out.state.W_mem.clone().requires_grad_(True)
+    state = diaglab.MemoryState(W, out.state.z, out.state.is_first)
+    ex(more, labels=more, state=state).loss.backward()
+    assert W.grad is not None and W.grad.abs().sum() > 0
