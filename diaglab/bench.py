@@ -8,8 +8,8 @@ Modes, all inference under torch.no_grad on one model and one input:
   sequential_grouped  DiagonalExecutor(order="sequential"): the same order through the
                       grouped kernels — the fair baseline for the schedule's own gain
   diagonal            DiagonalExecutor: L + S - 1 grouped steps
-  ideal               the paper's ideal even load: one grouped step of G = L layers on the
-                      real shapes, timed, times S (schedule.ideal_even_load)
+  ideal               the paper's ideal even load, run: S grouped steps of G = L layers on
+                      the real shapes, back to back, each fed by the last (even_load_run)
 ARMT modes keep only the last segment's logits (keep_logits="last_segment").
 
 Modes run interleaved — every repeat visits each mode once, starting from a different
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from . import flops, heap, schedule
+from . import flops, heap
 from ._checks import check_device, check_int   # check_device: bench's name for it too (scripts/gpu_checks.py)
 from .armt import ARMT, randomize_memory_
 from .diagonal import DiagonalExecutor
@@ -100,21 +100,38 @@ def full_group_step(model: ARMT, executor: DiagonalExecutor, batch: int) -> Call
     associative read runs too) on the shapes of a full segment: the ideal-even-load unit.
     Give it an executor of its own (executors() builds one, "ideal"): its RoPE tables differ
     from a real run's, and a shared layer stack would rebuild its cached ones every call."""
+    return even_load_run(model, executor, batch, steps=1)
+
+
+def even_load_run(model: ARMT, executor: DiagonalExecutor, batch: int, steps: int) -> Callable[[], object]:
+    """The ideal even load, run (design §3): `steps` full-group steps back to back, each taking
+    the last one's output and memory the way the executor's plateau does (X <- [a new
+    segment's rows; Y[:-1]]), in inference mode under no_grad as the executor runs them.
+    Timing it gives t(full group) x S in the steady state of a run's plateau, where one call
+    timed alone and scaled by S would include a cold start S times (on a 2-core CPU, `tiny`:
+    1.87 against 1.58 ms a step, which let the diagonal run look faster than its own ideal).
+    Returns the last step's (Y, W_mem, z)."""
+    check_int("steps", steps, 1)
     L, n, M = model.num_layers, model.config.segment_size, model.config.num_mem_tokens
     d, dev = model.hidden_size, model.device
     with torch.no_grad():   # the tied stacks the timed runs use, not in-graph copies
         layers, step = executor.layer_stack()
     gen = torch.Generator().manual_seed(0)
-    X = torch.randn(L, batch, n + M, d, generator=gen).to(dev, model.dtype)         # (G, B, T, d)
-    cos, sin = model.base.model.rotary_emb(X, torch.arange(n + M, device=dev)[None])  # (1, T, hd)
+    X0 = torch.randn(L, batch, n + M, d, generator=gen).to(dev, model.dtype)        # (G, B, T, d)
+    cos, sin = model.base.model.rotary_emb(X0, torch.arange(n + M, device=dev)[None])  # (1, T, hd)
     state = model.empty_state(batch)
     not_first = torch.zeros_like(state.is_first)                                    # (L, B)
-    def one_step():
-        # as the executor runs its steps: in inference mode under no_grad
+
+    def run():
         with torch.inference_mode() if not torch.is_grad_enabled() else contextlib.nullcontext():
-            return step(X, layers=layers, lo=0, hi=L - 1, n_text=n, cos=cos, sin=sin, mask=None,
-                        W_mem=state.W_mem, z=state.z, is_first=not_first)
-    return one_step
+            X, W_mem, z = X0, state.W_mem, state.z
+            for t in range(steps):
+                if t:   # layer 0 takes a new segment, layer l what layer l - 1 gave
+                    X = torch.cat([X0[:1], Y[:-1]])
+                Y, W_mem, z = step(X, layers=layers, lo=0, hi=L - 1, n_text=n, cos=cos, sin=sin, mask=None,
+                                   W_mem=W_mem, z=z, is_first=not_first)
+            return Y, W_mem, z
+    return run
 
 
 def executors(model: ARMT, compiled: bool = False) -> dict[str, DiagonalExecutor]:
@@ -153,8 +170,8 @@ def check_modes(modes: Sequence[str], allowed: tuple[str, ...], what: str = "mod
 def mode_runners(model: ARMT, input_ids: torch.Tensor, modes: tuple[str, ...],
                  execs: dict[str, DiagonalExecutor] | None = None) -> dict[str, Callable[[], object]]:
     """One zero-argument callable per mode, all on the same weights and input_ids (B, N);
-    execs from executors(model), built here if not given. The 'ideal' callable is ONE
-    full-group step (on execs["ideal"]); run_bench scales its time by S."""
+    execs from executors(model), built here if not given. The 'ideal' callable runs S
+    full-group steps back to back (even_load_run, on execs["ideal"])."""
     modes = check_modes(modes, ALL_MODES)
     execs = execs or executors(model, "diagonal_compiled" in modes)
     runs = {
@@ -164,8 +181,10 @@ def mode_runners(model: ARMT, input_ids: torch.Tensor, modes: tuple[str, ...],
         "sequential_grouped": lambda: execs["sequential_grouped"](input_ids, keep_logits="last_segment"),
         "diagonal": lambda: execs["diagonal"](input_ids, keep_logits="last_segment"),
     }
-    return {mode: full_group_step(model, execs["ideal"], input_ids.shape[0]) if mode == "ideal"
-            else runs[mode] for mode in modes}
+    if "ideal" in modes:
+        S = math.ceil(input_ids.shape[1] / model.config.segment_size)
+        runs["ideal"] = even_load_run(model, execs["ideal"], input_ids.shape[0], S)
+    return {mode: runs[mode] for mode in modes}
 
 
 def interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
@@ -264,8 +283,6 @@ def run_bench(model: ARMT, inputs: Sequence[torch.Tensor], modes: Sequence[str] 
             peak_gflops = 2 * size ** 3 / statistics.median(result.pop(PEAK_MODE)[0]) / 1e9
             point = []
             for mode, (secs, peak) in result.items():
-                if mode == "ideal":
-                    secs = [schedule.ideal_even_load(s, L, S) for s in secs]
                 median = statistics.median(secs)
                 gflop = flops.run_flops(model, N, B, mode.removesuffix("_compiled"))["total"] / 1e9
                 extra = ({"compile_seconds": execs[mode].compile_seconds} if mode == "diagonal_compiled" else {})
@@ -335,8 +352,8 @@ def queue_rows(requests: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def queue_runners(model: ARMT, requests: Sequence[torch.Tensor],
                   modes: Sequence[str] = QUEUE_MODES) -> dict[str, Callable[[], list[float]]]:
     """mode -> a callable that serves the whole queue and returns each request's finish time
-    (seconds from the start). ideal: the even-load time of the queue's segments (one timed
-    full-group step x sum S_i), all finishing at the end."""
+    (seconds from the start). ideal: the even load of the queue's segments, run (sum S_i
+    full-group steps back to back, even_load_run), all finishing at the end."""
     from .ring import RingExecutor
     modes = check_modes(modes, QUEUE_MODES, "queue modes")
     requests = queue_rows(requests)
@@ -380,12 +397,12 @@ def queue_runners(model: ARMT, requests: Sequence[torch.Tensor],
         return [clock(t0)] * len(requests)
 
     total_segments = sum(math.ceil(ids.shape[1] / n) for ids in requests)
-    step = full_group_step(model, ideal_ex, 1)
+    even = even_load_run(model, ideal_ex, 1, total_segments)
 
     def ideal() -> list[float]:
         t0 = time.perf_counter()
-        step()
-        return [schedule.ideal_even_load(clock(t0), model.num_layers, total_segments)] * len(requests)
+        even()
+        return [clock(t0)] * len(requests)
     runs = {"ring": ring, "back_to_back": back_to_back, "batched": batched, "ideal": ideal}
     return {m: runs[m] for m in modes}
 

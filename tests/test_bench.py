@@ -70,7 +70,7 @@ def test_lengths_cut_into_segments_and_full_attention_can_be_capped():
         ("full", 40, 2), ("diagonal", 40, 2), ("diagonal", 100, 4)]
 
 
-def test_ideal_is_one_full_group_step_times_segments():
+def test_full_group_step_shapes_and_speedups():
     model = diaglab.from_preset("tiny", **TINY).eval()
     ex = diaglab.DiagonalExecutor(model)
     with torch.no_grad():
@@ -85,16 +85,45 @@ def test_ideal_is_one_full_group_step_times_segments():
                                                      "full/diagonal": 4.0, "diagonal/ideal": 1.25})
 
 
-def test_ideal_rows_are_the_full_group_step_times_S(monkeypatch):
-    """run_bench times ONE full-group step for 'ideal' and reports it times S."""
+def test_ideal_rows_are_the_measured_even_load_run(monkeypatch):
+    """run_bench reports the ideal's own timed run (S full-group steps), not a scaled step."""
     step_seconds = [0.010, 0.012, 0.011]
     monkeypatch.setattr(bench, "measure", lambda fns, device, warmup, repeats: {m: (list(step_seconds), None)
                                                                                for m in fns})
     rows = run_tiny(segments=[1, 4, 16], modes=("diagonal", "ideal"))
     for r in rows:
-        scale = r["segments"] if r["mode"] == "ideal" else 1
-        assert r["seconds"] == pytest.approx(0.011 * scale)
-        assert (r["seconds_min"], r["seconds_max"]) == pytest.approx((0.010 * scale, 0.012 * scale))
+        assert r["seconds"] == pytest.approx(0.011)
+        assert (r["seconds_min"], r["seconds_max"]) == pytest.approx((0.010, 0.012))
+
+
+def test_even_load_run_chains_S_full_group_steps(monkeypatch):
+    """The ideal runs S full steps; step t + 1 takes [new segment rows; Y_t[:-1]] and the memory step t
+    wrote, in inference mode under no_grad (as the executor runs its steps)."""
+    model = diaglab.from_preset("tiny", **TINY).eval()
+    ex = diaglab.DiagonalExecutor(model)
+    with torch.no_grad():
+        layers, real = ex.layer_stack()
+    calls = []
+
+    def spy(X, *, W_mem, z, lo, hi, is_first, mask, **kw):
+        out = real(X, W_mem=W_mem, z=z, lo=lo, hi=hi, is_first=is_first, mask=mask, **kw)
+        calls.append(dict(X=X, W_mem=W_mem, z=z, out=out, cells=(lo, hi), mask=mask, first=bool(is_first.any()),
+                          inference=torch.is_inference_mode_enabled()))
+        return out
+    monkeypatch.setattr(ex, "layer_stack", lambda: (layers, spy))
+    with torch.no_grad():
+        last = bench.even_load_run(model, ex, batch=2, steps=3)()
+    assert len(calls) == 3 and all(a is b for a, b in zip(last, calls[-1]["out"]))
+    for c in calls:
+        assert (c["cells"], c["mask"], c["first"], c["inference"]) == ((0, model.num_layers - 1), None, False, True)
+        assert c["X"].shape == (2, 2, 32 + 8, 128)                        # (G = L, B, T, d)
+    for before, after in zip(calls, calls[1:]):
+        Y, W_mem, z = before["out"]
+        assert torch.equal(after["X"][0], calls[0]["X"][0])              # layer 0: a new segment's rows
+        assert torch.equal(after["X"][1:], Y[:-1])                        # layer l: what layer l - 1 gave
+        assert after["W_mem"] is W_mem and after["z"] is z                # the memory the last step wrote
+    with pytest.raises(ValueError, match="steps"):
+        bench.even_load_run(model, ex, batch=1, steps=0)
 
 
 def test_cli_writes_json_csv_html_and_a_table(tmp_path, capsys):
