@@ -40,7 +40,7 @@ from .generation import generate as _generate
 from .grouped import (GroupingCheck, LayerDims, LayerStack, TiedStacks, _stack_members, gather_stacks,
                       grouped_cells, grouped_layer, grouped_layer_ref, profiler_range)
 from .memory import MemoryState
-from .segments import SegmentOutputs, segment_rows
+from .segments import SegmentFeed, SegmentOutputs
 
 StepHook = Callable[[int, list], None]
 
@@ -190,6 +190,7 @@ class DiagonalExecutor:
     def _run(self, model, seg, layers, step, full_step, state, has_memory, rows_of, outputs, infer, on_step):
         """The steps of one call; returns the final memory state."""
         L, n = model.num_layers, model.config.segment_size
+        feed = SegmentFeed(model, seg)                      # segments' rows, a run of them at a time
         Y, prev_lo = None, 0
         for t, cells in enumerate(self.iter_steps(seg.num_segments)):
             lo, hi = cells[0][0], cells[-1][0]
@@ -199,7 +200,7 @@ class DiagonalExecutor:
                 parts = []
                 if lo == 0:
                     s = cells[0][1]
-                    rows_of[s] = segment_rows(model, seg, s, pad=True)
+                    rows_of[s] = feed.rows(s)
                     parts.append(rows_of[s].X[None])
                 if hi >= 1:
                     parts.append(Y[max(lo - 1, 0) - prev_lo:hi - prev_lo])             # views of the last output

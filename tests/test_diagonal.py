@@ -377,3 +377,34 @@ def test_no_grad_call_returns_ordinary_tensors(layers):
     state = diaglab.MemoryState(W, out.state.z, out.state.is_first)
     ex(more, labels=more, state=state).loss.backward()
     assert W.grad is not None and W.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("chunk_segments", [1, 2, 3, 64])
+def test_segment_feed_gives_segment_rows_own_values(monkeypatch, chunk_segments):
+    """The executor's feed makes runs of plain segments with one embedding call; each segment's
+    rows equal segment_rows' bit for bit — around a padded row's segment, a short last segment
+    and a segment carried over from an earlier call — and a feed made in chunks of any size
+    leaves the executor equal to the sequential model."""
+    from diaglab import segments
+    model = live_model(layers=3)
+    monkeypatch.setattr(segments.SegmentFeed, "MAX_SEGMENTS", chunk_segments)
+    B, n = 2, model.config.segment_size
+    ids = random_ids(B, 9 * n + 5, seed=7)
+    mask = torch.ones_like(ids)
+    mask[1, 6 * n + 2:] = 0                               # row 1 ends inside a segment: masked rows from there
+    with torch.no_grad():
+        first = model(ids[:, :n + 3])                     # an open segment of 3 tokens to carry over
+        seg, _ = model.prepare(ids, mask, None, first.state, "all")
+        feed = segments.SegmentFeed(model, seg)
+        for s in range(seg.num_segments):
+            got, want = feed.rows(s), segments.segment_rows(model, seg, s, pad=True)
+            assert torch.equal(got.X, want.X) and got.n_text == want.n_text
+            assert torch.equal(got.cos, want.cos) and torch.equal(got.sin, want.sin)
+            for a, b in ((got.mask, want.mask), (got.write_mask, want.write_mask)):
+                assert (a is None and b is None) or torch.equal(a, b)
+        short = torch.ones(B, 7 * n, dtype=torch.long)
+        short[1, 5 * n + 2:] = 0                          # row 1 ends inside segment 5: masked rows from there
+        for m in (None, short):
+            seq = model(ids[:, :7 * n], attention_mask=m, labels=ids[:, :7 * n])
+            diag = DiagonalExecutor(model)(ids[:, :7 * n], attention_mask=m, labels=ids[:, :7 * n])
+            assert_same(seq, diag, 1e-5, real=None if m is None else m.bool())
