@@ -150,11 +150,13 @@ class MemoryState:
         the other layers keep theirs (shared, not copied)."""
         self._check_range(lo, hi)
         _, _, W0, z0, f0 = self._blocks[0]
+        G = hi - lo + 1
         for name, t, like in (("W_mem", W_mem, W0), ("z", z, z0), ("is_first", is_first, f0)):
-            want = (hi - lo + 1, *like.shape[1:])
-            if tuple(t.shape) != want or t.dtype != like.dtype:
-                raise ValueError(f"replace({lo}, {hi}): {name} must be {want} {like.dtype} (one entry per layer "
-                                 f"lo..hi), got {tuple(t.shape)} {t.dtype}")
+            if t.shape[0] != G or t.shape[1:] != like.shape[1:] or t.dtype != like.dtype:
+                raise ValueError(f"replace({lo}, {hi}): {name} must be {(G, *like.shape[1:])} {like.dtype} (one entry "
+                                 f"per layer lo..hi), got {tuple(t.shape)} {t.dtype}")
+        if len(self._blocks) == 1 and self._blocks[0][0] == lo and self._blocks[0][1] == hi:   # all of it
+            return MemoryState._of_blocks([(lo, hi, W_mem, z, is_first)], self.open_ids)
         blocks = []
         for blk in self._blocks:
             a, b, *ts = blk
