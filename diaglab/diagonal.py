@@ -191,10 +191,11 @@ class DiagonalExecutor:
         """The steps of one call; returns the final memory state."""
         L, n = model.num_layers, model.config.segment_size
         feed = SegmentFeed(model, seg)                      # segments' rows, a run of them at a time
+        profiling = torch.autograd._profiler_enabled()      # (the step ranges' names are made only then)
         Y, prev_lo = None, 0
         for t, cells in enumerate(self.iter_steps(seg.num_segments)):
             lo, hi = cells[0][0], cells[-1][0]
-            with profiler_range(f"diag_step {t} layers {lo}-{hi}"):
+            with profiler_range(f"diag_step {t} layers {lo}-{hi}") if profiling else contextlib.nullcontext():
                 # Inputs: layer l >= 1 takes what layer l - 1 gave at the previous step (in both
                 # orders the cell before (l, s) is (l - 1, s)); layer 0 takes a new segment's rows.
                 parts = []
