@@ -50,10 +50,11 @@ class AssociativeLayer(nn.Module):
         nn.init.zeros_(self.W_mv.weight)  # the paper's init: memory starts inert
 
     def read(self, h: torch.Tensor, W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor) -> torch.Tensor:
-        """h: (B, T, d) layer input -> h + A(h) for rows whose layer is past its first segment."""
+        """h: (B, T, d) layer input -> h + A(h) for rows whose layer is past its first segment
+        (is_first (B,) bool, or None: no row is)."""
         q = features(self.W_mq(h), self.nu, self.normalize)                     # (B, T, dk)
         A = associative_read(q, W_mem, z).to(h.dtype)                           # (B, T, d)
-        return h + A.masked_fill(is_first[:, None, None], 0)
+        return h + (A if is_first is None else A.masked_fill(is_first[:, None, None], 0))
 
     def write(self, m: torch.Tensor, W_mem, z, is_first, correction: bool, write_mask=None):
         """m: (B, M, d) memory rows of the layer output -> new (W_mem, z)."""

@@ -172,6 +172,7 @@ class DiagonalExecutor:
         full_step = self._full_step() if step is grouped_layer else None
         L, n = model.num_layers, model.config.segment_size
         has_memory = model.has_memory(state)
+        settled = (~state.is_first).all(dim=1).tolist()    # (L,) host flags: every row of the layer has written
         rows_of = {}                                        # segment -> its SegmentRows, while in flight
         outputs = SegmentOutputs(seg, keep_logits, model.base.lm_head, model.base.model.norm)
         # Under torch.no_grad the grouped steps run in inference mode: the same kernels with less
@@ -180,14 +181,15 @@ class DiagonalExecutor:
         # caller gets ordinary tensors, usable later under autograd.
         infer = step is grouped_layer and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         with torch.inference_mode() if infer else contextlib.nullcontext():
-            state = self._run(model, seg, layers, step, full_step, state, has_memory, rows_of, outputs, infer,
-                              on_step)
+            state = self._run(model, seg, layers, step, full_step, state, has_memory, settled, rows_of, outputs,
+                              infer, on_step)
         logits, loss = outputs.result()
         if infer:
             state = state.ordinary()
         return ARMTOutput(logits, loss, state.with_open(seg.open_ids()))
 
-    def _run(self, model, seg, layers, step, full_step, state, has_memory, rows_of, outputs, infer, on_step):
+    def _run(self, model, seg, layers, step, full_step, state, has_memory, settled, rows_of, outputs, infer,
+             on_step):
         """The steps of one call; returns the final memory state."""
         L, n = model.num_layers, model.config.segment_size
         feed = SegmentFeed(model, seg)                      # segments' rows, a run of them at a time
@@ -208,10 +210,15 @@ class DiagonalExecutor:
                 X = parts[0] if len(parts) == 1 else torch.cat(parts)                  # (G, B, T, d)
                 rows = [rows_of[s] for _, s in cells]
                 plain = all(r.mask is None and r.write_mask is None for r in rows)    # fixed shapes, no masks
-                run = full_step if full_step is not None and hi - lo + 1 == L and plain else step
-                Y, state = grouped_cells(run, layers, X, rows, state, lo, hi, n, read=any(has_memory[lo:hi + 1]))
+                done = all(settled[lo:hi + 1])   # no row on its first segment: the step skips those masks
+                # the compiled step: the plateau's plain, settled steps (one graph, fixed shapes)
+                run = full_step if full_step is not None and hi - lo + 1 == L and plain and done else step
+                Y, state = grouped_cells(run, layers, X, rows, state, lo, hi, n, read=any(has_memory[lo:hi + 1]),
+                                         settled=done)
                 prev_lo = lo
                 has_memory[lo:hi + 1] = [True] * (hi - lo + 1)
+                if plain:   # every row wrote
+                    settled[lo:hi + 1] = [True] * (hi - lo + 1)
                 if hi == L - 1:  # a segment leaves the last layer: final norm + LM head on its text rows only
                     s = cells[-1][1]
                     rows_of.pop(s)

@@ -473,15 +473,17 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_text: int,
                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                  W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor,
+                  W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor | None,
                   write_mask: torch.Tensor | None = None, read: bool = True):
     """Read, decoder layer and write for the layers lo..hi at once (one diagonal step).
 
     X: (G, B, T, d), element g = layer lo + g on its own segment; T = n_text + M.
     cos, sin: (1 or G*B, T, hd); mask: (G*B, T, T) bool (True = may attend) or None (causal).
-    W_mem: (G, B, dk, d); z: (G, B, dk); is_first: (G, B) bool; write_mask: (G, B) bool rows
-    that write, or None for all. read: False when every element is on its layer's first
-    segment (known on the host, which spares a device sync per step).
+    W_mem: (G, B, dk, d); z: (G, B, dk); is_first: (G, B) bool, or None when no row of any
+    element is on its layer's first segment (known on the host: the same numbers without the
+    read's and the write's masks); write_mask: (G, B) bool rows that write, or None for all.
+    read: False when every element is on its layer's first segment (known on the host, which
+    spares a device sync per step).
     Returns Y (G, B, T, d) and the new W_mem, z.
     """
     G, B, T, d = X.shape
@@ -494,7 +496,7 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
             q = features(grouped_linear(X.reshape(G, B * T, d), W["W_mq.weight"], kernel=kernel),
                          dims.nu, dims.normalize, fast=True).view(G, B, T, -1)   # (G, B, T, dk)
             A = associative_read(q, W_mem, z).to(X.dtype)                        # (G, B, T, d)
-            X = X + A.masked_fill(is_first[:, :, None, None], 0)
+            X = X + (A if is_first is None else A.masked_fill(is_first[:, :, None, None], 0))
     # 2. self-attention, the group folded into the batch
     with _phase("attention"):
         h = grouped_rms_norm(X, W["input_layernorm.weight"], dims.eps).reshape(G, B * T, d)
@@ -529,20 +531,23 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
 
 
 def grouped_cells(step: Callable, layers: LayerStack, X: torch.Tensor, rows: list[SegmentRows],
-                  state: MemoryState, lo: int, hi: int, n_text: int, read: bool) -> tuple[torch.Tensor, MemoryState]:
+                  state: MemoryState, lo: int, hi: int, n_text: int, read: bool,
+                  settled: bool = False) -> tuple[torch.Tensor, MemoryState]:
     """One step of the grid: layers lo..hi, each on its own segment (rows, in layer order), as
     one call of `step` (grouped_layer or its twin). X (G, B, T, d) -> (Y (G, B, T, d), the state
-    with those layers' memories replaced). The executor, the pipeline's ranks share it."""
+    with those layers' memories replaced). The executor, the pipeline's ranks share it.
+    settled: the caller knows that every row of layers lo..hi has written before (is_first all
+    False): the step then skips its first-segment masks and is_first stays as it is."""
     cos, sin, mask, wmask = stack_rows(rows)
     W_mem, z, first = state.layers(lo, hi)                                    # (G, B, dk, d), (G, B, dk), (G, B)
     Y, W_mem, z = step(X, layers=layers, lo=lo, hi=hi, n_text=n_text, cos=cos, sin=sin, mask=mask,
-                       W_mem=W_mem, z=z, is_first=first, write_mask=wmask, read=read)
-    return Y, state.replace(lo, hi, W_mem, z, first_after_write(first, wmask))
+                       W_mem=W_mem, z=z, is_first=None if settled else first, write_mask=wmask, read=read)
+    return Y, state.replace(lo, hi, W_mem, z, first if settled else first_after_write(first, wmask))
 
 
 def grouped_layer_ref(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_text: int,
                       cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                      W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor,
+                      W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor | None,
                       write_mask: torch.Tensor | None = None, read: bool = True):
     """The naive twin of grouped_layer: the same arguments and outputs, computed by calling
     the model's own modules layer by layer — its associative layer's read, the transformers
@@ -553,12 +558,13 @@ def grouped_layer_ref(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, 
     for g, l in enumerate(range(lo, hi + 1)):
         rows = slice(g * B, (g + 1) * B)                                        # element g in (G*B, ...)
         h, assoc = X[g], model.assoc[l]                                         # (B, T, d)
+        first = None if is_first is None else is_first[g]
         if read:
-            h = assoc.read(h, W_mem[g], z[g], is_first[g])
+            h = assoc.read(h, W_mem[g], z[g], first)
         rope = (cos, sin) if cos.shape[0] == 1 else (cos[rows], sin[rows])
         m = hf_mask(None if mask is None else mask[rows], h, model.base.config)
         h = model.base.model.layers[l](h, attention_mask=m, position_embeddings=rope)
-        W_g, z_g = assoc.write(h[:, n_text:], W_mem[g], z[g], is_first[g], layers.dims.correction,
+        W_g, z_g = assoc.write(h[:, n_text:], W_mem[g], z[g], first, layers.dims.correction,
                                None if write_mask is None else write_mask[g])
         Ys.append(h), Ws.append(W_g), zs.append(z_g)
     if G == 1:   # the sequential model's case: views, not copies

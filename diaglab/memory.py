@@ -62,25 +62,30 @@ def first_after_write(is_first: torch.Tensor, write_mask: torch.Tensor | None) -
 
 
 def associative_write(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                      W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor,
+                      W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor | None,
                       correction: bool = True,
                       write_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One delta-rule update from the M memory rows of a layer's output.
 
     k: (..., M, dk) = phi(m W_mk^T); v: (..., M, d) = m W_mv^T; beta: (..., M, 1) = sigmoid(m W_mb^T + b).
     W_mem: (..., dk, d); z: (..., dk); is_first: (...) bool — this layer's first segment
-    (then vbar = 0 and gamma = 1). write_mask: (...) bool or None — rows where it is False
+    (then vbar = 0 and gamma = 1) — or None when the caller knows no row is on its first
+    segment (the same numbers, three masks fewer). write_mask: (...) bool or None — rows where it is False
     keep their old W_mem and z (a padded row with no tokens in this segment).
     Returns the new (W_mem, z); nothing is modified in place.
     """
     dt = W_mem.dtype
     k, v, beta = k.to(dt), v.to(dt), beta.to(dt)
-    first = is_first[..., None]                                            # (..., 1)
+    first = None if is_first is None else is_first[..., None]              # (..., 1)
     delta = (k @ z.unsqueeze(-1)).squeeze(-1) + EPS                        # (..., M)
-    vbar = ((k @ W_mem) / delta.unsqueeze(-1)).masked_fill(first[..., None], 0.0)   # (..., M, d)
+    vbar = (k @ W_mem) / delta.unsqueeze(-1)                               # (..., M, d)
+    if first is not None:
+        vbar = vbar.masked_fill(first[..., None], 0.0)
     if correction:
         knorm2 = (k * k).sum(-1)                                           # (..., M)
-        gamma = torch.clamp(1 - delta / (knorm2 + EPS), 0.0, 1.0).detach().masked_fill(first, 1.0)
+        gamma = torch.clamp(1 - delta / (knorm2 + EPS), 0.0, 1.0).detach()
+        if first is not None:
+            gamma = gamma.masked_fill(first, 1.0)
     else:
         gamma = torch.ones_like(delta)
     new_W = W_mem + k.transpose(-1, -2) @ (beta * (v - vbar))              # (..., dk, d)

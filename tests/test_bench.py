@@ -107,7 +107,7 @@ def test_even_load_run_chains_S_full_group_steps(monkeypatch):
 
     def spy(X, *, W_mem, z, lo, hi, is_first, mask, **kw):
         out = real(X, W_mem=W_mem, z=z, lo=lo, hi=hi, is_first=is_first, mask=mask, **kw)
-        calls.append(dict(X=X, W_mem=W_mem, z=z, out=out, cells=(lo, hi), mask=mask, first=bool(is_first.any()),
+        calls.append(dict(X=X, W_mem=W_mem, z=z, out=out, cells=(lo, hi), mask=mask, first=is_first,
                           inference=torch.is_inference_mode_enabled()))
         return out
     monkeypatch.setattr(ex, "layer_stack", lambda: (layers, spy))
@@ -115,7 +115,7 @@ def test_even_load_run_chains_S_full_group_steps(monkeypatch):
         last = bench.even_load_run(model, ex, batch=2, steps=3)()
     assert len(calls) == 3 and all(a is b for a, b in zip(last, calls[-1]["out"]))
     for c in calls:
-        assert (c["cells"], c["mask"], c["first"], c["inference"]) == ((0, model.num_layers - 1), None, False, True)
+        assert (c["cells"], c["mask"], c["first"], c["inference"]) == ((0, model.num_layers - 1), None, None, True)
         assert c["X"].shape == (2, 2, 32 + 8, 128)                        # (G = L, B, T, d)
     for before, after in zip(calls, calls[1:]):
         Y, W_mem, z = before["out"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import live_model, random_ids, rel
 
+import diaglab
 from diaglab import DiagonalExecutor
 from diaglab.grouped import grouped_layer, grouped_layer_ref
 from diaglab.segments import segment_rows, stack_rows
@@ -118,3 +119,52 @@ def test_rotate_rolled_is_rotate_bit_for_bit(dtype):
     cos, sin = cos.to(dtype)[:, None], sin.to(dtype)[:, None]
     assert sin.abs().max() > 0.5
     assert torch.equal(rotate_rolled(x, cos, signed_sin(sin)), rotate(x, cos, sin))
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 0), (1, 3)])
+def test_no_first_rows_given_as_none_is_the_same_step(lo, hi):
+    """is_first=None (the host knows no row is on its first segment) skips the masks and gives
+    exactly what an all-False is_first gives, in both twins."""
+    model = live_model(layers=4)
+    X, args = _step_inputs(model, 2, lo, hi, padded=False, partial=False)
+    args["is_first"] = torch.zeros_like(args["is_first"])
+    layers, _ = DiagonalExecutor(model).layer_stack()
+    with torch.no_grad():
+        for twin in (grouped_layer, grouped_layer_ref):
+            masked, skipped = twin(X, layers=layers, **args), twin(X, layers=layers, **{**args, "is_first": None})
+            for a, b in zip(masked, skipped):
+                assert torch.equal(a, b), twin.__name__
+
+
+def test_executor_skips_first_segment_masks_only_where_every_row_has_written(monkeypatch):
+    """The executor passes is_first=None only for groups whose layers have written for every row:
+    not on a layer's first segment, and not while one row of a continued state has never
+    written, although other rows have (has_memory is then True)."""
+    import diaglab.diagonal as diagonal
+    model = live_model(layers=3)
+    n = model.config.segment_size
+    ids = random_ids(2, 2 * n, seed=5)
+    seen = []
+    real = diagonal.grouped_layer
+
+    def spy(X, *, lo, hi, is_first, **kw):
+        seen.append((lo, hi, None if is_first is None else is_first.clone()))
+        return real(X, lo=lo, hi=hi, is_first=is_first, **kw)
+    monkeypatch.setattr(diagonal, "grouped_layer", spy)
+    ex = DiagonalExecutor(model)
+    with torch.no_grad():
+        ex(ids)                                          # a fresh state
+        fresh, seen[:] = list(seen), []
+        before = ex(ids[:, :n]).state
+        first = before.is_first.clone()
+        first[:, 1] = True                               # row 1 has never written, at any layer
+        W_mem, z = before.W_mem.clone(), before.z.clone()
+        W_mem[:, 1], z[:, 1] = 0, 0
+        seen.clear()
+        ex(ids, state=diaglab.MemoryState(W_mem, z, first))
+    # fresh: steps (0,0) (0,1) (1,2) (2,2): a layer's first segment needs the mask, later steps do not
+    assert [(lo, hi, f is None) for lo, hi, f in fresh] == [(0, 0, False), (0, 1, False), (1, 2, False),
+                                                            (2, 2, True)]
+    assert [(lo, hi, f is None) for lo, hi, f in seen] == [(0, 0, False), (0, 1, False), (1, 2, False),
+                                                           (2, 2, True)]
+    assert seen[0][2].tolist() == [[False, True]]        # layer 0, segment 0: row 1 is first, row 0 is not
