@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -311,7 +312,10 @@ class TiedStacks:
                         self._ptrs.append(view.data_ptr())
                         r += p.shape[0]
                 self.tensors[name] = stack
-        self._held = [(o._parameters, a, p) for (o, a), p in zip(self._owners, self._params)]   # owner's table
+        # each owner's parameter table and the attribute name, side by side (is_valid runs every
+        # call — every step of a ring — so its loops run in C: map over these lists)
+        self._tables = [o._parameters for o, _ in self._owners]
+        self._names = [a for _, a in self._owners]
 
     def is_valid(self, model) -> bool:
         if _Registrations.count != self._key:   # a module or parameter was registered: re-read the owners
@@ -321,8 +325,8 @@ class TiedStacks:
             self._key = _Registrations.count
         # each owner still holds the very Parameter that was tied (not a replacement, nor a computed
         # parametrized weight), and its data still sits in the stack (not moved, cast or .data = ...)
-        return (all(table.get(a) is p for table, a, p in self._held)
-                and [p.data_ptr() for p in self._params] == self._ptrs)
+        return (all(map(operator.is_, map(dict.get, self._tables, self._names), self._params))
+                and list(map(torch.Tensor.data_ptr, self._params)) == self._ptrs)
 
 
 def untie(model) -> int:

@@ -24,6 +24,7 @@ time (`submit`), also while others run (continuous batching).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,7 +35,7 @@ from .diagonal import DiagonalExecutor, check_no_dropout
 from .grouped import grouped_cells, profiler_range
 from .generation import check_sampling, decode
 from .memory import MemoryState
-from .segments import Segmented, SegmentOutputs, SegmentRows, segment_rows, validate_ids
+from .segments import Segmented, SegmentFeed, SegmentOutputs, SegmentRows, validate_ids
 
 RingStepHook = Callable[[int, list], None]   # on_step(t, cells): cells [(layer, request id, segment)]
 
@@ -43,6 +44,7 @@ RingStepHook = Callable[[int, list], None]   # on_step(t, cells): cells [(layer,
 class _Request:
     seg: Segmented
     outputs: SegmentOutputs
+    feed: SegmentFeed
     rows: dict[int, SegmentRows] = field(default_factory=dict)   # segment -> rows, while in flight
     fed: int = 0                                                   # segments fed into slot 0 so far
     final: dict[int, tuple] = field(default_factory=dict)         # layer -> its memory after the last segment
@@ -62,6 +64,7 @@ class RingExecutor:
         self._slots: list[tuple[int, int] | None] = [None] * model.num_layers   # slot -> (request, segment)
         self._outputs: list[tuple[int, torch.Tensor]] = []   # the last step's runs: (first slot, Y (G, 1, T, d))
         self._memory: MemoryState | None = None   # slot l: the layer-l memory of the request passing through it
+        self._inference = False                    # that memory was made in inference mode (under no_grad)
         self._empty: set[int] = set()              # slots whose memory is known empty (zeros, is_first)
         self._rope: dict = {}                      # shared Segmented.rope of the requests in flight
         self._next_id = 0
@@ -78,7 +81,8 @@ class RingExecutor:
         mask = None if attention_mask is None else self._one_row(attention_mask, "attention_mask", like=ids)
         labels = None if labels is None else self._one_row(labels, "labels", like=ids)
         seg, _ = self.model.prepare(ids, mask, labels, None, keep_logits)
-        return _Request(seg, SegmentOutputs(seg, keep_logits, self.model.base.lm_head, self.model.base.model.norm))
+        return _Request(seg, SegmentOutputs(seg, keep_logits, self.model.base.lm_head, self.model.base.model.norm),
+                        SegmentFeed(self.model, seg))
 
     def _enqueue(self, req: _Request) -> int:
         req.seg.rope = self._rope   # RoPE tables of unmasked segments depend only on the length: one set for all
@@ -112,25 +116,18 @@ class RingExecutor:
         Returns {request id: output} for the requests whose last segment left the ring now."""
         model = self.model
         check_no_dropout(model)
+        # Under torch.no_grad the ring's steps run in inference mode, as DiagonalExecutor's do; its
+        # memory then lives in inference tensors until the queue drains, and what it returns is
+        # made outside inference mode (ordinary tensors).
+        infer = not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        if self._memory is not None and self._inference and torch.is_grad_enabled():
+            raise RuntimeError("this queue started under torch.no_grad (its memory lives in inference tensors) and "
+                               "cannot continue under autograd; step it under torch.no_grad until runner.pending "
+                               "== 0, then submit the requests that need gradients")
         finished: dict[int, ARMTOutput] = {}
         try:
-            # 1. shift: slot k takes what slot k-1 held; slot 0 takes the next queued segment
-            self._slots = [self._feed()] + self._slots[:-1]
-            busy = [(l, *cell) for l, cell in enumerate(self._slots) if cell is not None]
-            if not busy:
-                return {}
-            if self._memory is None:
-                self._memory, self._empty = model.empty_state(1), set(range(model.num_layers))
-            layers, grouped = self._diag.layer_stack()
-            t = self.step_count
-            prev, self._outputs = self._outputs, []
-            with profiler_range(f"ring_step {t}"):
-                for run in _runs(busy):   # 2. consecutive busy slots: one grouped call each
-                    finished.update(self._run(run, layers, grouped, prev))
-            self.step_count += 1
-            self.history.append(busy)
-            if on_step is not None:
-                on_step(t, busy)
+            with torch.inference_mode() if infer else contextlib.nullcontext():
+                self._step(on_step, finished, infer)
         except Exception as err:
             lost = sorted(set(self._requests) | set(finished))
             self._clear()
@@ -139,6 +136,28 @@ class RingExecutor:
         if not self._requests:
             self._clear()   # drained: the next request may meet another dtype, device or grad mode
         return finished
+
+    def _step(self, on_step, finished: dict, infer: bool) -> None:
+        """The body of step(): shift, feed, run the busy slots; finished requests go into `finished`."""
+        model = self.model
+        # 1. shift: slot k takes what slot k-1 held; slot 0 takes the next queued segment
+        self._slots = [self._feed()] + self._slots[:-1]
+        busy = [(l, *cell) for l, cell in enumerate(self._slots) if cell is not None]
+        if not busy:
+            return
+        if self._memory is None:
+            self._memory, self._empty = model.empty_state(1), set(range(model.num_layers))
+            self._inference = torch.is_inference_mode_enabled()
+        layers, grouped = self._diag.layer_stack()
+        t = self.step_count
+        prev, self._outputs = self._outputs, []
+        with profiler_range(f"ring_step {t}"):
+            for run in _runs(busy):   # 2. consecutive busy slots: one grouped call each
+                finished.update(self._run(run, layers, grouped, prev, infer))
+        self.step_count += 1
+        self.history.append(busy)
+        if on_step is not None:
+            on_step(t, busy)
 
     def _clear(self) -> None:
         """Forget every request and the ring's state (slots, memory, last outputs, RoPE tables)."""
@@ -155,7 +174,7 @@ class RingExecutor:
             if req.fed < req.seg.num_segments:
                 s = req.fed
                 req.fed += 1
-                req.rows[s] = segment_rows(self.model, req.seg, s, pad=True)
+                req.rows[s] = req.feed.rows(s)
                 if req.fed == req.seg.num_segments:
                     self._queue.pop(0)
                 return rid, s
@@ -163,7 +182,7 @@ class RingExecutor:
         return None
 
     def _run(self, cells: list[tuple[int, int, int]], layers, grouped,
-             prev: list[tuple[int, torch.Tensor]]) -> dict[int, ARMTOutput]:
+             prev: list[tuple[int, torch.Tensor]], infer: bool) -> dict[int, ARMTOutput]:
         """One grouped call for the consecutive layers of `cells` [(layer, rid, segment)];
         prev: the last step's outputs, (first slot, Y) per run."""
         model, L = self.model, self.model.num_layers
@@ -186,8 +205,11 @@ class RingExecutor:
             self._memory = self._memory.replace(lo, hi, W_mem.masked_fill(new[:, None, None, None], 0),
                                                 z.masked_fill(new[:, None, None], 0), first | new[:, None])
         rows = [req.rows[s] for req, (_, _, s) in zip(reqs, cells)]
+        # a slot whose request's segment s - 1 filled its row has written there: when every slot of
+        # the run has, no row is on its first segment and the step skips those masks
+        settled = all(s > 0 and req.seg.full[s - 1] for req, (_, _, s) in zip(reqs, cells))
         Y, self._memory = grouped_cells(grouped, layers, X, rows, self._memory, lo, hi, model.config.segment_size,
-                                        read=any(s > 0 for _, _, s in cells))
+                                        read=any(s > 0 for _, _, s in cells), settled=settled)
         self._empty.difference_update(range(lo, hi + 1))
         W_mem, z, first = self._memory.layers(lo, hi)                               # this step's own outputs
         finished = {}
@@ -202,14 +224,15 @@ class RingExecutor:
             req, (l, rid, s), g = reqs[-1], cells[-1], len(cells) - 1
             last = s == req.seg.num_segments - 1
             req.rows.pop(s)
-            if req.outputs.wanted(s):
-                a, e = req.seg.bounds[s]
-                req.outputs.add(s, Y[g, :, :e - a])
-            if last:
-                logits, loss = req.outputs.result()
-                W, zz, f = (torch.cat([req.final[k][i] for k in range(L)]) for i in range(3))   # (L, 1, ...)
-                finished[rid] = ARMTOutput(logits, loss, MemoryState(W, zz, f, req.seg.open_ids()))
-                del self._requests[rid]
+            with torch.inference_mode(False) if infer else contextlib.nullcontext():   # ordinary outputs
+                if req.outputs.wanted(s):
+                    a, e = req.seg.bounds[s]
+                    req.outputs.add(s, Y[g, :, :e - a])
+                if last:
+                    logits, loss = req.outputs.result()
+                    W, zz, f = (torch.cat([req.final[k][i] for k in range(L)]) for i in range(3))   # (L, 1, ...)
+                    finished[rid] = ARMTOutput(logits, loss, MemoryState(W, zz, f, req.seg.open_ids()))
+                    del self._requests[rid]
         return finished
 
     def run(self, requests: list, attention_masks: list | None = None, labels: list | None = None,

@@ -269,3 +269,42 @@ def test_run_queues_nothing_when_one_request_is_bad():
     assert runner.pending == 0
     with torch.no_grad():
         assert_same(_alone(model, random_ids(1, 9)), runner.run([random_ids(1, 9)])[0], 1e-5)
+
+
+def test_padded_requests_keep_their_first_segment_masks():
+    """Requests whose row ends inside a segment — inside its first one, so it never writes and
+    its later (all-padding) segments meet a slot still on its first segment — each equal
+    themselves run alone with their mask, also behind a full request."""
+    model = live_model(layers=3)                                 # segment 8
+    reqs = [random_ids(1, 24, seed=1), random_ids(1, 24, seed=2), random_ids(1, 40, seed=3)]
+    masks = [torch.ones(1, 24, dtype=torch.long), torch.ones(1, 24, dtype=torch.long),
+             torch.ones(1, 40, dtype=torch.long)]
+    masks[1][0, 5:] = 0                                          # ends inside segment 0: no write, ever
+    masks[2][0, 19:] = 0                                         # ends inside segment 2
+    with torch.no_grad():
+        outs = RingExecutor(model).run(reqs, attention_masks=masks)
+    for ids, m, out in zip(reqs, masks, outs):
+        assert_same(_alone(model, ids, attention_mask=m), out, 1e-5, real=m.bool())
+
+
+def test_no_grad_queue_returns_ordinary_tensors_and_stays_in_its_mode():
+    """Under no_grad the ring's steps run in inference mode; its outputs are ordinary tensors
+    (a later call under autograd can continue from a request's memory), and a queue started
+    under no_grad refuses to continue under autograd, losing nothing."""
+    model = live_model(layers=3)
+    runner = RingExecutor(model)
+    a, b = random_ids(1, 32, seed=1), random_ids(1, 24, seed=2)
+    with torch.no_grad():
+        out = runner.run([a])[0]
+    assert not any(t.is_inference() for t in (out.logits, out.state.W_mem, out.state.z, out.state.is_first))
+    model(b, labels=b, state=out.state).loss.backward()            # continues under autograd
+    with torch.no_grad():
+        rid = runner.submit(a)
+        runner.step()
+    with pytest.raises(RuntimeError, match="started under torch.no_grad"):
+        runner.step()
+    assert runner.pending == 1
+    with torch.no_grad():
+        while runner.pending:
+            done = runner.step()
+    assert_same(_alone(model, a), done[rid], 1e-5)
