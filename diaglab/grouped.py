@@ -536,14 +536,18 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
 
 def grouped_cells(step: Callable, layers: LayerStack, X: torch.Tensor, rows: list[SegmentRows],
                   state: MemoryState, lo: int, hi: int, n_text: int, read: bool,
-                  settled: bool = False) -> tuple[torch.Tensor, MemoryState]:
+                  settled: bool = False, is_first: torch.Tensor | None = None) -> tuple[torch.Tensor, MemoryState]:
     """One step of the grid: layers lo..hi, each on its own segment (rows, in layer order), as
     one call of `step` (grouped_layer or its twin). X (G, B, T, d) -> (Y (G, B, T, d), the state
     with those layers' memories replaced). The executor, the pipeline's ranks share it.
     settled: the caller knows that every row of layers lo..hi has written before (is_first all
-    False): the step then skips its first-segment masks and is_first stays as it is."""
+    False): the step then skips its first-segment masks and is_first stays as it is.
+    is_first: (G, B), when the caller knows better than the state which rows start a layer's
+    memory (the ring: a request's first segment meets a slot another request left)."""
     cos, sin, mask, wmask = stack_rows(rows)
     W_mem, z, first = state.layers(lo, hi)                                    # (G, B, dk, d), (G, B, dk), (G, B)
+    if is_first is not None:
+        first = is_first
     Y, W_mem, z = step(X, layers=layers, lo=lo, hi=hi, n_text=n_text, cos=cos, sin=sin, mask=mask,
                        W_mem=W_mem, z=z, is_first=None if settled else first, write_mask=wmask, read=read)
     return Y, state.replace(lo, hi, W_mem, z, first if settled else first_after_write(first, wmask))

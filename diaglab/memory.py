@@ -68,19 +68,20 @@ def associative_write(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
     """One delta-rule update from the M memory rows of a layer's output.
 
     k: (..., M, dk) = phi(m W_mk^T); v: (..., M, d) = m W_mv^T; beta: (..., M, 1) = sigmoid(m W_mb^T + b).
-    W_mem: (..., dk, d); z: (..., dk); is_first: (...) bool — this layer's first segment
-    (then vbar = 0 and gamma = 1) — or None when the caller knows no row is on its first
-    segment (the same numbers, three masks fewer). write_mask: (...) bool or None — rows where it is False
-    keep their old W_mem and z (a padded row with no tokens in this segment).
+    W_mem: (..., dk, d); z: (..., dk); is_first: (...) bool — this layer's first segment: the
+    row starts from an empty memory whatever W_mem and z hold there (so vbar = 0), and gamma = 1 —
+    or None when the caller knows no row is on its first segment (the same numbers, fewer
+    masks). write_mask: (...) bool or None — rows where it is False keep their memory (empty
+    on a first segment; a padded row with no tokens in this segment).
     Returns the new (W_mem, z); nothing is modified in place.
     """
     dt = W_mem.dtype
     k, v, beta = k.to(dt), v.to(dt), beta.to(dt)
     first = None if is_first is None else is_first[..., None]              # (..., 1)
+    if first is not None:   # a first segment writes into an empty memory (a reused slot may hold another's)
+        W_mem, z = W_mem.masked_fill(first[..., None], 0.0), z.masked_fill(first, 0.0)
     delta = (k @ z.unsqueeze(-1)).squeeze(-1) + EPS                        # (..., M)
-    vbar = (k @ W_mem) / delta.unsqueeze(-1)                               # (..., M, d)
-    if first is not None:
-        vbar = vbar.masked_fill(first[..., None], 0.0)
+    vbar = (k @ W_mem) / delta.unsqueeze(-1)                               # (..., M, d): 0 on a first segment
     if correction:
         knorm2 = (k * k).sum(-1)                                           # (..., M)
         gamma = torch.clamp(1 - delta / (knorm2 + EPS), 0.0, 1.0).detach()

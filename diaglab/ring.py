@@ -8,12 +8,14 @@ instead of once per request (schedule.ring draws it).
 
 Memory lives with the slots, as in the diagonal executor: slot l holds the layer-l memory
 of the request passing through it (a request's segments enter on consecutive steps, so
-its segment s meets the memory its segment s - 1 left there). When a request's last segment leaves a slot, the
-slot's memory is copied into that request's own MemoryState and the slot is emptied in
-place, so the next request's first segment finds it empty (under autograd, where the step's
-outputs must stay as they are, the slot is emptied by a mask when that segment arrives). A step reads its
-slots' memories as views of one ring state (no per-request gather), so a ring step costs
-what a diagonal step costs, and every request's numbers equal `model(ids_i)` run alone.
+its segment s meets the memory its segment s - 1 left there). A request's first segment
+meets what the request before it left: it is marked as a first segment (is_first), so it
+reads nothing and writes into an empty memory (memory.associative_write), and no slot is
+ever emptied or changed in place — the same code with and without autograd. When a
+request's last segment leaves a slot, that slot's memory (a view of the step's output) is
+the request's final memory for the layer. A step reads its slots' memories as views of one
+ring state (no per-request gather), so a ring step costs what a diagonal step costs, and
+every request's numbers equal `model(ids_i)` run alone.
 
 A step runs its busy slots as grouped calls (grouped.grouped_layer on stacked weights, or
 its twin where the executor would be bypassed, as in DiagonalExecutor): one call per run
@@ -47,6 +49,7 @@ class _Request:
     feed: SegmentFeed
     rows: dict[int, SegmentRows] = field(default_factory=dict)   # segment -> rows, while in flight
     fed: int = 0                                                   # segments fed into slot 0 so far
+    first_full: int = 0   # the first segment that fills the row (it writes); segments up to it start a memory
     final: dict[int, tuple] = field(default_factory=dict)         # layer -> its memory after the last segment
 
 
@@ -65,7 +68,6 @@ class RingExecutor:
         self._outputs: list[tuple[int, torch.Tensor]] = []   # the last step's runs: (first slot, Y (G, 1, T, d))
         self._memory: MemoryState | None = None   # slot l: the layer-l memory of the request passing through it
         self._inference = False                    # that memory was made in inference mode (under no_grad)
-        self._empty: set[int] = set()              # slots whose memory is known empty (zeros, is_first)
         self._rope: dict = {}                      # shared Segmented.rope of the requests in flight
         self._next_id = 0
 
@@ -82,7 +84,8 @@ class RingExecutor:
         labels = None if labels is None else self._one_row(labels, "labels", like=ids)
         seg, _ = self.model.prepare(ids, mask, labels, None, keep_logits)
         return _Request(seg, SegmentOutputs(seg, keep_logits, self.model.base.lm_head, self.model.base.model.norm),
-                        SegmentFeed(self.model, seg))
+                        SegmentFeed(self.model, seg),
+                        first_full=next((s for s, full in enumerate(seg.full) if full), seg.num_segments))
 
     def _enqueue(self, req: _Request) -> int:
         req.seg.rope = self._rope   # RoPE tables of unmasked segments depend only on the length: one set for all
@@ -146,7 +149,7 @@ class RingExecutor:
         if not busy:
             return
         if self._memory is None:
-            self._memory, self._empty = model.empty_state(1), set(range(model.num_layers))
+            self._memory = model.empty_state(1)
             self._inference = torch.is_inference_mode_enabled()
         layers, grouped = self._diag.layer_stack()
         t = self.step_count
@@ -164,7 +167,7 @@ class RingExecutor:
         self._requests.clear()
         self._queue.clear()
         self._slots = [None] * self.model.num_layers
-        self._outputs, self._memory, self._empty, self._rope = [], None, set(), {}
+        self._outputs, self._memory, self._rope = [], None, {}
 
     def _feed(self) -> tuple[int, int] | None:
         """The next queued (request id, segment), or None when the queue is empty."""
@@ -198,27 +201,23 @@ class RingExecutor:
             parts.append(Y[l - 1 - a:e - a])
             l = e + 1
         X = parts[0] if len(parts) == 1 else torch.cat(parts)                      # (G, 1, T, d)
-        reset = [s == 0 and l not in self._empty for l, _, s in cells]
-        if any(reset):   # a request's first segment meets a slot not yet emptied: empty it here
-            W_mem, z, first = self._memory.layers(lo, hi)
-            new = torch.tensor(reset, device=first.device)                           # (G,)
-            self._memory = self._memory.replace(lo, hi, W_mem.masked_fill(new[:, None, None, None], 0),
-                                                z.masked_fill(new[:, None, None], 0), first | new[:, None])
         rows = [req.rows[s] for req, (_, _, s) in zip(reqs, cells)]
-        # a slot whose request's segment s - 1 filled its row has written there: when every slot of
-        # the run has, no row is on its first segment and the step skips those masks
-        settled = all(s > 0 and req.seg.full[s - 1] for req, (_, _, s) in zip(reqs, cells))
+        # A slot holds whatever the request before left there; which rows start their memory is
+        # known here: segment s of a request whose segments before s never filled their row (a
+        # first segment, or a padded row's tail). Such a row reads nothing and writes into an
+        # empty memory (associative_write), so a slot is never emptied. When no row of the run
+        # starts one, the step skips those masks.
+        starts = [s <= req.first_full for req, (_, _, s) in zip(reqs, cells)]
+        settled, first = not any(starts), None
+        if not settled:
+            first = torch.tensor(starts, device=X.device)[:, None]                    # (G, 1) bool
         Y, self._memory = grouped_cells(grouped, layers, X, rows, self._memory, lo, hi, model.config.segment_size,
-                                        read=any(s > 0 for _, _, s in cells), settled=settled)
-        self._empty.difference_update(range(lo, hi + 1))
-        W_mem, z, first = self._memory.layers(lo, hi)                               # this step's own outputs
+                                        read=any(s > 0 for _, _, s in cells), settled=settled, is_first=first)
         finished = {}
         for g, (req, (l, rid, s)) in enumerate(zip(reqs, cells)):
-            if s == req.seg.num_segments - 1:   # the request's memory at this layer is final: copy, empty the slot
-                req.final[l] = (W_mem[g:g + 1].clone(), z[g:g + 1].clone(), first[g:g + 1].clone())
-                if not torch.is_grad_enabled():   # fresh outputs of this step, owned by the ring alone
-                    W_mem[g].zero_(), z[g].zero_(), first[g].fill_(True)
-                    self._empty.add(l)
+            if s == req.seg.num_segments - 1:   # the request's memory at this layer is final (views: no
+                W_mem, z, first = self._memory.layers(lo, hi)      # step changes a tensor in place)
+                req.final[l] = (W_mem[g:g + 1], z[g:g + 1], first[g:g + 1])
         self._outputs.append((lo, Y))
         if hi == L - 1:   # a segment leaves the ring: final norm + LM head on its text rows
             req, (l, rid, s), g = reqs[-1], cells[-1], len(cells) - 1

@@ -107,3 +107,23 @@ def test_state_ranges_and_replacements_are_checked():
         s.replace(0, 1, W, z, first.long())
     t = s.replace(0, 1, W + 1, z, ~first)
     assert t.W_mem.shape == (3, 1, 12, 8) and float(t.W_mem[2].abs().max()) == 0.0 and float(s.W_mem.max()) == 0.0
+
+
+@pytest.mark.parametrize("write", [True, False])
+def test_a_first_segment_writes_into_an_empty_memory_whatever_the_state_holds(write):
+    """is_first rows start from W_mem = 0, z = 0 even when the state holds something there (a ring
+    slot another request left): writing, or keeping (a row that does not write), gives what an
+    empty memory gives; rows past their first segment keep using theirs."""
+    g = torch.Generator().manual_seed(3)
+    k = dpfp(torch.randn(2, 4, 3, generator=g))                             # (B, M, dk)
+    v, beta = torch.randn(2, 4, 5, generator=g), torch.rand(2, 4, 1, generator=g)
+    W_mem, z = torch.randn(2, 18, 5, generator=g), torch.rand(2, 18, generator=g)
+    first = torch.tensor([True, False])
+    wm = None if write else torch.tensor([False, True])
+    got = associative_write(k, v, beta, W_mem, z, first, write_mask=wm)
+    empty = associative_write(k, v, beta, torch.zeros_like(W_mem), torch.zeros_like(z), first, write_mask=wm)
+    held = associative_write(k, v, beta, W_mem, z, torch.tensor([False, False]), write_mask=wm)
+    assert torch.equal(got[0][0], empty[0][0]) and torch.equal(got[1][0], empty[1][0])   # row 0: first
+    assert torch.equal(got[0][1], held[0][1]) and torch.equal(got[1][1], held[1][1])     # row 1: its own
+    if not write:
+        assert not got[0][0].any() and not got[1][0].any()                  # kept: the empty memory
