@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import operator
 from collections.abc import Callable
@@ -214,39 +215,61 @@ def _attr(module, name: str):
     return d[name] if name in d else getattr(module, name, None)
 
 
-def _checked_attributes(model) -> tuple:
-    """The plain attributes grouped_layer assumes (attention scale, norm epsilon, nu, normalize)."""
+def _checked_owners(model) -> list[tuple]:
+    """(module, attribute name) of each plain attribute grouped_layer assumes (attention scale,
+    norm epsilon, nu, normalize), in a fixed order; the module is None where it is missing."""
     out = []
     for b in _child(_child(model.base, "model"), "layers"):
-        out.append((_attr(_child(b, "self_attn"), "scaling"), _attr(_child(b, "input_layernorm"), "variance_epsilon"),
-                    _attr(_child(b, "post_attention_layernorm"), "variance_epsilon")))
+        out += [(_child(b, "self_attn"), "scaling"), (_child(b, "input_layernorm"), "variance_epsilon"),
+                (_child(b, "post_attention_layernorm"), "variance_epsilon")]
     for a in _child(model, "assoc"):
-        out.append((_attr(a, "nu"), _attr(a, "normalize")))
-    return tuple(out)
+        out += [(a, "nu"), (a, "normalize")]
+    return out
+
+
+def _checked_attributes(model) -> list:
+    """The values of _checked_owners(model)."""
+    return [_attr(m, name) for m, name in _checked_owners(model)]
+
+
+_FORWARD = itertools.repeat("forward")
 
 
 class GroupingCheck:
     """ungroupable(model), walked again only when something may have changed: a registration
     anywhere (_Registrations), a hook or an instance `forward` on one of the checked modules,
-    or a changed attribute. Otherwise a call costs one pass over those tables."""
+    or a changed attribute. Otherwise a call costs one pass over those tables, in C (the ring
+    asks every step)."""
 
     def __init__(self, model):
         _Registrations.listen()
         self.model = model
-        self._key: tuple | None = None
+        self._count: int | None = None       # the registration count at the last walk
+        self._attrs: list | None = None      # the checked attributes' values then
         self._problems: list[str] = []
         self._hook_tables: list[dict] = []   # every hook dict of every checked module
         self._dicts: list[dict] = []         # every checked module's instance dict (a forward set there)
+        self._attr_dicts: list[dict] | None = None   # where the checked attributes live (None: not all plain)
+        self._attr_names: list[str] = []
 
     def problems(self) -> list[str]:
-        key = (_Registrations.count, _checked_attributes(self.model))
-        if key != self._key or any(self._hook_tables) or any("forward" in d for d in self._dicts):
+        attrs = None
+        if _Registrations.count == self._count:   # the same modules: read their attributes where they live
+            attrs = (list(map(dict.get, self._attr_dicts, self._attr_names)) if self._attr_dicts is not None
+                     else _checked_attributes(self.model))
+        if (attrs is None or attrs != self._attrs or any(self._hook_tables)
+                or any(map(operator.contains, self._dicts, _FORWARD))):
+            count = _Registrations.count
             self._problems = ungroupable(self.model)
             mods = [m for b in list(self.model.base.model.layers) + list(self.model.assoc) for m in b.modules()]
             self._hook_tables = [t for m in mods for t in (m._forward_hooks, m._forward_pre_hooks,
                                                             m._backward_hooks, m._backward_pre_hooks)]
             self._dicts = [m.__dict__ for m in mods]
-            self._key = key
+            owners = _checked_owners(self.model)
+            plain = all(m is not None and name in m.__dict__ for m, name in owners)
+            self._attr_dicts = [m.__dict__ for m, _ in owners] if plain else None
+            self._attr_names = [name for _, name in owners]
+            self._attrs, self._count = _checked_attributes(self.model), count
         return self._problems
 
 
