@@ -194,41 +194,58 @@ class DiagonalExecutor:
         L, n = model.num_layers, model.config.segment_size
         feed = SegmentFeed(model, seg)                      # segments' rows, a run of them at a time
         profiling = torch.autograd._profiler_enabled()      # (the step ranges' names are made only then)
+        unplain = 0                                         # segments in flight with a mask or a write mask
+        all_settled = all(settled)
+        held = None   # the plateau's memory of all L layers, (W_mem, z, is_first), while it runs without `state`
         Y, prev_lo = None, 0
         for t, cells in enumerate(self.iter_steps(seg.num_segments)):
             lo, hi = cells[0][0], cells[-1][0]
-            with profiler_range(f"diag_step {t} layers {lo}-{hi}") if profiling else contextlib.nullcontext():
-                # Inputs: layer l >= 1 takes what layer l - 1 gave at the previous step (in both
-                # orders the cell before (l, s) is (l - 1, s)); layer 0 takes a new segment's rows.
-                parts = []
-                if lo == 0:
-                    s = cells[0][1]
-                    rows_of[s] = feed.rows(s)
-                    parts.append(rows_of[s].X[None])
-                if hi >= 1:
-                    parts.append(Y[max(lo - 1, 0) - prev_lo:hi - prev_lo])             # views of the last output
-                X = parts[0] if len(parts) == 1 else torch.cat(parts)                  # (G, B, T, d)
-                rows = [rows_of[s] for _, s in cells]
-                plain = all(r.mask is None and r.write_mask is None for r in rows)    # fixed shapes, no masks
-                done = all(settled[lo:hi + 1])   # no row on its first segment: the step skips those masks
-                # the compiled step: the plateau's plain, settled steps (one graph, fixed shapes)
-                run = full_step if full_step is not None and hi - lo + 1 == L and plain and done else step
-                Y, state = grouped_cells(run, layers, X, rows, state, lo, hi, n, read=any(has_memory[lo:hi + 1]),
-                                         settled=done)
-                prev_lo = lo
-                has_memory[lo:hi + 1] = [True] * (hi - lo + 1)
-                if plain:   # every row wrote
-                    settled[lo:hi + 1] = [True] * (hi - lo + 1)
-                if hi == L - 1:  # a segment leaves the last layer: final norm + LM head on its text rows only
-                    s = cells[-1][1]
-                    rows_of.pop(s)
-                    if outputs.wanted(s):
-                        a, e = seg.bounds[s]
-                        with torch.inference_mode(False) if infer else contextlib.nullcontext():
-                            outputs.add(s, Y[-1, :, :e - a])   # logits are made outside inference mode
+            if lo == 0:                                     # layer 0 takes a new segment's rows
+                r = rows_of[cells[0][1]] = feed.rows(cells[0][1])
+                unplain += r.mask is not None or r.write_mask is not None
+            if hi - lo == L - 1 and not unplain and all_settled and not profiling:
+                # The plateau, lean: every layer busy, every row plain and past its first segment.
+                # The step is called directly (the compiled one, if any) on the memory of all L
+                # layers held as three tensors; `state` is brought up to date when the plateau ends.
+                W_mem, z, first = held if held is not None else state.layers(0, L - 1)
+                X = r.X[None] if L == 1 else torch.cat([r.X[None], Y[:L - 1]])          # prev_lo is 0 here
+                Y, W_mem, z = (full_step or step)(X, layers=layers, lo=0, hi=L - 1, n_text=n, cos=r.cos, sin=r.sin,
+                                                  mask=None, W_mem=W_mem, z=z, is_first=None, write_mask=None,
+                                                  read=True)
+                held, prev_lo = (W_mem, z, first), 0
+            else:
+                if held is not None:
+                    state, held = state.replace(0, L - 1, *held), None
+                with profiler_range(f"diag_step {t} layers {lo}-{hi}") if profiling else contextlib.nullcontext():
+                    # Inputs: layer l >= 1 takes what layer l - 1 gave at the previous step (in both
+                    # orders the cell before (l, s) is (l - 1, s)); layer 0 takes a new segment's rows.
+                    parts = [r.X[None]] if lo == 0 else []
+                    if hi >= 1:
+                        parts.append(Y[max(lo - 1, 0) - prev_lo:hi - prev_lo])         # views of the last output
+                    X = parts[0] if len(parts) == 1 else torch.cat(parts)              # (G, B, T, d)
+                    rows = [rows_of[s] for _, s in cells]
+                    plain = all(r.mask is None and r.write_mask is None for r in rows)    # fixed shapes, no masks
+                    done = all(settled[lo:hi + 1])   # no row on its first segment: the step skips those masks
+                    # the compiled step: the plateau's plain, settled steps (one graph, fixed shapes)
+                    run = full_step if full_step is not None and hi - lo + 1 == L and plain and done else step
+                    Y, state = grouped_cells(run, layers, X, rows, state, lo, hi, n,
+                                             read=any(has_memory[lo:hi + 1]), settled=done)
+                    prev_lo = lo
+                    has_memory[lo:hi + 1] = [True] * (hi - lo + 1)
+                    if plain and not done:   # every row wrote
+                        settled[lo:hi + 1] = [True] * (hi - lo + 1)
+                        all_settled = all(settled)
+            if hi == L - 1:  # a segment leaves the last layer: final norm + LM head on its text rows only
+                s = cells[-1][1]
+                gone = rows_of.pop(s)
+                unplain -= gone.mask is not None or gone.write_mask is not None
+                if outputs.wanted(s):
+                    a, e = seg.bounds[s]
+                    with torch.inference_mode(False) if infer else contextlib.nullcontext():
+                        outputs.add(s, Y[-1, :, :e - a])   # logits are made outside inference mode
             if on_step is not None:
                 on_step(t, cells)
-        return state
+        return state if held is None else state.replace(0, L - 1, *held)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 16, **sampling) -> torch.Tensor:
