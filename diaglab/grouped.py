@@ -449,9 +449,12 @@ def profiler_range(name: str):
     return torch.profiler.record_function(name)
 
 
-def _phase(name: str):
-    """The range 'phase <name>' of a part of the grouped step (PHASES)."""
-    return profiler_range(f"phase {name}")
+_NO_RANGE = contextlib.nullcontext()
+
+
+def _phase(name: str, profiling: bool):
+    """The range 'phase <name>' of a part of the grouped step (PHASES), while a profiler runs."""
+    return profiler_range(f"phase {name}") if profiling else _NO_RANGE
 
 
 def grouped_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None,
@@ -517,15 +520,16 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
     dims = layers.dims
     H, Hkv, hd, kernel = dims.heads, dims.kv_heads, dims.head_dim, dims.kernel
     W = layers.slices(lo, hi)                                                   # views, no copy
+    profiling = not torch.compiler.is_compiling() and torch.autograd._profiler_enabled()   # checked once a step
     # 1. read: h <- h + A(h) for every row, once the layer has written (design §2)
     if read:
-        with _phase("read"):
+        with _phase("read", profiling):
             q = features(grouped_linear(X.reshape(G, B * T, d), W["W_mq.weight"], kernel=kernel),
                          dims.nu, dims.normalize, fast=True).view(G, B, T, -1)   # (G, B, T, dk)
             A = associative_read(q, W_mem, z).to(X.dtype)                        # (G, B, T, d)
             X = X + (A if is_first is None else A.masked_fill(is_first[:, :, None, None], 0))
     # 2. self-attention, the group folded into the batch
-    with _phase("attention"):
+    with _phase("attention", profiling):
         h = grouped_rms_norm(X, W["input_layernorm.weight"], dims.eps).reshape(G, B * T, d)
         qkv = grouped_linear(h, W["qkv_proj.weight"], W.get("qkv_proj.bias"), kernel=kernel)
         qkv = qkv.view(G * B, T, H + 2 * Hkv, hd)
@@ -539,14 +543,14 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
         att = att.transpose(1, 2).reshape(G, B * T, H * hd)
         X = X + grouped_linear(att, W["o_proj.weight"], W.get("o_proj.bias"), kernel=kernel).view(G, B, T, d)
     # 3. SwiGLU MLP
-    with _phase("mlp"):
+    with _phase("mlp", profiling):
         h = grouped_rms_norm(X, W["post_attention_layernorm.weight"], dims.eps).reshape(G, B * T, d)
         gate, up = grouped_linear(h, W["gate_up_proj.weight"], W.get("gate_up_proj.bias"),
                                   kernel=kernel).chunk(2, dim=-1)                # (G, B*T, F) each
         X = X + grouped_linear(F.silu(gate) * up, W["down_proj.weight"], W.get("down_proj.bias"),
                                kernel=kernel).view(G, B, T, d)
     # 4. write from the memory rows m of the output (design §2)
-    with _phase("write"):
+    with _phase("write", profiling):
         M = T - n_text
         m = X[:, :, n_text:].reshape(G, B * M, d)                                # (G, B*M, d)
         k_raw, v, b = grouped_linear(m, W["W_mkvb.weight"], kernel=kernel).split([dims.d_mem, d, 1], dim=-1)
