@@ -68,6 +68,7 @@ class RingExecutor:
         self._outputs: list[tuple[int, torch.Tensor]] = []   # the last step's runs: (first slot, Y (G, 1, T, d))
         self._memory: MemoryState | None = None   # slot l: the layer-l memory of the request passing through it
         self._inference = False                    # that memory was made in inference mode (under no_grad)
+        self._firsts: dict[tuple, torch.Tensor] = {}   # is_first patterns of a run, made once (never written to)
         self._rope: dict = {}                      # shared Segmented.rope of the requests in flight
         self._next_id = 0
 
@@ -167,7 +168,7 @@ class RingExecutor:
         self._requests.clear()
         self._queue.clear()
         self._slots = [None] * self.model.num_layers
-        self._outputs, self._memory, self._rope = [], None, {}
+        self._outputs, self._memory, self._rope, self._firsts = [], None, {}, {}
 
     def _feed(self) -> tuple[int, int] | None:
         """The next queued (request id, segment), or None when the queue is empty."""
@@ -207,10 +208,12 @@ class RingExecutor:
         # first segment, or a padded row's tail). Such a row reads nothing and writes into an
         # empty memory (associative_write), so a slot is never emptied. When no row of the run
         # starts one, the step skips those masks.
-        starts = [s <= req.first_full for req, (_, _, s) in zip(reqs, cells)]
+        starts = tuple(s <= req.first_full for req, (_, _, s) in zip(reqs, cells))
         settled, first = not any(starts), None
-        if not settled:
-            first = torch.tensor(starts, device=X.device)[:, None]                    # (G, 1) bool
+        if not settled:   # (G, 1) bool; a handful of patterns recur (one request's first segment moving down)
+            first = self._firsts.get(starts)
+            if first is None:
+                first = self._firsts[starts] = torch.tensor(starts, device=X.device)[:, None]
         Y, self._memory = grouped_cells(grouped, layers, X, rows, self._memory, lo, hi, model.config.segment_size,
                                         read=any(s > 0 for _, _, s in cells), settled=settled, is_first=first)
         finished = {}
