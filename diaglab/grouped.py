@@ -478,9 +478,9 @@ def grouped_linear_ref(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None 
 
 def grouped_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """x: (G, B, T, d); w: (G, d). LLaMA's RMSNorm (statistics in float32) per group element."""
-    x32 = x.float()
+    x32 = x if x.dtype == torch.float32 else x.float()    # (a cast to the same dtype still costs a call)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return w[:, None, None, :] * x32.to(x.dtype)
+    return w.reshape(w.shape[0], 1, 1, w.shape[1]) * (x32 if x.dtype == torch.float32 else x32.to(x.dtype))
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -526,7 +526,8 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
         with _phase("read", profiling):
             q = features(grouped_linear(X.reshape(G, B * T, d), W["W_mq.weight"], kernel=kernel),
                          dims.nu, dims.normalize, fast=True).view(G, B, T, -1)   # (G, B, T, dk)
-            A = associative_read(q, W_mem, z).to(X.dtype)                        # (G, B, T, d)
+            A = associative_read(q, W_mem, z)                                    # (G, B, T, d)
+            A = A if A.dtype == X.dtype else A.to(X.dtype)
             X = X + (A if is_first is None else A.masked_fill(is_first[:, :, None, None], 0))
     # 2. self-attention, the group folded into the batch
     with _phase("attention", profiling):
@@ -555,7 +556,7 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
         m = X[:, :, n_text:].reshape(G, B * M, d)                                # (G, B*M, d)
         k_raw, v, b = grouped_linear(m, W["W_mkvb.weight"], kernel=kernel).split([dims.d_mem, d, 1], dim=-1)
         k = features(k_raw, dims.nu, dims.normalize, fast=True).view(G, B, M, -1)   # (G, B, M, dk)
-        beta = torch.sigmoid(b + W["W_mb.bias"][:, None, :]).view(G, B, M, 1)
+        beta = torch.sigmoid(b + W["W_mb.bias"].unsqueeze(1)).view(G, B, M, 1)
         W_mem, z = associative_write(k, v.view(G, B, M, d), beta, W_mem, z, is_first,
                                      dims.correction, write_mask)
     return X, W_mem, z

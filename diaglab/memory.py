@@ -49,7 +49,7 @@ def associative_read(q: torch.Tensor, W_mem: torch.Tensor, z: torch.Tensor) -> t
     q: (..., T, dk) features phi(h W_mq^T); W_mem: (..., dk, d); z: (..., dk).
     Returns (..., T, d) in W_mem's dtype; the caller casts it back to the model dtype.
     """
-    q = q.to(W_mem.dtype)
+    q = q if q.dtype == W_mem.dtype else q.to(W_mem.dtype)
     num = q @ W_mem                                                        # (..., T, d)
     den = q @ z.unsqueeze(-1) + EPS                                        # (..., T, 1)
     return num / den
@@ -76,7 +76,8 @@ def associative_write(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
     Returns the new (W_mem, z); nothing is modified in place.
     """
     dt = W_mem.dtype
-    k, v, beta = k.to(dt), v.to(dt), beta.to(dt)
+    if k.dtype != dt or v.dtype != dt or beta.dtype != dt:   # (bf16 models keep a float32 memory)
+        k, v, beta = k.to(dt), v.to(dt), beta.to(dt)
     first = None if is_first is None else is_first[..., None]              # (..., 1)
     if first is not None:   # a first segment writes into an empty memory (a reused slot may hold another's)
         W_mem, z = W_mem.masked_fill(first[..., None], 0.0), z.masked_fill(first, 0.0)
