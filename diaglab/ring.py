@@ -34,10 +34,10 @@ import torch
 
 from .armt import ARMT, ARMTOutput
 from .diagonal import DiagonalExecutor, check_no_dropout
-from .grouped import grouped_cells, profiler_range
+from .grouped import grouped_cells, grouped_layer, profiler_range
 from .generation import check_sampling, decode
 from .memory import MemoryState
-from .segments import Segmented, SegmentFeed, SegmentOutputs, SegmentRows, validate_ids
+from .segments import Segmented, SegmentOutputs, SegmentRows, segment_rows, validate_ids
 
 RingStepHook = Callable[[int, list], None]   # on_step(t, cells): cells [(layer, request id, segment)]
 
@@ -46,7 +46,6 @@ RingStepHook = Callable[[int, list], None]   # on_step(t, cells): cells [(layer,
 class _Request:
     seg: Segmented
     outputs: SegmentOutputs
-    feed: SegmentFeed
     rows: dict[int, SegmentRows] = field(default_factory=dict)   # segment -> rows, while in flight
     fed: int = 0                                                   # segments fed into slot 0 so far
     first_full: int = 0   # the first segment that fills the row (it writes); segments up to it start a memory
@@ -55,7 +54,10 @@ class _Request:
 
 class RingExecutor:
     """runner.run([ids_a, ids_b, ...]) -> one ARMTOutput per request, in order, each equal to
-    model(ids_i) alone; or submit(...) requests and call step() until they are done."""
+    model(ids_i) alone; or submit(...) requests and call step() until they are done.
+    Under autograd a grouped step computes several requests at once, so their graphs share
+    nodes: call backward once, on the sum of the requests' losses (a request's own backward
+    frees nodes the others still need; pass retain_graph=True to go request by request)."""
 
     def __init__(self, model: ARMT, kernel: str = "bmm"):
         self._diag = DiagonalExecutor(model, kernel=kernel)   # weights, fallback and checks: shared logic
@@ -85,7 +87,6 @@ class RingExecutor:
         labels = None if labels is None else self._one_row(labels, "labels", like=ids)
         seg, _ = self.model.prepare(ids, mask, labels, None, keep_logits)
         return _Request(seg, SegmentOutputs(seg, keep_logits, self.model.base.lm_head, self.model.base.model.norm),
-                        SegmentFeed(self.model, seg),
                         first_full=next((s for s, full in enumerate(seg.full) if full), seg.num_segments))
 
     def _enqueue(self, req: _Request) -> int:
@@ -120,18 +121,13 @@ class RingExecutor:
         Returns {request id: output} for the requests whose last segment left the ring now."""
         model = self.model
         check_no_dropout(model)
-        # Under torch.no_grad the ring's steps run in inference mode, as DiagonalExecutor's do; its
-        # memory then lives in inference tensors until the queue drains, and what it returns is
-        # made outside inference mode (ordinary tensors).
-        infer = not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         if self._memory is not None and self._inference and torch.is_grad_enabled():
             raise RuntimeError("this queue started under torch.no_grad (its memory lives in inference tensors) and "
                                "cannot continue under autograd; step it under torch.no_grad until runner.pending "
                                "== 0, then submit the requests that need gradients")
         finished: dict[int, ARMTOutput] = {}
         try:
-            with torch.inference_mode() if infer else contextlib.nullcontext():
-                self._step(on_step, finished, infer)
+            self._step(on_step, finished)
         except Exception as err:
             lost = sorted(set(self._requests) | set(finished))
             self._clear()
@@ -141,7 +137,7 @@ class RingExecutor:
             self._clear()   # drained: the next request may meet another dtype, device or grad mode
         return finished
 
-    def _step(self, on_step, finished: dict, infer: bool) -> None:
+    def _step(self, on_step, finished: dict) -> None:
         """The body of step(): shift, feed, run the busy slots; finished requests go into `finished`."""
         model = self.model
         # 1. shift: slot k takes what slot k-1 held; slot 0 takes the next queued segment
@@ -149,13 +145,19 @@ class RingExecutor:
         busy = [(l, *cell) for l, cell in enumerate(self._slots) if cell is not None]
         if not busy:
             return
-        if self._memory is None:
+        if self._memory is None:   # a queue starts: its grad mode decides for all its steps
             self._memory = model.empty_state(1)
-            self._inference = torch.is_inference_mode_enabled()
+            self._inference = torch.is_inference_mode_enabled() or not torch.is_grad_enabled()
         layers, grouped = self._diag.layer_stack()
+        # A queue started under torch.no_grad runs its grouped steps in inference mode, as
+        # DiagonalExecutor does (its memory then lives in inference tensors until the queue drains,
+        # and what it returns is made outside inference mode). Steps through the model's own modules
+        # (hooks, adapters) run outside it, so hooks never see inference tensors; a queue started
+        # under autograd never uses it, even for a step taken under no_grad.
+        infer = self._inference and grouped is grouped_layer and not torch.is_inference_mode_enabled()
         t = self.step_count
         prev, self._outputs = self._outputs, []
-        with profiler_range(f"ring_step {t}"):
+        with profiler_range(f"ring_step {t}"), torch.inference_mode() if infer else contextlib.nullcontext():
             for run in _runs(busy):   # 2. consecutive busy slots: one grouped call each
                 finished.update(self._run(run, layers, grouped, prev, infer))
         self.step_count += 1
@@ -178,7 +180,8 @@ class RingExecutor:
             if req.fed < req.seg.num_segments:
                 s = req.fed
                 req.fed += 1
-                req.rows[s] = req.feed.rows(s)
+                # built when fed, not ahead: the model may change between two ring steps
+                req.rows[s] = segment_rows(self.model, req.seg, s, pad=True)
                 if req.fed == req.seg.num_segments:
                     self._queue.pop(0)
                 return rid, s

@@ -307,3 +307,57 @@ def test_no_grad_queue_returns_ordinary_tensors_and_stays_in_its_mode():
         while runner.pending:
             done = runner.step()
     assert_same(_alone(model, a), done[rid], 1e-5)
+
+
+def test_a_queue_keeps_the_grad_mode_it_started_in():
+    """A queue started under autograd runs every step outside inference mode, also a step taken
+    under no_grad in between (its tensors meet later autograd steps): no crash, every request
+    equals itself alone, and the summed loss backpropagates."""
+    model = live_model(layers=3)
+    reqs = [random_ids(1, N, seed=i) for i, N in enumerate([16, 8, 24, 9])]
+    for when in (1, 4):
+        runner = RingExecutor(model)
+        rids = [runner.submit(r, labels=r) for r in reqs]
+        done, t = {}, 0
+        while runner.pending:
+            with torch.no_grad() if t == when else torch.enable_grad():
+                done.update(runner.step())
+            t += 1
+        sum(done[r].loss for r in rids).backward()
+        model.zero_grad()
+        for rid, ids in zip(rids, reqs):
+            assert_same(_alone(model, ids, labels=ids), done[rid], 1e-5)
+
+
+def test_segments_fed_after_a_model_change_use_the_new_weights():
+    """The ring embeds a segment when it is fed: with one layer a step is one segment, so changing
+    the embedding or the memory tokens between steps must act like two calls of the model."""
+    for change in (lambda m: m.base.model.embed_tokens.weight.mul_(1.5), lambda m: m.memory.mul_(1.5)):
+        model, twin = live_model(layers=1), live_model(layers=1)
+        ids = random_ids(1, 40, seed=1)                           # 5 segments of 8
+        runner = RingExecutor(model)
+        with torch.no_grad():
+            rid = runner.submit(ids)
+            done = runner.step()                                  # segment 0, old weights
+            change(model)
+            while runner.pending:
+                done.update(runner.step())
+            first = twin(ids[:, :8])
+            change(twin)
+            rest = twin(ids[:, 8:], state=first.state)
+        assert rel(done[rid].logits, torch.cat([first.logits, rest.logits], 1)) <= 1e-5
+        assert rel(done[rid].state.W_mem, rest.state.W_mem) <= 1e-5
+
+
+def test_hooks_in_a_no_grad_queue_see_ordinary_tensors():
+    """With a hook the ring runs the model's own modules; those steps run outside inference mode,
+    so what a hook keeps can be used under autograd later, as with model(ids)."""
+    model = live_model(layers=2)
+    kept = []
+    model.base.model.layers[1].register_forward_hook(lambda m, i, o: kept.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad(), pytest.warns(UserWarning, match="grouped_layer_ref"):
+        RingExecutor(model).run([random_ids(1, 20, seed=3), random_ids(1, 12, seed=4)])
+    assert kept and not any(t.is_inference() for t in kept)
+    probe = torch.randn(kept[0].shape[-1], requires_grad=True)
+    (kept[0] @ probe).sum().backward()
+    assert probe.grad is not None
