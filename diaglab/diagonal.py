@@ -168,6 +168,7 @@ class DiagonalExecutor:
         model = self.model
         check_no_dropout(model)
         seg, state = model.prepare(input_ids, attention_mask, labels, state, keep_logits)
+        state = state.own_first()   # settled steps pass is_first on: the result must not alias the caller's
         layers, step = self.layer_stack()
         full_step = self._full_step() if step is grouped_layer else None
         L, n = model.num_layers, model.config.segment_size

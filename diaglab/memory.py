@@ -224,6 +224,12 @@ class MemoryState:
                   for blk in self._blocks]
         return MemoryState._of_blocks(blocks, self.open_ids)
 
+    def own_first(self) -> "MemoryState":
+        """This state with is_first copied (W_mem and z shared). A step that knows no row is on its
+        first segment keeps is_first as it is; the executor works on such a copy so that what it
+        returns never aliases the caller's tensor."""
+        return MemoryState._of_blocks([(a, b, W, z, f.clone()) for a, b, W, z, f in self._blocks], self.open_ids)
+
     def detach(self) -> "MemoryState":
         return MemoryState(self.W_mem.detach(), self.z.detach(), self.is_first, self.open_ids)
 

@@ -243,7 +243,8 @@ class SegmentFeed:
     a run of segments at a time: consecutive plain segments (every row full, so no mask) get
     their rows [embed(tokens) ; memory] from ONE embedding call and ONE concatenation, up to
     CHUNK_BYTES of rows; any other segment comes from segment_rows itself. The values are
-    segment_rows' own (an embedding is a lookup, the concatenation a copy). The diagonal
+    segment_rows' own (an embedding is a lookup, the concatenation a copy); an embedding with a
+    hook, or not a bare nn.Embedding, is called segment by segment (_plain_embedding). The diagonal
     executor feeds its steps from it: between two grouped steps a CPU's caches hold the step's
     weights, not the interpreter's, and a per-segment embedding call measured ~80 µs there
     against ~13 µs in a loop of its own (`tiny`)."""
@@ -262,7 +263,7 @@ class SegmentFeed:
             return got
         seg, model = self.seg, self.model
         n, S = seg.segment_size, seg.num_segments
-        if not self._plain(s):
+        if not self._plain(s) or not _plain_embedding(model.base.model.embed_tokens):
             return segment_rows(model, seg, s, pad=True)
         M, d = model.config.num_mem_tokens, model.hidden_size
         B = seg.ids.shape[0]
@@ -284,6 +285,17 @@ class SegmentFeed:
     def _plain(self, s: int) -> bool:
         a, e = self.seg.bounds[s]
         return self.seg.full[s] and e - a == self.seg.segment_size
+
+
+def _plain_embedding(emb) -> bool:
+    """Whether one embedding call over several segments gives what one call per segment gives:
+    a bare nn.Embedding (a lookup) with no hook of its own, no `forward` set on the instance and
+    no global module hook. A hook may depend on the call's length (transformers' NEFTune noise is
+    scaled by 1 / sqrt(length x d)), so anything else is called segment by segment, as the
+    sequential model calls it."""
+    m = torch.nn.modules.module
+    return (type(emb) is torch.nn.Embedding and not (emb._forward_hooks or emb._forward_pre_hooks)
+            and "forward" not in emb.__dict__ and not (m._global_forward_hooks or m._global_forward_pre_hooks))
 
 
 _CAUSAL: dict[tuple, torch.Tensor] = {}   # (T, device) -> (T, T) lower-triangular bool, never written to

@@ -408,3 +408,40 @@ def test_segment_feed_gives_segment_rows_own_values(monkeypatch, chunk_segments)
             seq = model(ids[:, :7 * n], attention_mask=m, labels=ids[:, :7 * n])
             diag = DiagonalExecutor(model)(ids[:, :7 * n], attention_mask=m, labels=ids[:, :7 * n])
             assert_same(seq, diag, 1e-5, real=None if m is None else m.bool())
+
+
+def test_an_embedding_hook_sees_one_segment_per_call_as_in_the_model():
+    """The executor embeds runs of segments with one call only for a bare nn.Embedding: a hook
+    whose output depends on the call's length (as transformers' NEFTune noise does) is called
+    segment by segment, as the sequential model calls it, and the numbers agree."""
+    model = live_model(layers=2)
+    ids = random_ids(1, 40, seed=2)
+    shapes = []
+
+    def by_position(module, args, out):                   # depends on the length of the call
+        shapes.append(tuple(out.shape))
+        return out + 0.01 * torch.arange(out.shape[1], dtype=out.dtype)[None, :, None]
+    model.base.model.embed_tokens.register_forward_hook(by_position)
+    with torch.no_grad():
+        seq = model(ids)
+        n_seq, shapes[:] = list(shapes), []
+        diag = DiagonalExecutor(model)(ids)
+    assert shapes == n_seq == [(1, 8, 128)] * 5
+    assert_same(seq, diag, 1e-5)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_a_returned_state_never_aliases_the_one_passed_in(layers):
+    """Steps that know no row is on its first segment pass is_first on unchanged; the executor
+    works on a copy, so editing a returned state in place (say, to start a row on a new document)
+    leaves the state it continued from as it was — as with the sequential model."""
+    model = live_model(layers=layers)
+    ids = random_ids(2, 48, seed=6)
+    with torch.no_grad():
+        first = DiagonalExecutor(model)(ids[:, :16]).state
+        before = first.is_first.clone()
+        out = DiagonalExecutor(model)(ids[:, 16:], state=first)
+        out.state.is_first[:, 0] = True
+        assert torch.equal(first.is_first, before)
+        again = DiagonalExecutor(model)(ids[:, 16:], state=first)
+        assert_same(model(ids[:, 16:], state=first), again, 1e-5)
