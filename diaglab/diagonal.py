@@ -171,10 +171,6 @@ class DiagonalExecutor:
         state = state.own_first()   # settled steps pass is_first on: the result must not alias the caller's
         layers, step = self.layer_stack()
         full_step = self._full_step() if step is grouped_layer else None
-        L, n = model.num_layers, model.config.segment_size
-        has_memory = model.has_memory(state)
-        settled = (~state.is_first).all(dim=1).tolist()    # (L,) host flags: every row of the layer has written
-        rows_of = {}                                        # segment -> its SegmentRows, while in flight
         outputs = SegmentOutputs(seg, keep_logits, model.base.lm_head, model.base.model.norm)
         # Under torch.no_grad the grouped steps run in inference mode: the same kernels with less
         # dispatch per operation (measured 7-10 % on a `tiny` step). What the call returns is made
@@ -182,17 +178,20 @@ class DiagonalExecutor:
         # caller gets ordinary tensors, usable later under autograd.
         infer = step is grouped_layer and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         with torch.inference_mode() if infer else contextlib.nullcontext():
-            state = self._run(model, seg, layers, step, full_step, state, has_memory, settled, rows_of, outputs,
-                              infer, on_step)
+            state = self._run(seg, layers, step, full_step, state, outputs, infer, on_step)
         logits, loss = outputs.result()
         if infer:
             state = state.ordinary()
         return ARMTOutput(logits, loss, state.with_open(seg.open_ids()))
 
-    def _run(self, model, seg, layers, step, full_step, state, has_memory, settled, rows_of, outputs, infer,
-             on_step):
+    def _run(self, seg, layers, step, full_step, state, outputs, infer, on_step):
         """The steps of one call; returns the final memory state."""
+        model = self.model
         L, n = model.num_layers, model.config.segment_size
+        written = ~state.is_first                           # (L, B); read once (one device sync)
+        has_memory = written.any(dim=1).tolist()            # (L,) host flags: the layer has written for some row
+        settled = written.all(dim=1).tolist()               # ... for every row
+        rows_of = {}                                        # segment -> its SegmentRows, while in flight
         feed = SegmentFeed(model, seg)                      # segments' rows, a run of them at a time
         profiling = torch.autograd._profiler_enabled()      # (the step ranges' names are made only then)
         unplain = 0                                         # segments in flight with a mask or a write mask
