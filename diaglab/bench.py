@@ -95,14 +95,6 @@ def make_inputs(model: ARMT, segments: Sequence[int] | None = None, lengths: Seq
 
 
 # ---- what each mode runs --------------------------------------------------------------
-def full_group_step(model: ARMT, executor: DiagonalExecutor, batch: int) -> Callable[[], object]:
-    """One grouped step with all L layers busy (every layer past its first segment, so the
-    associative read runs too) on the shapes of a full segment: the ideal-even-load unit.
-    Give it an executor of its own (executors() builds one, "ideal"): its RoPE tables differ
-    from a real run's, and a shared layer stack would rebuild its cached ones every call."""
-    return even_load_run(model, executor, batch, steps=1)
-
-
 def even_load_run(model: ARMT, executor: DiagonalExecutor, batch: int, steps: int) -> Callable[[], object]:
     """The ideal even load, run (design §3): `steps` full-group steps back to back, each taking
     the last one's output and memory the way the executor's plateau does (X <- [a new
@@ -136,7 +128,7 @@ def even_load_run(model: ARMT, executor: DiagonalExecutor, batch: int, steps: in
 
 def executors(model: ARMT, compiled: bool = False) -> dict[str, DiagonalExecutor]:
     """The diagonal and the grouped-sequential executor (and, if asked, the compiled diagonal
-    one) on the same model, and one for the ideal mode's full_group_step, each with its weights
+    one) on the same model, and one for the ideal mode's even_load_run, each with its weights
     stacked and its layer stack built up front, so a first timed call pays no set-up even with
     no warm-up (they share one set of stacks: grouped.TiedStacks adopts existing ones)."""
     execs = {"diagonal": DiagonalExecutor(model),

@@ -70,11 +70,11 @@ def test_lengths_cut_into_segments_and_full_attention_can_be_capped():
         ("full", 40, 2), ("diagonal", 40, 2), ("diagonal", 100, 4)]
 
 
-def test_full_group_step_shapes_and_speedups():
+def test_one_even_load_step_shapes_and_speedups():
     model = diaglab.from_preset("tiny", **TINY).eval()
     ex = diaglab.DiagonalExecutor(model)
     with torch.no_grad():
-        Y, W_mem, z = bench.full_group_step(model, ex, batch=2)()
+        Y, W_mem, z = bench.even_load_run(model, ex, batch=2, steps=1)()
     assert Y.shape == (2, 2, 32 + 8, 128)                         # (G = L, B, T, d)
     assert W_mem.shape == (2, 2, model.config.d_key, 128) and z.shape == (2, 2, model.config.d_key)
     with pytest.raises(ValueError, match="unknown modes"):
