@@ -44,7 +44,7 @@ def save(model, path: str | os.PathLike, extra: dict | None = None, drop: tuple[
     log): written in step 1, so they and the weights are replaced together or not at all.
     """
     path = Path(os.path.realpath(path))  # '.' gets a name; a symlinked checkpoint is replaced where it lives
-    _check_target(path)
+    check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = _sibling(path, "saving")
     os.mkdir(new)  # not tempfile.mkdtemp: its mode 0700 would replace the directory's own
@@ -61,9 +61,10 @@ def save(model, path: str | os.PathLike, extra: dict | None = None, drop: tuple[
         raise
 
 
-def _check_target(path: Path) -> None:
+def check_target(path: Path) -> None:
     """Refuse to replace anything but a missing path, an empty directory or a checkpoint:
-    save_pretrained(a_project_dir) must not swap the user's files away."""
+    save_pretrained(a_project_dir) must not swap the user's files away. The training command
+    lines call it before they train (train.check_out), so a refusal never comes after the work."""
     if Path(os.getcwd()).resolve().is_relative_to(path):
         raise ValueError(f"{path} is or holds the working directory; replacing it would leave this process in a "
                          "deleted directory: give a path outside it, e.g. from its parent")

@@ -213,13 +213,11 @@ def check_out(out: str, force_overwrite: bool) -> None:
     """Raise unless the output directory out is writable (or can be made), and is new, empty or
     a checkpoint that force_overwrite allows to replace. Shared by diaglab.train and diaglab.babilong."""
     _check_writable_dir(out, "--out")
-    path = Path(out)
-    if path.is_dir() and (path / "armt_config.json").exists() and not force_overwrite:
+    path = Path(os.path.realpath(out))
+    checkpoint.check_target(path)   # what the save would refuse, refused before the training
+    if (path / "armt_config.json").is_file() and not force_overwrite:
         raise FileExistsError(f"--out {out} already holds a checkpoint; choose another --out, or pass "
                               "--force-overwrite (force_overwrite=True) to replace it")
-    if path.is_dir() and any(path.iterdir()) and not (path / "armt_config.json").exists():
-        raise FileExistsError(f"--out {out} is a non-empty directory without a checkpoint: "
-                              "choose a new or empty directory")
 
 
 def preflight(cfg: TrainConfig) -> None:

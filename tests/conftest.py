@@ -72,3 +72,9 @@ def cli_error_in_a_process(module: str, argv, prog: str | None = None) -> str:
     done = subprocess.run([sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True,
                           cwd=root, env=env, timeout=300)
     return assert_cli_error(done.returncode, done.stderr, prog, done.stdout)
+
+
+def no_work(*args, **kwargs):
+    """Patched over a command line's training, evaluation or model building: a bad argument must
+    stop the command before any of them."""
+    raise AssertionError("work started before the arguments were checked")

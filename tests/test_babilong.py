@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_error, cli_error_in_a_process
+from conftest import cli_error, cli_error_in_a_process, live_model, no_work
 
 import diaglab
 from diaglab import babilong, stories, tasks, train, viz
@@ -215,10 +215,6 @@ def _tiny(out, **kw) -> babilong.StoryTrainConfig:
                                                eval_every=1, eval_samples=2, progress=False), **kw})
 
 
-def _no_work(*args, **kwargs):
-    raise AssertionError("work started before the arguments were checked")
-
-
 def test_continuing_into_the_same_directory_keeps_one_earlier_stage(tmp_path, one_thread):
     d = tmp_path / "run"
     babilong.train(_tiny(d))
@@ -235,12 +231,19 @@ def test_training_never_replaces_the_shipped_checkpoint_by_default(tmp_path, mon
     assert default.startswith("runs/babilong-") and not Path(default).is_absolute()
     before = {p.name: p.stat().st_mtime_ns for p in CKPT.iterdir()}
     for name in ("build_model", "_train", "run_eval"):
-        monkeypatch.setattr(babilong, name, _no_work)
+        monkeypatch.setattr(babilong, name, no_work)
     err = cli_error(babilong.main, ["--out", CKPT, "--steps", "1"], capsys, "python -m diaglab.babilong")
     assert "already holds a checkpoint" in err and "--force-overwrite" in err
     with pytest.raises(FileExistsError, match="--force-overwrite"):
         babilong.train(_tiny(CKPT))
     babilong.preflight(_tiny(CKPT, force_overwrite=True))                    # explicit: allowed (not run here)
+    ck = tmp_path / "ck"
+    live_model().save_pretrained(ck)
+    (ck / "sub").mkdir()
+    monkeypatch.chdir(ck / "sub")   # replacing ck would strand the process: refused before training
+    err = cli_error(babilong.main, ["--out", "..", "--force-overwrite", "--steps", "1"], capsys,
+                    "python -m diaglab.babilong")
+    assert "holds the working directory" in err
     assert {p.name: p.stat().st_mtime_ns for p in CKPT.iterdir()} == before
     assert babilong.parse_args(["--force-overwrite"]).force_overwrite is True
 

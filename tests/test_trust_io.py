@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import assert_cli_error, cli_error_in_a_process, live_model
+from conftest import assert_cli_error, cli_error, cli_error_in_a_process, live_model, no_work
 
 import diaglab
 from diaglab import checkpoint, schedule, train
@@ -259,15 +259,11 @@ def _tiny(out, **kw) -> train.TrainConfig:
                                        eval_every=1, eval_samples=2, progress=False), **kw})
 
 
-def _no_work(*args, **kwargs):
-    raise AssertionError("work started before the arguments were checked")
-
-
 def run_cli(argv, monkeypatch, capsys) -> tuple[int, str]:
     """train.main(argv) with training, evaluation and model building replaced by a failure:
     a bad argument must stop the CLI before any of them."""
     for name in ("train", "run_eval", "build_model"):
-        monkeypatch.setattr(train, name, _no_work)
+        monkeypatch.setattr(train, name, no_work)
     with pytest.raises(SystemExit) as exit_:
         train.main([str(a) for a in argv])
     return exit_.value.code, capsys.readouterr().err
@@ -322,6 +318,13 @@ def test_cli_checks_the_output_path_before_training(tmp_path, monkeypatch, capsy
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("mine")
     assert_one_line_error(*run_cli(["--out", tmp_path / "notes"], monkeypatch, capsys), "non-empty directory")
+    ck = tmp_path / "ck"
+    live_model().save_pretrained(ck)
+    (ck / "sub").mkdir()
+    monkeypatch.chdir(ck / "sub")   # replacing ck would leave the process in a deleted directory: refused now,
+    assert_one_line_error(*run_cli(["--out", "..", "--force-overwrite"], monkeypatch, capsys),   # not after training
+                          "holds the working directory")
+    monkeypatch.chdir(tmp_path)
     locked = tmp_path / "locked"
     locked.mkdir()
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != locked)   # root may write anywhere: simulate
@@ -333,7 +336,7 @@ def test_training_never_replaces_the_shipped_checkpoint_by_default(tmp_path, mon
     assert_one_line_error(*run_cli(["--out", SHIPPED, "--steps", "1"], monkeypatch, capsys),
                           "already holds a checkpoint", "--force-overwrite")
     monkeypatch.undo()
-    monkeypatch.setattr(train, "build_model", _no_work)
+    monkeypatch.setattr(train, "build_model", no_work)
     with pytest.raises(FileExistsError, match="--force-overwrite"):
         train.train(_tiny(SHIPPED))
     train.preflight(_tiny(SHIPPED, force_overwrite=True))   # explicit: allowed (not run here)
@@ -346,7 +349,7 @@ def test_init_from_must_match_the_checkpoint(tmp_path, monkeypatch, capsys):
                         monkeypatch, capsys)
     assert_one_line_error(code, err, "segment_size (--segment-size) is 16 but the checkpoint", "has 8")
     monkeypatch.undo()
-    monkeypatch.setattr(train, "make_batch", _no_work)
+    monkeypatch.setattr(train, "make_batch", no_work)
     with pytest.raises(ValueError, match="segment_size .* is 16 but the checkpoint"):
         train.train(_tiny(tmp_path / "b", init_from=first.out, segment_size=16))
     (tmp_path / "a" / "train_log.json").unlink()
@@ -362,7 +365,7 @@ def test_train_restores_the_thread_count(tmp_path, monkeypatch, fail):
     before = torch.get_num_threads()
     cfg = _tiny(tmp_path / "run", threads=before + 1)
     if fail:
-        monkeypatch.setattr(train, "make_batch", _no_work)
+        monkeypatch.setattr(train, "make_batch", no_work)
     try:
         if fail:
             with pytest.raises(AssertionError, match="work started"):
