@@ -47,8 +47,8 @@ from .armt import ARMT
 from .diagonal import DiagonalExecutor
 from .presets import tiny_armt
 from .stories import SENTENCE, VOCAB, StoryBatch, qa1_single_fact
-from .train import (EVAL_SEED, Curriculum, _check_shape, _Parser, _threads, _write_json,
-                    add_config_flags, answer_logits, check_out, guarded_step, log_record, optimiser, predict,
+from .train import (EVAL_SEED, Curriculum, _check_float, _check_shape, _Parser, _threads, _write_json,
+                    add_config_flags, check_model_shape, answer_logits, check_out, guarded_step, log_record, optimiser, predict,
                     read_init_log, read_log)
 from .train import checkpoint_shape as _model_shape
 
@@ -104,10 +104,14 @@ class StoryTrainConfig:
         if self.facts > self.max_segments - 1:
             raise ValueError(f"facts ({self.facts}) must be at most max_segments - 1 = {self.max_segments - 1} "
                              f"(one fact per segment, none in the question's): raise --max-segments or lower --facts")
-        if not 0 < self.promote_at <= 1:
-            raise ValueError(f"promote_at must be in (0, 1], got {self.promote_at}")
-        if self.lr <= 0 or self.minutes < 0:
-            raise ValueError(f"lr must be > 0 and minutes >= 0, got lr={self.lr}, minutes={self.minutes}")
+        for name in ("lr", "promote_at"):
+            _check_float(name, getattr(self, name), positive=True)
+        for name in ("minutes", "weight_decay"):
+            _check_float(name, getattr(self, name), positive=False)
+        if self.promote_at > 1:
+            raise ValueError(f"promote_at (--promote-at) is an accuracy in (0, 1], got {self.promote_at}")
+        check_model_shape(self.hidden, self.heads, self.kv_heads, self.segment_size, self.num_mem_tokens, self.d_mem,
+                          normalize_keys=True)   # as build_model makes it
         if not isinstance(self.out, str) or not self.out:
             raise ValueError(f"out must name a directory, got {self.out!r}")
         if not isinstance(self.init_from, str):

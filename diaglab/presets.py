@@ -60,6 +60,19 @@ def _check_bool(name: str, value) -> None:
         raise ValueError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
+def check_heads(hidden: int, heads: int, kv_heads: int, head_dim: int | None = None) -> None:
+    """Raise unless heads divides hidden, kv_heads divides heads, and the head size is even (RoPE
+    rotates channel pairs). llama_config and the training configs check with it."""
+    if hidden % heads or heads % kv_heads:
+        raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads}), "
+                         f"and heads by kv_heads ({kv_heads})")
+    head_dim = head_dim or hidden // heads
+    if head_dim % 2:
+        source = "head_dim" if head_dim != hidden // heads else f"hidden {hidden} / heads {heads}"
+        raise ValueError(f"the head size ({source} = {head_dim}) is odd, and RoPE rotates channel pairs: "
+                         "choose a width and heads whose quotient is even")
+
+
 def llama_config(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int,
                  intermediate: int | None = None, rope_theta: float = 10000.0,
                  tie_word_embeddings: bool = False, llama3_rope: bool = False, max_positions: int = 4096,
@@ -78,14 +91,7 @@ def llama_config(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int
         raise ValueError(f"rope_theta must be a finite number > 0, got {rope_theta!r}")
     _check_bool("tie_word_embeddings", tie_word_embeddings)
     _check_bool("llama3_rope", llama3_rope)
-    if hidden % heads or heads % kv_heads:
-        raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads}), "
-                         f"and heads by kv_heads ({kv_heads})")
-    head_dim = extra.get("head_dim") or hidden // heads
-    if head_dim % 2:
-        source = "head_dim" if extra.get("head_dim") else f"hidden {hidden} / heads {heads}"
-        raise ValueError(f"the head size ({source} = {head_dim}) is odd, and RoPE rotates channel pairs: "
-                         "choose a width and heads whose quotient is even")
+    check_heads(hidden, heads, kv_heads, extra.get("head_dim"))
     rope = {"rope_type": "default", "rope_theta": rope_theta}
     if llama3_rope:  # LLaMA-3.2's frequency scaling
         rope = {"rope_type": "llama3", "rope_theta": rope_theta, "factor": 32.0, "low_freq_factor": 1.0,

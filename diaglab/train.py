@@ -50,7 +50,7 @@ from ._checks import check_int
 from .armt import ARMT
 from .config import ARMTConfig
 from .diagonal import DiagonalExecutor
-from .presets import tiny_armt
+from .presets import check_heads, tiny_armt
 from .tables import format_table
 from .tasks import TaskBatch, TaskVocab, associative_recall, fixed_samples, needle_in_a_haystack, save_samples
 
@@ -123,14 +123,8 @@ class TrainConfig:
             raise ValueError(f"{_name('out')} must name a directory, got {self.out!r}")
         if not isinstance(self.init_from, str):
             raise ValueError(f"{_name('init_from')} must be a directory name or '', got {self.init_from!r}")
-        if self.hidden % self.heads or self.heads % self.kv_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads}) and heads by "
-                             f"kv_heads ({self.kv_heads}): change --hidden, --heads or --kv-heads")
-        try:  # e.g. d_mem too small for the DPFP order
-            ARMTConfig(segment_size=self.segment_size, num_mem_tokens=self.num_mem_tokens, d_mem=self.d_mem,
-                       normalize_keys=self.normalize_keys)
-        except ValueError as e:
-            raise ValueError(f"the memory settings make no ARMTConfig: {e}") from None
+        check_model_shape(self.hidden, self.heads, self.kv_heads, self.segment_size, self.num_mem_tokens,
+                          self.d_mem, self.normalize_keys)
 
     @classmethod
     def continuing(cls, init_from: str, **fields) -> "TrainConfig":
@@ -148,6 +142,22 @@ SHAPE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "segment_size", "num_me
 def _name(field_name: str) -> str:
     """A field as the library and the CLI call it, e.g. 'segment_size (--segment-size)'."""
     return f"{field_name} (--{field_name.replace('_', '-')})"
+
+
+def check_model_shape(hidden: int, heads: int, kv_heads: int, segment_size: int, num_mem_tokens: int, d_mem: int,
+                      normalize_keys: bool) -> None:
+    """Raise, naming the flags, unless these sizes make a model (presets.check_heads, and an
+    ARMTConfig: e.g. d_mem too small for the DPFP order). Both training configs check with it, so a
+    bad size stops a command line before any work."""
+    try:
+        check_heads(hidden, heads, kv_heads)
+    except ValueError as e:
+        raise ValueError(f"{e}: change --hidden, --heads or --kv-heads") from None
+    try:
+        ARMTConfig(segment_size=segment_size, num_mem_tokens=num_mem_tokens, d_mem=d_mem,
+                   normalize_keys=normalize_keys)
+    except ValueError as e:
+        raise ValueError(f"the memory settings make no ARMTConfig: {e}") from None
 
 
 def _check_float(name: str, value, positive: bool) -> None:

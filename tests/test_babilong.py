@@ -173,6 +173,12 @@ def test_evaluate_layout_on_a_fresh_model():
                                         (["--init-from", "data/babilong", "--sentences", "3"], "the model's shape comes from the checkpoint"),
                                         (["--eval-batch", "0", "--eval", "data/babilong"], "--eval-batch must be"),
                                         (["--layers", "two"], "invalid int value: 'two'"),
+                                        (["--hidden", "30", "--heads", "4"], "hidden (30) must be divisible by heads"),
+                                        (["--hidden", "6", "--heads", "2", "--kv-heads", "1"], "head size"),
+                                        (["--d-mem", "1"], "the memory settings make no ARMTConfig"),
+                                        (["--lr", "nan"], "lr (--lr) must be a finite number > 0"),
+                                        (["--minutes", "-1"], "minutes (--minutes) must be a finite number >= 0"),
+                                        (["--promote-at", "2"], "promote_at (--promote-at) is an accuracy"),
                                         (["--bogus"], "unrecognized arguments: --bogus")])
 def test_cli_errors_are_one_line_with_exit_status_2(argv, match, capsys):
     assert match in cli_error(babilong.main, argv, capsys, "python -m diaglab.babilong")

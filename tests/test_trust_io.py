@@ -291,6 +291,7 @@ def assert_one_line_error(code, err, *needles):
     (["--task", "copy"], "--task"),
     (["--hidden", "30"], "hidden (30) must be divisible by heads (4)"),
     (["--heads", "4", "--kv-heads", "3"], "heads by kv_heads (3)"),
+    (["--hidden", "6", "--heads", "2", "--kv-heads", "1"], "the head size (hidden 6 / heads 2 = 3) is odd"),
     (["--num-mem-tokens", "0"], "--num-mem-tokens"),
 ])
 def test_cli_rejects_bad_values_before_any_work(tmp_path, monkeypatch, capsys, argv, needle):
