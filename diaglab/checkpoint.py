@@ -148,21 +148,22 @@ def load(cls, path: str | os.PathLike, device=None):
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: the checkpoint at {path} is incomplete; "
                                 "save the model again with save_pretrained")
-    # ordinary tensors even when loaded under torch.inference_mode: the model stays trainable
-    with _seeded(0), torch.inference_mode(False):   # the skeleton's init is overwritten; keep the caller's RNG
-        model = cls(LlamaForCausalLM(base_cfg), meta["armt"])
+    # ordinary tensors even when loaded under torch.inference_mode (buffers cast, a move to a device
+    # included): the model stays trainable
     with torch.inference_mode(False):
+        with _seeded(0):   # the skeleton's init is overwritten; keep the caller's RNG
+            model = cls(LlamaForCausalLM(base_cfg), meta["armt"])
         try:
             tensors = load_file(str(weights))
         except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
             raise ValueError(f"{weights} cannot be read ({e}): the file is damaged; save the model again") from None
         _assign(model, tensors, path)
-    _match_unsaved_buffers(model)
-    if str(model.dtype).removeprefix("torch.") != meta["dtype"]:
-        raise ValueError(f"{path}: armt_config.json says dtype {meta['dtype']} but model.memory is stored "
-                         f"as {model.dtype}; the files come from different saves: save the model again")
-    model.eval()  # like transformers: a loaded model is for inference until .train() is called
-    return model.to(device) if device is not None else model
+        _match_unsaved_buffers(model)
+        if str(model.dtype).removeprefix("torch.") != meta["dtype"]:
+            raise ValueError(f"{path}: armt_config.json says dtype {meta['dtype']} but model.memory is stored "
+                             f"as {model.dtype}; the files come from different saves: save the model again")
+        model.eval()  # like transformers: a loaded model is for inference until .train() is called
+        return model.to(device) if device is not None else model
 
 
 def read_base_config(path: str | os.PathLike):

@@ -126,11 +126,15 @@ def test_save_through_a_symlink_and_not_over_the_working_directory(tmp_path, mon
         b.save_pretrained(tmp_path / "real")
 
 
-def test_a_model_loaded_under_inference_mode_can_be_trained(tmp_path):
+@pytest.mark.parametrize("device", [None, "meta", "cpu"])   # a move to a device happens inside load too
+def test_a_model_loaded_under_inference_mode_can_be_trained(tmp_path, device):
     live_model(seed=5).save_pretrained(tmp_path / "ck")
     with torch.inference_mode():
-        model = diaglab.ARMT.from_pretrained(tmp_path / "ck")
-    assert not any(p.is_inference() for p in model.parameters())
+        moved = diaglab.ARMT.from_pretrained(tmp_path / "ck", device=device)
+    assert not any(t.is_inference() for t in [*moved.parameters(), *moved.buffers()])
+    if device == "meta":
+        return
+    model = moved
     model(torch.randint(0, 256, (1, 12)), labels=torch.randint(0, 256, (1, 12))).loss.backward()
     assert all(p.grad is not None for p in model.base.model.layers[0].parameters())
 
