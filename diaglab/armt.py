@@ -211,7 +211,7 @@ class ARMT(nn.Module):
         memory write waits, and out.state carries its tokens (state.open_ids) to the next call."""
         seg, state = self.prepare(input_ids, attention_mask, labels, state, keep_logits)
         has_memory = self.has_memory(state)
-        outputs = SegmentOutputs(seg, keep_logits, self.base.lm_head, self.base.model.norm)
+        outputs = SegmentOutputs(seg, keep_logits, self.base)
         layers = self.layer_stack()
         for s in range(seg.num_segments):
             rows = segment_rows(self, seg, s)                                   # [embed ; memory], positions, mask

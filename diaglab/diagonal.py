@@ -171,7 +171,7 @@ class DiagonalExecutor:
         state = state.own_first()   # settled steps pass is_first on: the result must not alias the caller's
         layers, step = self.layer_stack()
         full_step = self._full_step() if step is grouped_layer else None
-        outputs = SegmentOutputs(seg, keep_logits, model.base.lm_head, model.base.model.norm)
+        outputs = SegmentOutputs(seg, keep_logits, model.base)
         # Under torch.no_grad the grouped steps run in inference mode: the same kernels with less
         # dispatch per operation (measured 7-10 % on a `tiny` step). What the call returns is made
         # outside it — logits and loss by SegmentOutputs, the memory copied out at the end — so a

@@ -172,7 +172,7 @@ def run_stage(block: ARMT, span: Span, L: int, seg: Segmented, link: Link,
     layers, step = DiagonalExecutor(block).layer_stack()
     state = block.empty_state(B)
     has_memory = [False] * (b - a)
-    outputs = SegmentOutputs(seg, "all", block.base.lm_head, block.base.model.norm) if b == L else None
+    outputs = SegmentOutputs(seg, "all", block.base) if b == L else None
     hidden: dict[int, torch.Tensor] = {}   # segment -> its rows (B, T, d) between two of this block's layers
     tables: dict[int, SegmentRows] = {}    # segment -> positions and masks, while in the block
     for u, cells in enumerate(sched.iter_diagonal(b - a, seg.num_segments)):

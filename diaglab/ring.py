@@ -86,7 +86,7 @@ class RingExecutor:
         mask = None if attention_mask is None else self._one_row(attention_mask, "attention_mask", like=ids)
         labels = None if labels is None else self._one_row(labels, "labels", like=ids)
         seg, _ = self.model.prepare(ids, mask, labels, None, keep_logits)
-        return _Request(seg, SegmentOutputs(seg, keep_logits, self.model.base.lm_head, self.model.base.model.norm),
+        return _Request(seg, SegmentOutputs(seg, keep_logits, self.model.base),
                         first_full=next((s for s, full in enumerate(seg.full) if full), seg.num_segments))
 
     def _enqueue(self, req: _Request) -> int:

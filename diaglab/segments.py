@@ -357,8 +357,10 @@ class SegmentOutputs:
 
     FLUSH_LOGITS = 1 << 22   # logits per chunk (16 MB in float32)
 
-    def __init__(self, seg: Segmented, keep_logits: str, lm_head, norm):
-        self.seg, self.keep_logits, self.lm_head, self.norm = seg, keep_logits, lm_head, norm
+    def __init__(self, seg: Segmented, keep_logits: str, base):
+        """base: the LlamaForCausalLM whose final norm and LM head make the logits."""
+        self.seg, self.keep_logits = seg, keep_logits
+        self.lm_head, self.norm, self.vocab = base.lm_head, base.model.norm, base.config.vocab_size
         self.logits: list[torch.Tensor] = []
         self.loss_sum, self.count = 0.0, 0
         self._pending: list[tuple[int, int, int, torch.Tensor]] = []   # (s, a, e, text rows) waiting
@@ -379,7 +381,7 @@ class SegmentOutputs:
             text = text.clone()   # a view into a whole group's output: keep only these rows alive
         self._pending.append((s, a, e, text))
         self._pending_tokens += text.shape[0] * text.shape[1]
-        if (self._pending_tokens + text.shape[0] * text.shape[1]) * self.lm_head.out_features > self.FLUSH_LOGITS:
+        if (self._pending_tokens + text.shape[0] * text.shape[1]) * self.vocab > self.FLUSH_LOGITS:
             self.flush()   # the next segment of this size would overflow the chunk
 
     def flush(self) -> None:

@@ -445,3 +445,13 @@ def test_a_returned_state_never_aliases_the_one_passed_in(layers):
         assert torch.equal(first.is_first, before)
         again = DiagonalExecutor(model)(ids[:, 16:], state=first)
         assert_same(model(ids[:, 16:], state=first), again, 1e-5)
+
+
+def test_a_wrapped_lm_head_needs_no_out_features():
+    """The logits' chunking reads the vocabulary from the config, so an LM head wrapped in another
+    module (no out_features) works in both orders, with the same numbers."""
+    model = live_model(layers=2)
+    model.base.lm_head = torch.nn.Sequential(model.base.lm_head)
+    ids = random_ids(2, 30, seed=8)
+    with torch.no_grad():
+        assert_same(model(ids, labels=ids), DiagonalExecutor(model)(ids, labels=ids), 1e-5)
