@@ -105,6 +105,7 @@ def even_load_run(model: ARMT, executor: DiagonalExecutor, batch: int, steps: in
     1.87 against 1.58 ms a step, which let the diagonal run look faster than its own ideal).
     Returns the last step's (Y, W_mem, z)."""
     check_int("steps", steps, 1)
+    check_int("batch", batch, 1)
     L, n, M = model.num_layers, model.config.segment_size, model.config.num_mem_tokens
     d, dev = model.hidden_size, model.device
     with torch.no_grad():   # the tied stacks the timed runs use, not in-graph copies
@@ -203,6 +204,9 @@ def measure(fns: dict[str, Callable[[], object]], device: torch.device, warmup: 
     times = interleaved(fns, warmup, repeats, lambda fn: timed(fn, device)[1])
     peaks = {}
     for mode in fns:
+        if mode == PEAK_MODE:   # the torch.mm round is timed, not a mode whose memory is reported
+            peaks[mode] = None
+            continue
         with PeakMemory(device) as pm:
             fns[mode]()
         peaks[mode] = pm.bytes
@@ -413,6 +417,7 @@ def run_queue_bench(model: ARMT, requests: Sequence[torch.Tensor], modes: Sequen
     with torch.no_grad():
         ends: dict[str, list[list[float]]] = interleaved(fns, warmup, repeats, lambda fn: fn())
     L, n = model.num_layers, model.config.segment_size
+    machine = flops.machine(model.device)   # the allocator setting included
     S = [math.ceil(ids.shape[1] / n) for ids in requests]
     steps = {"ring": sum(S) + L - 1, "back_to_back": sum(s + L - 1 for s in S), "batched": max(S) * L,
              "ideal": sum(S)}
@@ -428,7 +433,7 @@ def run_queue_bench(model: ARMT, requests: Sequence[torch.Tensor], modes: Sequen
                          latency_ms=[statistics.median(e[i] for e in ends[mode]) * 1e3 for i in range(len(S))],
                          steps=steps[mode], even_load_steps=sum(S), segment_size=n,
                          num_mem_tokens=model.config.num_mem_tokens, repeats=repeats,
-                         threads=torch.get_num_threads()))
+                         threads=torch.get_num_threads(), hidden=model.hidden_size, machine=machine))
     return rows
 
 
@@ -723,8 +728,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.queue is None and args.queue_segments is not None:
         p.error("--queue-segments shapes the requests of --queue R: add --queue, or drop --queue-segments")
     if args.queue is not None:
-        ignored = [flag for flag in ("segments", "lengths", "modes", "batch", "full_max_tokens")
+        ignored = [flag for flag in ("segments", "lengths", "modes", "batch", "full_max_tokens", "widths")
                    if getattr(args, flag) is not None]
+        if len(args.dtype) > 1:
+            p.error(f"--queue measures one queue in one dtype, got --dtype {','.join(args.dtype)}: run once per dtype")
         if ignored:
             p.error(f"--queue measures one queue of requests in its own modes ({','.join(QUEUE_MODES)}): drop "
                     + ", ".join("--" + flag.replace("_", "-") for flag in ignored))

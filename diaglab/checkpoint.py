@@ -43,6 +43,9 @@ def save(model, path: str | os.PathLike, extra: dict | None = None, drop: tuple[
     extra: file name -> writer(path) for files that belong with these weights (a training
     log): written in step 1, so they and the weights are replaced together or not at all.
     """
+    for name in (extra or {}):   # a file beside the weights, not one of them nor anywhere else
+        if not isinstance(name, str) or name in FILES or Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"extra file name {name!r} must be a plain file name other than {FILES}")
     path = Path(os.path.realpath(path))  # '.' gets a name; a symlinked checkpoint is replaced where it lives
     check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)

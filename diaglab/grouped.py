@@ -572,6 +572,9 @@ def grouped_cells(step: Callable, layers: LayerStack, X: torch.Tensor, rows: lis
     False): the step then skips its first-segment masks and is_first stays as it is.
     is_first: (G, B), when the caller knows better than the state which rows start a layer's
     memory (the ring: a request's first segment meets a slot another request left)."""
+    if settled and is_first is not None:
+        raise ValueError("grouped_cells: settled=True says no row is on its first segment; an is_first "
+                         "tensor contradicts it — give one or the other")
     cos, sin, mask, wmask = stack_rows(rows)
     W_mem, z, first = state.layers(lo, hi)                                    # (G, B, dk, d), (G, B, dk), (G, B)
     if is_first is not None:

@@ -220,6 +220,9 @@ class MemoryState:
         """This state with any tensor made under torch.inference_mode copied into an ordinary
         one (the executor runs its steps in inference mode under no_grad; what it returns must
         work under autograd later). Call it outside inference mode; other tensors are shared."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("MemoryState.ordinary() inside torch.inference_mode would make inference tensors "
+                               "again: call it outside (with torch.inference_mode(False): ...)")
         blocks = [tuple(t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t for t in blk)
                   for blk in self._blocks]
         return MemoryState._of_blocks(blocks, self.open_ids)

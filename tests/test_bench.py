@@ -124,6 +124,9 @@ def test_even_load_run_chains_S_full_group_steps(monkeypatch):
         assert after["W_mem"] is W_mem and after["z"] is z                # the memory the last step wrote
     with pytest.raises(ValueError, match="steps"):
         bench.even_load_run(model, ex, batch=1, steps=0)
+    for batch in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="batch"):
+            bench.even_load_run(model, ex, batch=batch, steps=1)
 
 
 def test_cli_writes_json_csv_html_and_a_table(tmp_path, capsys):

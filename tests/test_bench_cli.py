@@ -143,6 +143,8 @@ def test_the_command_itself_prints_one_line():
     (["--queue", "2", "--modes", ",".join(bench.MODES)], "drop --modes"),     # even the default, when given
     (["--queue", "2", "--segments", "2", "--batch", "1"], "drop --segments, --batch"),
     (["--queue", "2", "--lengths", "64"], "drop --lengths"),
+    (["--queue", "2", "--widths", "64,128"], "drop --widths"),                # rows of one queue, one width
+    (["--queue", "2", "--dtype", "float32,bfloat16"], "--queue measures one queue in one dtype"),
     (["--queue-segments", "2,4"], "--queue-segments shapes the requests of --queue R: add --queue"),
 ])
 def test_hostile_flag_is_one_line_and_exit_code_2(rejected, argv, says):

@@ -127,3 +127,12 @@ def test_a_first_segment_writes_into_an_empty_memory_whatever_the_state_holds(wr
     assert torch.equal(got[0][1], held[0][1]) and torch.equal(got[1][1], held[1][1])     # row 1: its own
     if not write:
         assert not got[0][0].any() and not got[1][0].any()                  # kept: the empty memory
+
+
+def test_ordinary_refuses_to_run_inside_inference_mode():
+    """Inside inference mode a copy would be an inference tensor again: a clear error instead."""
+    with torch.inference_mode():
+        state = MemoryState.empty(2, 1, 6, 4)
+        with pytest.raises(RuntimeError, match="outside"):
+            state.ordinary()
+    assert not state.ordinary().W_mem.is_inference()

@@ -137,6 +137,7 @@ def test_queue_bench_rows_and_cli(tmp_path, capsys):
     S = by["ring"]["request_segments"]
     assert by["ring"]["steps"] == sum(S) + 1 and by["back_to_back"]["steps"] == sum(s + 1 for s in S)
     assert all(len(r["latency_ms"]) == 3 and r["seconds"] > 0 for r in rows)
+    assert all(r["machine"]["malloc"] and r["hidden"] == model.hidden_size for r in rows)   # what it ran on
     assert by["batched"]["latency_ms"] == [by["batched"]["latency_ms"][0]] * 3      # one batch: all at the end
     lat = by["back_to_back"]["latency_ms"]
     assert lat == sorted(lat)                                                         # one after another

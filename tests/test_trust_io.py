@@ -110,6 +110,15 @@ def test_save_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("name", ["armt_config.json", "model.safetensors", "../x.json", "sub/x.json", ""])
+def test_save_refuses_an_extra_file_that_is_no_plain_name_beside_the_weights(tmp_path, name):
+    """checkpoint.save(extra=...) writes files beside the weights: never over them, never elsewhere."""
+    from diaglab import checkpoint
+    with pytest.raises(ValueError, match="plain file name"):
+        checkpoint.save(live_model(), tmp_path / "ck", extra={name: lambda p: p.write_text("{}")})
+    assert not any(tmp_path.iterdir())
+
+
 def test_save_through_a_symlink_and_not_over_the_working_directory(tmp_path, monkeypatch):
     live_model(seed=5).save_pretrained(tmp_path / "real")
     (tmp_path / "link").symlink_to(tmp_path / "real")

@@ -169,3 +169,14 @@ def test_executor_skips_first_segment_masks_only_where_every_row_has_written(mon
     assert [(lo, hi, f is None) for lo, hi, f in seen] == [(0, 0, False), (0, 1, False), (1, 2, False),
                                                            (2, 2, True)]
     assert seen[0][2].tolist() == [[False, True]]        # layer 0, segment 0: row 1 is first, row 0 is not
+
+
+def test_grouped_cells_refuses_settled_with_an_is_first():
+    """settled=True (no row is first) and an is_first tensor contradict each other: refused, not stored."""
+    from diaglab.grouped import grouped_cells
+    model = live_model(layers=4)
+    X, args = _step_inputs(model, 2, 0, 1, padded=False, partial=False)
+    layers, _ = DiagonalExecutor(model).layer_stack()
+    with pytest.raises(ValueError, match="contradicts"):
+        grouped_cells(grouped_layer, layers, X, [], model.empty_state(2), 0, 1, args["n_text"], True,
+                      settled=True, is_first=args["is_first"])
