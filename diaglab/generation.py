@@ -96,17 +96,19 @@ def generate(model, prefill_fn, input_ids, max_new_tokens: int = 16, do_sample: 
     if n_full > 0:  # 1. prefill
         out = prefill_fn(ids[:, :n_full], state=state, keep_logits="last_segment")
         state, last_logits = out.state, out.logits[:, -1]
-    return decode(model, prefill_fn, ids, state, last_logits, max_new_tokens, do_sample, temperature, top_k,
+    return _decode(model, prefill_fn, ids, state, last_logits, max_new_tokens, do_sample, temperature, top_k,
                   top_p, generator)
 
 
 @torch.no_grad()
-def decode(model, prefill_fn, ids: torch.Tensor, state: MemoryState, last_logits: torch.Tensor | None,
+def _decode(model, prefill_fn, ids: torch.Tensor, state: MemoryState, last_logits: torch.Tensor | None,
            max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Steps 2 and 3 for prompts ids (B, N) whose full segments are already in `state`
     (last_logits: the prefill's logits at its last token, or None when there was none).
-    prefill_fn commits each segment that generation completes. Returns (B, N + max_new_tokens)."""
+    prefill_fn commits each segment that generation completes. Returns (B, N + max_new_tokens).
+    Internal: the callers (generate, RingExecutor.generate) have checked ids, the sampling
+    arguments and that state is this batch's, from the prefill of ids' full segments."""
     n = model.config.segment_size
     open_seg = ids[:, (ids.shape[1] // n) * n:]                               # (B, r), r < n
     cache = DynamicCache(config=model.base.config)                            # the open segment's K, V

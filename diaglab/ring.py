@@ -35,7 +35,7 @@ import torch
 from .armt import ARMT, ARMTOutput
 from .diagonal import DiagonalExecutor, check_no_dropout
 from .grouped import grouped_cells, grouped_layer, profiler_range
-from .generation import check_sampling, decode
+from .generation import _decode, check_sampling
 from .memory import MemoryState
 from .segments import Segmented, SegmentOutputs, SegmentRows, segment_rows, validate_ids
 
@@ -289,8 +289,8 @@ class RingExecutor:
         for i, ids in enumerate(prompts):                                        # 2-3. decode each
             state, last = ((done[rids[i]].state, done[rids[i]].logits[:, -1]) if i in rids
                            else (model.empty_state(1), None))
-            results.append(decode(model, self._diag, ids, state, last, max_new_tokens, do_sample, temperature,
-                                  top_k, top_p, generator))
+            results.append(_decode(model, self._diag, ids, state, last, max_new_tokens, do_sample, temperature,
+                                   top_k, top_p, generator))
         return results
 
 
