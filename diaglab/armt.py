@@ -188,15 +188,18 @@ class ARMT(nn.Module):
 
     # ---- one segment through all layers (design §1-2) ----------------------------------
     def segment_step(self, rows: SegmentRows, state: MemoryState, has_memory: list[bool],
-                     layers: LayerStack | None = None) -> tuple[torch.Tensor, MemoryState]:
+                     layers: LayerStack | None = None,
+                     settled: list[bool] | None = None) -> tuple[torch.Tensor, MemoryState]:
         """Segment rows (B, T, d) through layers 0..L-1 -> output rows (B, T, d), new state.
         has_memory: (L,) host flags (has_memory()); after the step every layer has written.
-        layers: layer_stack(), when the caller runs several segments (built once per call)."""
+        layers: layer_stack(), when the caller runs several segments (built once per call).
+        settled: (L,) host flags, every row of the layer has written (its first-segment masks are
+        skipped, as the executor skips them), or None."""
         layers = self.layer_stack() if layers is None else layers
         h = rows.X[None]                                                        # (1, B, T, d): G = 1
         for l in range(self.num_layers):
             h, state = grouped_cells(grouped_layer_ref, layers, h, [rows], state, l, l, rows.n_text,
-                                     has_memory[l])   # the executor's grid step, on the range (l, l)
+                                     has_memory[l], settled=bool(settled and settled[l]))   # the executor's step
         return h[0], state
 
     def forward(self, input_ids, attention_mask=None, labels=None, state: MemoryState | None = None,
@@ -210,13 +213,17 @@ class ARMT(nn.Module):
         for any k. A segment the input ends inside stays open: its tokens get logits, its
         memory write waits, and out.state carries its tokens (state.open_ids) to the next call."""
         seg, state = self.prepare(input_ids, attention_mask, labels, state, keep_logits)
-        has_memory = self.has_memory(state)
+        state = state.own_first()   # settled steps pass is_first on: the result must not alias the caller's
+        written = ~state.is_first                                               # (L, B), read once
+        has_memory, settled = written.any(dim=1).tolist(), written.all(dim=1).tolist()
         outputs = SegmentOutputs(seg, keep_logits, self.base)
         layers = self.layer_stack()
         for s in range(seg.num_segments):
             rows = segment_rows(self, seg, s)                                   # [embed ; memory], positions, mask
-            h, state = self.segment_step(rows, state, has_memory, layers)
+            h, state = self.segment_step(rows, state, has_memory, layers, settled)
             has_memory = [True] * self.num_layers
+            if rows.write_mask is None:                                         # every row wrote
+                settled = [True] * self.num_layers
             outputs.add(s, h[:, :rows.n_text])            # text rows only
         logits, loss = outputs.result()
         return ARMTOutput(logits, loss, state.with_open(seg.open_ids()))

@@ -431,16 +431,18 @@ def test_an_embedding_hook_sees_one_segment_per_call_as_in_the_model():
 
 
 @pytest.mark.parametrize("layers", [1, 3])
-def test_a_returned_state_never_aliases_the_one_passed_in(layers):
+@pytest.mark.parametrize("order", ["model", "executor"])
+def test_a_returned_state_never_aliases_the_one_passed_in(layers, order):
     """Steps that know no row is on its first segment pass is_first on unchanged; the executor
     works on a copy, so editing a returned state in place (say, to start a row on a new document)
     leaves the state it continued from as it was — as with the sequential model."""
     model = live_model(layers=layers)
     ids = random_ids(2, 48, seed=6)
     with torch.no_grad():
-        first = DiagonalExecutor(model)(ids[:, :16]).state
+        run = model if order == "model" else DiagonalExecutor(model)
+        first = run(ids[:, :16]).state
         before = first.is_first.clone()
-        out = DiagonalExecutor(model)(ids[:, 16:], state=first)
+        out = run(ids[:, 16:], state=first)
         out.state.is_first[:, 0] = True
         assert torch.equal(first.is_first, before)
         again = DiagonalExecutor(model)(ids[:, 16:], state=first)
