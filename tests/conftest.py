@@ -78,3 +78,12 @@ def no_work(*args, **kwargs):
     """Patched over a command line's training, evaluation or model building: a bad argument must
     stop the command before any of them."""
     raise AssertionError("work started before the arguments were checked")
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (scripts/ is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

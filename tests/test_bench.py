@@ -4,13 +4,13 @@ rows, runs joined by scripts/merge_reports.py. No timing thresholds. (Bad flags:
 test_bench_cli.py.)"""
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import plotly.graph_objects as go
 import pytest
 import torch
+from conftest import load_script
 
 import diaglab
 from diaglab import bench, viz
@@ -33,11 +33,7 @@ def run_tiny(segments=None, lengths=None, dtypes=(torch.float32,), **kw):
 
 
 def merge_reports():
-    """scripts/merge_reports.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("merge_reports", ROOT / "scripts" / "merge_reports.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("merge_reports")
 REQUIRED = {"mode", "dtype", "device", "preset", "layers", "segments", "tokens", "seconds", "seconds_min",
             "seconds_max", "tokens_per_s", "peak_mem_bytes"}
 

@@ -3,7 +3,7 @@ any work, the argparse way: exit code 2 and one line on stderr that names the fl
 traceback. Measuring is stubbed to fail, so a value that slips through fails the test
 instead of starting a benchmark."""
 
-import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_error, cli_error_in_a_process
+from conftest import cli_error, cli_error_in_a_process, load_script
 
 from diaglab import bench
 
@@ -19,10 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def merge_main(argv):
-    spec = importlib.util.spec_from_file_location("merge_reports", ROOT / "scripts" / "merge_reports.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_script("merge_reports").main(argv)
 
 
 @pytest.fixture
@@ -173,10 +170,22 @@ def test_two_outputs_on_one_file_are_rejected(rejected, tmp_path):
 
 
 def dist_main(argv):
-    spec = importlib.util.spec_from_file_location("dist_bench", ROOT / "scripts" / "dist_bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_script("dist_bench").main(argv)
+
+
+def test_step_costs_script_writes_its_figures(tmp_path):
+    """scripts/step_costs.py (the figures behind the README's account of a step's fixed cost)."""
+    out = load_script("step_costs").main(["--repeats", "1", "--calls", "2", "--threads", "1",
+                                          "--json", str(tmp_path / "c.json")])
+    L = out["layers"]
+    assert set(out["ms"]) >= {"G=1", f"G={L}", "full, minimal widths", "full, alone",
+                              "full, back to back (even_load_run)", "full, no inference mode"}
+    assert json.loads((tmp_path / "c.json").read_text())["ms"] == out["ms"] and out["machine"]["cpu_capability"]
+
+
+def test_step_costs_script_refuses_bad_flags(rejected):
+    for argv in (["--repeats", "0"], ["--threads", "0"], ["--preset", "llama_1b"], ["--preset", "huge"]):
+        rejected(load_script("step_costs").main, argv)
 
 
 @pytest.mark.parametrize("argv, says", [
