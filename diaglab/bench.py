@@ -102,7 +102,8 @@ def even_load_run(model: ARMT, executor: DiagonalExecutor, batch: int, steps: in
     first-segment mask is needed), in inference mode under no_grad as the executor runs them.
     Timing it gives t(full group) x S in the steady state of a run's plateau, where one call
     timed alone and scaled by S would include a cold start S times (on a 2-core CPU, `tiny`:
-    1.87 against 1.58 ms a step, which let the diagonal run look faster than its own ideal).
+    1.76 against 1.54 ms a step in scripts/step_costs.py, which let the diagonal run look faster than its
+    own ideal).
     Returns the last step's (Y, W_mem, z)."""
     check_int("steps", steps, 1)
     check_int("batch", batch, 1)

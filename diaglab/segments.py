@@ -246,8 +246,8 @@ class SegmentFeed:
     segment_rows' own (an embedding is a lookup, the concatenation a copy); an embedding with a
     hook, or not a bare nn.Embedding, is called segment by segment (_plain_embedding). The diagonal
     executor feeds its steps from it: between two grouped steps a CPU's caches hold the step's
-    weights, not the interpreter's, and a per-segment embedding call measured ~80 µs there
-    against ~13 µs in a loop of its own (`tiny`)."""
+    weights, not the interpreter's, so each call there costs several times what it costs in a
+    loop of its own."""
 
     CHUNK_BYTES = 8 << 20   # rows made ahead at most (one segment alone if it is bigger)
     MAX_SEGMENTS = 64
