@@ -48,9 +48,10 @@ from .diagonal import DiagonalExecutor
 from .presets import tiny_armt
 from .stories import SENTENCE, VOCAB, StoryBatch, qa1_single_fact
 from .train import (EVAL_SEED, Curriculum, _check_float, _check_shape, _Parser, _threads, _write_json,
-                    add_config_flags, check_model_shape, answer_logits, check_out, guarded_step, log_record, optimiser, predict,
-                    read_init_log, read_log)
+                    add_config_flags, answer_logits, check_model_shape, check_out, continued, guarded_step,
+                    log_record, optimiser, predict, read_init_log, read_log)
 from .train import checkpoint_shape as _model_shape
+from .train import config_from_args as train_config_from_args
 
 LENGTH_FACTORS = (1, 2, 4, 8, 16, 32)
 # the fields that a checkpoint fixes: with init_from they must match it
@@ -125,9 +126,7 @@ class StoryTrainConfig:
         """A config that trains on from the checkpoint init_from: the model's shape (SHAPE_FIELDS)
         is read from it, so the log records the model actually trained; a shape field given here
         must agree with it."""
-        shape = checkpoint_shape(init_from)
-        _check_shape(init_from, {k: v for k, v in fields.items() if k in shape}, shape)
-        return cls(**{**fields, **shape, "init_from": init_from})
+        return continued(cls, checkpoint_shape, init_from, fields)
 
     @property
     def segment_size(self) -> int:
@@ -389,18 +388,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace) -> StoryTrainConfig:
-    """The StoryTrainConfig of a command line: defaults, or with --init-from the checkpoint's shape."""
-    given = {k: v for k, v in vars(args).items() if k in StoryTrainConfig.__dataclass_fields__}
-    return StoryTrainConfig.continuing(**given) if given.get("init_from") else StoryTrainConfig(**given)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:   # every argument is checked here, so a bad one ends in one line and exit status 2
         check_int("--samples", args.samples, 1)
         check_int("--eval-batch", args.eval_batch, 1)
-        cfg = config_from_args(args)
+        cfg = train_config_from_args(args, StoryTrainConfig)
         if args.eval:
             checkpoint_config(args.eval)
         else:

@@ -130,9 +130,16 @@ class TrainConfig:
     def continuing(cls, init_from: str, **fields) -> "TrainConfig":
         """A config that trains on from the checkpoint init_from: the model's shape (SHAPE_FIELDS)
         is read from it; a shape field given here must agree with it."""
-        shape = checkpoint_shape(init_from)
-        _check_shape(init_from, {k: v for k, v in fields.items() if k in shape}, shape)
-        return cls(**{**fields, **shape, "init_from": init_from})
+        return continued(cls, checkpoint_shape, init_from, fields)
+
+
+def continued(cls, shape_of, init_from: str, fields: dict):
+    """cls (a training config) that trains on from the checkpoint init_from: the shape fields come
+    from shape_of(init_from), and a shape field given in fields must agree with it. Both
+    training configs' `continuing` are this."""
+    shape = shape_of(init_from)
+    _check_shape(init_from, {k: v for k, v in fields.items() if k in shape}, shape)
+    return cls(**{**fields, **shape, "init_from": init_from})
 
 
 # the fields that a checkpoint fixes: with init_from they must match it
@@ -619,12 +626,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of a command line: defaults, or with --init-from the checkpoint's shape."""
-    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    if given.get("init_from"):
-        return TrainConfig.continuing(**given)
-    return TrainConfig(**given)
+def config_from_args(args: argparse.Namespace, cls=TrainConfig):
+    """The config (TrainConfig, or babilong's StoryTrainConfig) of a command line: defaults, or with
+    --init-from the checkpoint's shape."""
+    given = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
+    return cls.continuing(**given) if given.get("init_from") else cls(**given)
 
 
 def main(argv: list[str] | None = None) -> None:
