@@ -10,6 +10,10 @@ Modes, all inference under torch.no_grad on one model and one input:
   diagonal            DiagonalExecutor: L + S - 1 grouped steps
   ideal               the paper's ideal even load, run: S grouped steps of G = L layers on
                       the real shapes, back to back, each fed by the last (even_load_run)
+  schedule            (opt-in) the diagonal schedule's own L + S - 1 grouped steps, bare: the
+                      ramps' partial groups included, none of the executor's work (schedule_run).
+                      diagonal / schedule is the executor's overhead, schedule / ideal what the
+                      ramps cost on this machine
 ARMT modes keep only the last segment's logits (keep_logits="last_segment").
 
 Modes run interleaved — every repeat visits each mode once, starting from a different
@@ -54,7 +58,8 @@ from .tables import format_table
 MODES = ("full", "sequential", "sequential_grouped", "diagonal", "ideal")
 # opt-in: DiagonalExecutor(compile=True), its first call pays the compile (tens of seconds on a CPU;
 # the warm-up rounds absorb it and each row reports it as compile_seconds)
-ALL_MODES = MODES + ("diagonal_compiled",)
+# opt-in too: the bare diagonal schedule (schedule_run), which splits diagonal / ideal into its two causes
+ALL_MODES = MODES + ("diagonal_compiled", "schedule")
 ROW_KEYS = ("mode", "dtype", "device", "preset", "layers", "segments", "tokens", "seconds", "seconds_min",
             "seconds_max", "tokens_per_s", "peak_mem_bytes", "batch", "segment_size", "num_mem_tokens",
             "repeats", "threads")
@@ -128,6 +133,50 @@ def even_load_run(model: ARMT, executor: DiagonalExecutor, batch: int, steps: in
     return run
 
 
+def schedule_run(model: ARMT, executor: DiagonalExecutor, batch: int, segments: int) -> Callable[[], object]:
+    """The diagonal schedule itself, bare: its L + S - 1 grouped steps, group sizes 1, 2, ..., L,
+    ..., L, ..., 2, 1, each fed by the last as in even_load_run (layer 0 takes a new segment's
+    rows, layer l what layer l - 1 gave, each layer its own memory), in inference mode under
+    no_grad — and nothing else: no embedding, no first-segment masks (every step reads and
+    writes as a settled one; a layer's memory starts at zero), no MemoryState bookkeeping, no
+    LM head. It splits diagonal / ideal in two measured factors: schedule / ideal, what the
+    ramps' partial groups cost on this machine (each step pays its launches whatever its size;
+    the anti-diagonal order cannot avoid them), and diagonal / schedule, the executor's own work.
+    Returns the last step's (Y, W_mem, z) (the last layer's)."""
+    check_int("segments", segments, 1)
+    check_int("batch", batch, 1)
+    L, n, M = model.num_layers, model.config.segment_size, model.config.num_mem_tokens
+    d, dev = model.hidden_size, model.device
+    with torch.no_grad():
+        layers, step = executor.layer_stack()
+    gen = torch.Generator().manual_seed(0)
+    X0 = torch.randn(1, batch, n + M, d, generator=gen).to(dev, model.dtype)        # a new segment's rows
+    cos, sin = model.base.model.rotary_emb(X0[0], torch.arange(n + M, device=dev)[None])
+    empty = model.empty_state(batch)
+    W0, z0 = empty.W_mem, empty.z                                                   # (L, B, dk, d), (L, B, dk)
+
+    def run():
+        with torch.inference_mode() if not torch.is_grad_enabled() else contextlib.nullcontext():
+            Y, W_mem, z, prev_lo = None, None, None, 0
+            for t in range(L + segments - 1):
+                lo, hi = max(0, t - segments + 1), min(t, L - 1)
+                parts = [X0] if lo == 0 else []
+                if hi >= 1:   # layers max(lo, 1)..hi take what the layer below gave at the last step
+                    parts.append(Y[max(lo - 1, 0) - prev_lo:hi - prev_lo])
+                X = parts[0] if len(parts) == 1 else torch.cat(parts)
+                if t == 0:
+                    W_mem, z = W0[:1], z0[:1]
+                else:         # the layers still busy keep what they wrote; a layer starting now, zeros
+                    W_mem, z = W_mem[lo - prev_lo:], z[lo - prev_lo:]
+                    if hi == t:
+                        W_mem, z = torch.cat([W_mem, W0[hi:hi + 1]]), torch.cat([z, z0[hi:hi + 1]])
+                Y, W_mem, z = step(X, layers=layers, lo=lo, hi=hi, n_text=n, cos=cos, sin=sin, mask=None,
+                                   W_mem=W_mem, z=z, is_first=None)
+                prev_lo = lo
+            return Y, W_mem, z
+    return run
+
+
 def executors(model: ARMT, compiled: bool = False) -> dict[str, DiagonalExecutor]:
     """The diagonal and the grouped-sequential executor (and, if asked, the compiled diagonal
     one) on the same model, and one for the ideal mode's even_load_run, each with its weights
@@ -175,9 +224,11 @@ def mode_runners(model: ARMT, input_ids: torch.Tensor, modes: tuple[str, ...],
         "sequential_grouped": lambda: execs["sequential_grouped"](input_ids, keep_logits="last_segment"),
         "diagonal": lambda: execs["diagonal"](input_ids, keep_logits="last_segment"),
     }
+    S = math.ceil(input_ids.shape[1] / model.config.segment_size)
     if "ideal" in modes:
-        S = math.ceil(input_ids.shape[1] / model.config.segment_size)
         runs["ideal"] = even_load_run(model, execs["ideal"], input_ids.shape[0], S)
+    if "schedule" in modes:   # (the ideal's executor: the same stacks, no state of its own)
+        runs["schedule"] = schedule_run(model, execs["ideal"], input_ids.shape[0], S)
     return {mode: runs[mode] for mode in modes}
 
 
@@ -464,7 +515,8 @@ def by_point(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
 
 
 def speedups(by_mode: dict[str, dict]) -> dict[str, float]:
-    """The ratios of one point: diagonal's speed-up over each baseline, and its time over ideal."""
+    """The ratios of one point: diagonal's speed-up over each baseline, its time over ideal,
+    and, with the schedule mode, the two factors of that: diagonal / schedule and schedule / ideal."""
     if "diagonal" not in by_mode:
         return {}
     diag = by_mode["diagonal"]["seconds"]
@@ -472,6 +524,10 @@ def speedups(by_mode: dict[str, dict]) -> dict[str, float]:
            for m in ("sequential", "sequential_grouped", "full") if m in by_mode}
     if "ideal" in by_mode:
         out["diagonal/ideal"] = diag / by_mode["ideal"]["seconds"]
+    if "schedule" in by_mode:   # diagonal / ideal = diagonal / schedule x schedule / ideal
+        out["diagonal/schedule"] = diag / by_mode["schedule"]["seconds"]
+        if "ideal" in by_mode:
+            out["schedule/ideal"] = by_mode["schedule"]["seconds"] / by_mode["ideal"]["seconds"]
     return out
 
 
@@ -684,8 +740,9 @@ def build_parser() -> OneLineParser:
                       help="comma list of segment counts S, N = S * n tokens each (default 1,2,4,8,16,32,64)")
     size.add_argument("--lengths", type=_int_list(1), help="comma list of token counts N (S = ceil(N / n))")
     p.add_argument("--modes", type=_names(ALL_MODES),
-                   help=f"comma list from {','.join(ALL_MODES)} (default all but diagonal_compiled, which "
-                        "compiles the full-group step first: tens of seconds on a CPU)")
+                   help=f"comma list from {','.join(ALL_MODES)} (default {','.join(MODES)}; diagonal_compiled "
+                        "compiles the full-group step first, tens of seconds on a CPU; schedule is the bare "
+                        "diagonal schedule, which splits diagonal / ideal into the executor's work and the ramps')")
     p.add_argument("--dtype", type=_names(DTYPES), default=("float32",),
                    help=f"comma list of model dtypes from {','.join(DTYPES)}, measured one after the other "
                         "(default float32)")

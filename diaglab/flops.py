@@ -16,6 +16,7 @@ What differs between modes is which cells compute what (design §3-4):
   - sequential_grouped, diagonal: short segments padded to n; a grouped step computes the read
     for all of its layers once any of them has memory (masked where it has none);
   - ideal: S full groups of L cells, reads on, no LM head (the yardstick's unit of work);
+    schedule (the bare diagonal schedule): the same L S cells in L + S - 1 groups, the same work;
   - full: the base model on all N tokens at once (attention N^2), logits of the last token only.
 
 `mm_peak` measures the machine's anchor: torch.mm GFLOP/s at large square sizes, and
@@ -81,7 +82,7 @@ def run_flops(model, tokens: int, batch: int = 1, mode: str = "diagonal",
     if mode == "full":
         _add(out, cell_flops(model, B, tokens, read=False, memory_rows=False), L)
         out["lm_head"] = 2 * B * d * V                                        # logits_to_keep=1
-    elif mode == "ideal":
+    elif mode in ("ideal", "schedule"):   # the bare schedule reads in every cell, as the ideal's steps do
         _add(out, cell_flops(model, B, n, read=True), L * S)
     elif mode == "sequential":
         for s, n_s in enumerate(lengths):
@@ -93,8 +94,9 @@ def run_flops(model, tokens: int, batch: int = 1, mode: str = "diagonal",
             read = max(s for _, s in cells) > 0                                # some layer of the group has memory
             _add(out, cell_flops(model, B, n, read=read), len(cells))
     else:
-        raise ValueError(f"unknown mode {mode!r}; choose full, sequential, sequential_grouped, diagonal or ideal")
-    if mode != "full" and mode != "ideal":
+        raise ValueError(f"unknown mode {mode!r}; choose full, sequential, sequential_grouped, diagonal, ideal or "
+                         "schedule")
+    if mode not in ("full", "ideal", "schedule"):
         kept = lengths if keep_logits == "all" else lengths[-1:] if keep_logits == "last_segment" else []
         out["lm_head"] = sum(2 * B * n_s * d * V for n_s in kept)
     out["total"] = sum(out[p] for p in PARTS)

@@ -37,7 +37,7 @@ STATE_GLYPHS = np.array(["", "▶", "✓"], dtype=object)
 REQUEST_COLOURS = tuple(PALETTE[c] for c in ("orange", "sky", "green", "yellow", "blue", "vermillion", "purple"))
 MODE_STYLES = {"full": ("black", "square"), "sequential": ("orange", "circle"),   # bench mode -> colour, marker
                "sequential_grouped": ("sky", "diamond"), "diagonal": ("blue", "triangle-up"), "ideal": ("green", "x"),
-               "diagonal_compiled": ("vermillion", "star")}
+               "diagonal_compiled": ("vermillion", "star"), "schedule": ("purple", "cross")}
 SERIES_STYLES = (("blue", "circle"), ("orange", "square"), ("green", "diamond"),   # any other categories
                  ("vermillion", "triangle-up"), ("purple", "x"), ("sky", "cross"))
 DASHES = ("solid", "dash", "dot", "dashdot")   # the second category of a line: dtype, memory zeroed

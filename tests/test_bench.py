@@ -13,7 +13,7 @@ import torch
 from conftest import load_script
 
 import diaglab
-from diaglab import bench, viz
+from diaglab import bench, schedule, viz
 
 TINY = dict(layers=2)   # the tiny preset (segment 32) cut to 2 layers: a run takes well under a second
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +123,63 @@ def test_even_load_run_chains_S_full_group_steps(monkeypatch):
     for batch in (0, -1, 1.5):
         with pytest.raises(ValueError, match="batch"):
             bench.even_load_run(model, ex, batch=batch, steps=1)
+
+
+@pytest.mark.parametrize("S", [1, 2, 5])                                 # fewer segments than layers, more
+def test_schedule_run_is_the_bare_diagonal_schedule(monkeypatch, S):
+    """The schedule mode runs the diagonal's own groups (1, 2, .., L, .., 2, 1 layers), each step fed
+    by the last: layer 0 a new segment's rows, layer l what layer l - 1 gave; a busy layer keeps the
+    memory it wrote, a layer starting now gets zeros; settled steps (no masks), in inference mode."""
+    model = diaglab.from_preset("tiny", **{**TINY, "layers": 3}).eval()
+    L = model.num_layers
+    ex = diaglab.DiagonalExecutor(model)
+    with torch.no_grad():
+        layers, real = ex.layer_stack()
+    calls = []
+
+    def spy(X, *, W_mem, z, lo, hi, is_first, mask, **kw):
+        out = real(X, W_mem=W_mem, z=z, lo=lo, hi=hi, is_first=is_first, mask=mask, **kw)
+        calls.append(dict(X=X, W_mem=W_mem, z=z, out=out, cells=(lo, hi), mask=mask, first=is_first,
+                          inference=torch.is_inference_mode_enabled()))
+        return out
+    monkeypatch.setattr(ex, "layer_stack", lambda: (layers, spy))
+    with torch.no_grad():
+        last = bench.schedule_run(model, ex, batch=2, segments=S)()
+    want = [(cells[0][0], cells[-1][0]) for cells in schedule.diagonal(L, S)]
+    assert [c["cells"] for c in calls] == want and all(a is b for a, b in zip(last, calls[-1]["out"]))
+    for c in calls:
+        assert (c["mask"], c["first"], c["inference"]) == (None, None, True)
+        assert c["X"].shape == (c["cells"][1] - c["cells"][0] + 1, 2, 32 + 8, 128)
+    for before, after in zip(calls, calls[1:]):
+        (plo, phi), (lo, hi) = before["cells"], after["cells"]
+        Y, W_mem, z = before["out"]
+        for g, l in enumerate(range(lo, hi + 1)):
+            if l == 0:
+                assert torch.equal(after["X"][g], calls[0]["X"][0])       # a new segment's rows
+            else:
+                assert torch.equal(after["X"][g], Y[l - 1 - plo])         # what layer l - 1 gave
+            if l <= phi:
+                assert torch.equal(after["W_mem"][g], W_mem[l - plo]) and torch.equal(after["z"][g], z[l - plo])
+            else:                                                         # the layer's first segment
+                assert not after["W_mem"][g].any() and not after["z"][g].any()
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="segments"):
+            bench.schedule_run(model, ex, batch=1, segments=bad)
+        with pytest.raises(ValueError, match="batch"):
+            bench.schedule_run(model, ex, batch=bad, segments=1)
+
+
+def test_schedule_rows_split_diagonal_over_ideal(monkeypatch):
+    seconds = {"diagonal": 1.5, "ideal": 1.2, "schedule": 1.32}
+    monkeypatch.setattr(bench, "measure", lambda fns, device, warmup, repeats: {
+        m: ([seconds.get(m, 0.1)], None) for m in fns})
+    rows = run_tiny(segments=[4], modes=("diagonal", "ideal", "schedule"))
+    assert [r["mode"] for r in rows] == ["diagonal", "ideal", "schedule"]
+    ratios = bench.speedups({r["mode"]: r for r in rows})
+    assert ratios == pytest.approx({"diagonal/ideal": 1.25, "diagonal/schedule": 1.5 / 1.32,
+                                    "schedule/ideal": 1.1})
+    assert ratios["diagonal/schedule"] * ratios["schedule/ideal"] == pytest.approx(ratios["diagonal/ideal"])
+    assert "schedule" in bench.table(rows)
 
 
 def test_cli_writes_json_csv_html_and_a_table(tmp_path, capsys):

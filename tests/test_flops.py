@@ -18,14 +18,18 @@ def _counted(fn) -> int:
 
 
 @pytest.mark.parametrize("N", [8, 21, 40])            # one segment, partial last segment, S > L
-@pytest.mark.parametrize("mode", ["sequential", "sequential_grouped", "diagonal", "full"])
+@pytest.mark.parametrize("mode", ["sequential", "sequential_grouped", "diagonal", "full", "ideal", "schedule"])
 def test_formula_matches_the_operator_count(mode, N):
+    from diaglab import bench
     model = live_model(layers=3, heads=4, kv_heads=2)   # segment 8, GQA
     ids = random_ids(2, N)
+    S = -(-N // 8)
     run = {"sequential": lambda: model(ids, keep_logits="last_segment"),
            "sequential_grouped": lambda: DiagonalExecutor(model, order="sequential")(ids, keep_logits="last_segment"),
            "diagonal": lambda: DiagonalExecutor(model)(ids, keep_logits="last_segment"),
-           "full": lambda: model.base(ids, logits_to_keep=1)}[mode]
+           "full": lambda: model.base(ids, logits_to_keep=1),
+           "ideal": lambda: bench.even_load_run(model, DiagonalExecutor(model), 2, S)(),
+           "schedule": lambda: bench.schedule_run(model, DiagonalExecutor(model), 2, S)()}[mode]
     predicted = flops.run_flops(model, N, batch=2, mode=mode)
     counted = _counted(run)
     # the counter also sees RoPE's tiny angle product (2 * hd/2 * T per table): within 0.2 %
@@ -37,6 +41,7 @@ def test_parts_and_modes_relate():
     seq, diag = flops.run_flops(model, 64, mode="sequential"), flops.run_flops(model, 64, mode="diagonal")
     ideal = flops.run_flops(model, 64, mode="ideal")
     assert seq["mlp"] == diag["mlp"] == ideal["mlp"]                  # full segments: same cells
+    assert flops.run_flops(model, 64, mode="schedule") == ideal       # the same cells, in other groups
     assert diag["read"] > seq["read"]                                 # a group reads once any layer has memory
     assert ideal["lm_head"] == 0 and seq["lm_head"] == diag["lm_head"] > 0
     assert sum(seq[p] for p in flops.PARTS) == seq["total"]
