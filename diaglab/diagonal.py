@@ -14,6 +14,12 @@ run (a hook, an adapter, a changed attribute: it warns once and runs those steps
 the modules themselves, grouped_layer_ref — exact, without the grouped speed-up), or
 differ by dropout (refused in training mode with attention dropout).
 
+Steps on plain segments (every row full, no mask) run lean: the busy layers' memory is held
+as two tensors from step to step, as in the bare schedule (bench.schedule_run), and a layer's
+first segment skips the first-segment masks because its memory was zeroed once per call; the
+others (padding, a layer where only some rows have written, a profiler) go through
+grouped_cells with the state's masks. Both give the same numbers (tests/test_diagonal.py).
+
 The executor can also follow the sequential order through the same grouped kernels
 (`order="sequential"`), which separates the gain of the schedule from the kernels'.
 
@@ -167,6 +173,7 @@ class DiagonalExecutor:
         grouped step (profiling hooks)."""
         model = self.model
         check_no_dropout(model)
+        zeroed = state is None   # prepare makes an empty state: every layer's memory is already zero
         seg, state = model.prepare(input_ids, attention_mask, labels, state, keep_logits)
         state = state.own_first()   # settled steps pass is_first on: the result must not alias the caller's
         layers, step = self.layer_stack()
@@ -178,74 +185,163 @@ class DiagonalExecutor:
         # caller gets ordinary tensors, usable later under autograd.
         infer = step is grouped_layer and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         with torch.inference_mode() if infer else contextlib.nullcontext():
-            state = self._run(seg, layers, step, full_step, state, outputs, infer, on_step)
+            state = self._run(seg, layers, step, full_step, state, outputs, infer, on_step, zeroed)
         logits, loss = outputs.result()
         if infer:
             state = state.ordinary()
         return ARMTOutput(logits, loss, state.with_open(seg.open_ids()))
 
-    def _run(self, seg, layers, step, full_step, state, outputs, infer, on_step):
-        """The steps of one call; returns the final memory state."""
+    def _run(self, seg, layers, step, full_step, state, outputs, infer, on_step, zeroed):
+        """The steps of one call; returns the final memory state.
+
+        A step is lean when every busy segment is plain (no mask, every row writes), every busy
+        layer is settled (all rows past their first segment) or fresh (all rows on it), and no
+        profiler runs: it calls the step directly on the busy layers' memory, held as two
+        tensors the way bench.schedule_run runs the bare schedule. A fresh layer's memory is
+        zeroed once per call (`zeroed`: prepare made an empty state, already zero), so its first
+        segment needs no mask but gamma's (grouped_layer's zeroed=True); `state` is brought up to
+        date when a general step needs it and at the end. A run of full lean steps, the
+        plateau, loops on its own. Every other step goes through grouped_cells with the
+        state's is_first masks."""
         model = self.model
-        L, n = model.num_layers, model.config.segment_size
+        L, n, S, B = model.num_layers, model.config.segment_size, seg.num_segments, seg.ids.shape[0]
         written = ~state.is_first                           # (L, B); read once (one device sync)
         has_memory = written.any(dim=1).tolist()            # (L,) host flags: the layer has written for some row
         settled = written.all(dim=1).tolist()               # ... for every row
+        fresh = [not h for h in has_memory]                 # ... for no row, and it has not run in this call
+        mixed = sum(h and not s for h, s in zip(has_memory, settled))   # layers with only some rows written
+        if not zeroed and any(fresh):                       # a fresh layer starts from zeros, whatever it held
+            keep = written.any(dim=1)
+            state = MemoryState(state.W_mem.masked_fill(~keep[:, None, None, None], 0.0),
+                                state.z.masked_fill(~keep[:, None, None], 0.0), state.is_first)
+        diagonal = self.order == "diagonal"
+        lean_order = diagonal or L == 1                     # (the sequential order's steps are lean only if L = 1)
         rows_of = {}                                        # segment -> its SegmentRows, while in flight
         feed = SegmentFeed(model, seg)                      # segments' rows, a run of them at a time
         profiling = torch.autograd._profiler_enabled()      # (the step ranges' names are made only then)
         unplain = 0                                         # segments in flight with a mask or a write mask
-        all_settled = all(settled)
-        held = None   # the plateau's memory of all L layers, (W_mem, z, is_first), while it runs without `state`
-        Y, prev_lo = None, 0
-        for t, cells in enumerate(self.iter_steps(seg.num_segments)):
-            lo, hi = cells[0][0], cells[-1][0]
-            if lo == 0:                                     # layer 0 takes a new segment's rows
-                r = rows_of[cells[0][1]] = feed.rows(cells[0][1])
-                unplain += r.mask is not None or r.write_mask is not None
-            if hi - lo == L - 1 and not unplain and all_settled and not profiling:
-                # The plateau, lean: every layer busy, every row plain and past its first segment.
-                # The step is called directly (the compiled one, if any) on the memory of all L
-                # layers held as three tensors; `state` is brought up to date when the plateau ends.
-                W_mem, z, first = held if held is not None else state.layers(0, L - 1)
-                X = r.X[None] if L == 1 else torch.cat([r.X[None], Y[:L - 1]])          # prev_lo is 0 here
-                Y, W_mem, z = (full_step or step)(X, layers=layers, lo=0, hi=L - 1, n_text=n, cos=r.cos, sin=r.sin,
-                                                  mask=None, W_mem=W_mem, z=z, is_first=None, write_mask=None,
-                                                  read=True)
-                held, prev_lo = (W_mem, z, first), 0
+        held = None   # (lo, hi, W_mem, z): layers lo..hi's memory as the last lean step left it, not yet in `state`
+        finished = []  # the same for layers the lean steps are done with (the ramp down), put back with held
+        Y, prev_lo, r, fetched = None, 0, None, False
+        t, steps = 0, (L + S - 1 if diagonal else L * S)
+        while t < steps:
+            # the busy layers lo..hi; layer l holds segment s_lo - (l - lo)
+            if diagonal:
+                lo, hi = max(0, t - S + 1), min(t, L - 1)
+                s_lo = t - lo
             else:
-                if held is not None:
-                    state, held = state.replace(0, L - 1, *held), None
-                with profiler_range(f"diag_step {t} layers {lo}-{hi}") if profiling else contextlib.nullcontext():
-                    # Inputs: layer l >= 1 takes what layer l - 1 gave at the previous step (in both
-                    # orders the cell before (l, s) is (l - 1, s)); layer 0 takes a new segment's rows.
+                lo = hi = t % L
+                s_lo = t // L
+            if lo == 0 and not fetched:                     # layer 0 takes a new segment's rows
+                r = rows_of[s_lo] = feed.rows(s_lo)
+                unplain += r.mask is not None or r.write_mask is not None
+            fetched = False
+            if lean_order and not unplain and not mixed and not profiling:
+                if held is None:
+                    W_mem, z, _ = state.layers(lo, hi)
+                else:   # the diagonal's next layers: drop a layer that finished, add one that starts
+                    h_lo, h_hi, W_mem, z = held
+                    if lo > h_lo:   # (its memory goes back into `state` with the held ones)
+                        finished.append((h_lo, lo - 1, W_mem[:lo - h_lo], z[:lo - h_lo]))
+                        W_mem, z = W_mem[lo - h_lo:], z[lo - h_lo:]
+                    if hi > h_hi:
+                        W_in, z_in, _ = state.layers(h_hi + 1, hi)
+                        W_mem, z = torch.cat([W_mem, W_in]), torch.cat([z, z_in])
+                while True:
+                    first = None
+                    if fresh[hi]:   # only the top layer can start here (layer l starts at step l)
+                        first = torch.zeros(hi - lo + 1, B, dtype=torch.bool, device=r.X.device)
+                        first[-1] = True
                     parts = [r.X[None]] if lo == 0 else []
                     if hi >= 1:
                         parts.append(Y[max(lo - 1, 0) - prev_lo:hi - prev_lo])         # views of the last output
                     X = parts[0] if len(parts) == 1 else torch.cat(parts)              # (G, B, T, d)
-                    rows = [rows_of[s] for _, s in cells]
-                    plain = all(r.mask is None and r.write_mask is None for r in rows)    # fixed shapes, no masks
-                    done = all(settled[lo:hi + 1])   # no row on its first segment: the step skips those masks
-                    # the compiled step: the plateau's plain, settled steps (one graph, fixed shapes)
-                    run = full_step if full_step is not None and hi - lo + 1 == L and plain and done else step
-                    Y, state = grouped_cells(run, layers, X, rows, state, lo, hi, n,
-                                             read=any(has_memory[lo:hi + 1]), settled=done)
+                    read = hi > lo or has_memory[hi]        # the layers below the top one are settled
+                    if first is None and read and hi - lo + 1 == L and full_step is not None:
+                        Y, W_mem, z = full_step(X, layers=layers, lo=0, hi=L - 1, n_text=n, cos=r.cos, sin=r.sin,
+                                                mask=None, W_mem=W_mem, z=z, is_first=None, write_mask=None,
+                                                read=True)
+                    else:
+                        Y, W_mem, z = step(X, layers=layers, lo=lo, hi=hi, n_text=n, cos=r.cos, sin=r.sin,
+                                           mask=None, W_mem=W_mem, z=z, is_first=first, write_mask=None,
+                                           read=read, zeroed=first is not None)
                     prev_lo = lo
-                    has_memory[lo:hi + 1] = [True] * (hi - lo + 1)
-                    if plain and not done:   # every row wrote
-                        settled[lo:hi + 1] = [True] * (hi - lo + 1)
-                        all_settled = all(settled)
-            if hi == L - 1:  # a segment leaves the last layer: final norm + LM head on its text rows only
-                s = cells[-1][1]
-                gone = rows_of.pop(s)
+                    if first is not None:
+                        fresh[hi], has_memory[hi], settled[hi] = False, True, True
+                    if hi == L - 1:
+                        self._leave(rows_of.pop(s_lo - (hi - lo)), s_lo - (hi - lo), outputs, seg, Y, infer)
+                    if on_step is not None:
+                        on_step(t, [(l, s_lo - (l - lo)) for l in range(lo, hi + 1)])
+                    t += 1
+                    # the plateau: a full step is followed by another (segment t into layer 0) until t = S
+                    if hi - lo + 1 < L or t >= S:
+                        break
+                    s_lo = t
+                    r = rows_of[t] = feed.rows(t)
+                    if r.mask is not None or r.write_mask is not None:   # the general steps take it from here
+                        unplain, fetched = 1, True
+                        break
+                held = (lo, hi, W_mem, z)
+                continue
+            if held is not None:
+                state, held = self._flush(state, finished + [held], B), None
+                finished = []
+            cells = [(l, s_lo - (l - lo)) for l in range(lo, hi + 1)]
+            with profiler_range(f"diag_step {t} layers {lo}-{hi}") if profiling else contextlib.nullcontext():
+                # Inputs: layer l >= 1 takes what layer l - 1 gave at the previous step (in both
+                # orders the cell before (l, s) is (l - 1, s)); layer 0 takes a new segment's rows.
+                parts = [r.X[None]] if lo == 0 else []
+                if hi >= 1:
+                    parts.append(Y[max(lo - 1, 0) - prev_lo:hi - prev_lo])         # views of the last output
+                X = parts[0] if len(parts) == 1 else torch.cat(parts)              # (G, B, T, d)
+                rows = [rows_of[s] for _, s in cells]
+                plain = all(x.mask is None and x.write_mask is None for x in rows)   # fixed shapes, no masks
+                done = all(settled[lo:hi + 1])   # no row on its first segment: the step skips those masks
+                # the compiled step: the plateau's plain, settled steps (one graph, fixed shapes)
+                run = full_step if full_step is not None and hi - lo + 1 == L and plain and done else step
+                Y, state = grouped_cells(run, layers, X, rows, state, lo, hi, n,
+                                         read=any(has_memory[lo:hi + 1]), settled=done)
+                prev_lo = lo
+                has_memory[lo:hi + 1] = [True] * (hi - lo + 1)
+                fresh[lo:hi + 1] = [False] * (hi - lo + 1)
+                if plain and not done:   # every row wrote
+                    settled[lo:hi + 1] = [True] * (hi - lo + 1)
+                mixed = sum(h and not s for h, s in zip(has_memory, settled))
+            if hi == L - 1:  # a segment leaves the last layer
+                gone = rows_of.pop(cells[-1][1])
                 unplain -= gone.mask is not None or gone.write_mask is not None
-                if outputs.wanted(s):
-                    a, e = seg.bounds[s]
-                    with torch.inference_mode(False) if infer else contextlib.nullcontext():
-                        outputs.add(s, Y[-1, :, :e - a])   # logits are made outside inference mode
+                self._leave(gone, cells[-1][1], outputs, seg, Y, infer)
             if on_step is not None:
                 on_step(t, cells)
-        return state if held is None else state.replace(0, L - 1, *held)
+            t += 1
+        return state if held is None else self._flush(state, finished + [held], B)
+
+    @staticmethod
+    def _flush(state: MemoryState, pieces: list[tuple], B: int) -> MemoryState:
+        """`state` with the memory the lean steps hold put back: pieces (lo, hi, W_mem, z) in
+        layer order, each run of adjacent ones joined into one replace (every row of those
+        layers has written: is_first False)."""
+        runs = [[pieces[0]]]
+        for piece in pieces[1:]:
+            if piece[0] == runs[-1][-1][1] + 1:
+                runs[-1].append(piece)
+            else:
+                runs.append([piece])
+        for run in runs:
+            lo, hi = run[0][0], run[-1][1]
+            W_mem, z = ((run[0][2], run[0][3]) if len(run) == 1 else
+                        (torch.cat([p[2] for p in run]), torch.cat([p[3] for p in run])))
+            state = state.replace(lo, hi, W_mem, z, torch.zeros(hi - lo + 1, B, dtype=torch.bool, device=W_mem.device))
+        return state
+
+    @staticmethod
+    def _leave(rows, s: int, outputs: SegmentOutputs, seg, Y: torch.Tensor, infer: bool) -> None:
+        """Segment s left the last layer (Y[-1]): its text rows to the final norm and LM head (if
+        wanted), outside inference mode (the logits are returned)."""
+        if outputs.wanted(s):
+            a, e = seg.bounds[s]
+            with torch.inference_mode(False) if infer else contextlib.nullcontext():
+                outputs.add(s, Y[-1, :, :e - a])
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 16, **sampling) -> torch.Tensor:

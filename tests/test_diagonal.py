@@ -457,3 +457,84 @@ def test_a_wrapped_lm_head_needs_no_out_features():
     ids = random_ids(2, 30, seed=8)
     with torch.no_grad():
         assert_same(model(ids, labels=ids), DiagonalExecutor(model)(ids, labels=ids), 1e-5)
+
+
+@pytest.mark.parametrize("case", ["all_first", "some_layers", "some_rows"])
+def test_fresh_layers_start_from_zeros_whatever_the_state_holds(case):
+    """A state may hold memory where is_first says a row starts afresh (a reused slot, a state
+    edited to start a row on a new document): the executor zeroes a fresh layer's memory once
+    (its lean steps then skip the masks) without touching the caller's state, and a layer with
+    only some rows fresh keeps the masked steps; both equal the sequential model."""
+    model = live_model(layers=3)
+    ids = random_ids(2, 8 * 6, seed=3)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        state = model(random_ids(2, 16, seed=5)).state
+        state.W_mem = state.W_mem + torch.randn(state.W_mem.shape, generator=g)   # memory everywhere
+        state.z = state.z + torch.rand(state.z.shape, generator=g)
+        first = state.is_first.clone()
+        if case == "all_first":
+            first[:] = True
+        elif case == "some_layers":
+            first[1:] = True
+        else:
+            first[0, 1] = first[2, :] = True              # layer 0: one row fresh, layer 2: both
+        state.is_first = first
+        before = (state.W_mem.clone(), state.z.clone(), first.clone())
+        diag = DiagonalExecutor(model)(ids, state=state)
+        assert_same(model(ids, state=state), diag, 1e-5)
+        if case == "all_first":
+            assert_same(DiagonalExecutor(model)(ids), diag, 1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(before, (state.W_mem, state.z, state.is_first)))
+
+
+def _spied_steps(monkeypatch, ex, ids, state=None, attention_mask=None):
+    """Run ex on ids; return its output, the keyword arguments of each grouped step, and the
+    (lo, hi) of each step that went through grouped_cells (the general, masked path)."""
+    import diaglab.diagonal as dg
+    layers, real = ex.layer_stack()
+    steps, general = [], []
+    real_cells = dg.grouped_cells
+
+    def spy(X, **kw):
+        steps.append(kw)
+        return real(X, **kw)
+
+    def cells_spy(*a, **kw):
+        general.append(a[5:7])
+        return real_cells(*a, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(ex, "layer_stack", lambda: (layers, spy))
+        m.setattr(dg, "grouped_cells", cells_spy)
+        with torch.no_grad():
+            out = ex(ids, state=state, attention_mask=attention_mask)
+    return out, steps, general
+
+
+def test_plain_calls_take_the_lean_steps_ramps_included(monkeypatch):
+    """A call on plain segments runs every step lean (no grouped_cells, no state bookkeeping),
+    the ramp up included: a fresh layer's first segment passes zeroed=True with is_first marking
+    only the top layer, every other step none; a continuation from a settled state is lean from
+    the start; the steps a padded segment is in go through grouped_cells."""
+    model = live_model(layers=3)
+    ex = DiagonalExecutor(model)
+    L, S = 3, 6
+    ids = random_ids(2, 8 * S, seed=1)
+    out, steps, general = _spied_steps(monkeypatch, ex, ids)
+    assert general == [] and len(steps) == L + S - 1
+    for t, kw in enumerate(steps):
+        if t < L:            # the ramp up: layer t starts on its first segment
+            assert kw["zeroed"] and kw["is_first"].tolist() == [[False, False]] * t + [[True, True]]
+            assert kw["read"] == (t > 0)
+        else:
+            assert kw["is_first"] is None and not kw.get("zeroed", False) and kw["read"]
+    with torch.no_grad():
+        assert_same(model(ids), out, 1e-5)
+        again, steps, general = _spied_steps(monkeypatch, ex, ids, state=out.state)
+        assert general == [] and all(kw["is_first"] is None for kw in steps)
+        assert_same(model(ids, state=out.state), again, 1e-5)
+        mask = torch.ones_like(ids)
+        mask[1, 8 * 4 + 3:] = 0                           # row 1 ends inside segment 4
+        padded, _, general = _spied_steps(monkeypatch, ex, ids, attention_mask=mask)
+        assert general == [(0, 2), (0, 2), (1, 2), (2, 2)]   # the steps segments 4 and 5 are in
+        assert_same(model(ids, attention_mask=mask), padded, 1e-5, real=mask.bool())
