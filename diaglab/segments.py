@@ -45,7 +45,8 @@ class Segmented:
     rope: dict = field(default_factory=dict, repr=False)      # T -> RoPE tables of unmasked segments
 
     def __post_init__(self):
-        self.full = (self.nreal == self.segment_size).all(dim=1).tolist()
+        if not self.full:   # (segment() passes them when there is no mask: known on the host)
+            self.full = (self.nreal == self.segment_size).all(dim=1).tolist()
 
     @property
     def num_segments(self) -> int:
@@ -58,6 +59,9 @@ class Segmented:
     def open_ids(self) -> torch.Tensor | None:
         """(B, r) tokens of the segment each row ends inside (-1 where a row's open part is
         shorter than another's), or None when every row ends on a segment boundary."""
+        if not self.padded:   # every row has all N tokens: known on the host
+            if self.ids.shape[1] % self.segment_size == 0:
+                return None
         lengths = self.nreal.sum(0)                                             # (B,)
         r = lengths % self.segment_size
         if not bool(r.any()):
@@ -84,7 +88,7 @@ def validate_ids(input_ids, vocab_size: int, device: torch.device) -> torch.Tens
     if input_ids.device != device:
         raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}; "
                          "move it with input_ids.to(model.device)")
-    lo, hi = int(input_ids.min()), int(input_ids.max())
+    lo, hi = (int(v) for v in torch.aminmax(input_ids))
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"token ids must lie in [0, {vocab_size - 1}] (the vocabulary), "
                          f"got values in [{lo}, {hi}]")
@@ -164,7 +168,8 @@ def segment(input_ids: torch.Tensor, segment_size: int, mask: torch.Tensor | Non
         targets[:, :skip] = -100           # the earlier call's positions: not this call's loss
         if mask is not None:  # a padded position is never a target
             targets[:, :-1][~mask[:, 1:]] = -100
-    return Segmented(input_ids, targets, nreal, bounds, mask is not None, segment_size, skip)
+    full = [e - a == segment_size for a, e in bounds] if mask is None else []
+    return Segmented(input_ids, targets, nreal, bounds, mask is not None, segment_size, skip, full)
 
 
 def positions_and_mask(n_text: int, nreal: torch.Tensor | None, num_mem: int,

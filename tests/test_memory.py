@@ -136,3 +136,19 @@ def test_ordinary_refuses_to_run_inside_inference_mode():
         with pytest.raises(RuntimeError, match="outside"):
             state.ordinary()
     assert not state.ordinary().W_mem.is_inference()
+
+
+@pytest.mark.parametrize("N", [1, 7, 8, 9, 24, 30])
+@pytest.mark.parametrize("carried", [0, 3])
+def test_host_flags_of_an_unpadded_input_are_the_tensor_ones(N, carried):
+    """Without a mask, segment() knows on the host which segments every row fills and whether
+    the input ends inside one; those shortcuts equal what nreal says."""
+    from diaglab.segments import Segmented, segment
+    ids = torch.arange(2 * N).view(2, N) % 50
+    open_ids = torch.full((2, carried), 7) if carried else None
+    seg = segment(ids, 8, open_ids=open_ids)
+    from_tensors = Segmented(seg.ids, seg.targets, seg.nreal, seg.bounds, True, 8, seg.skip)   # padded: no shortcut
+    assert seg.full == from_tensors.full == (seg.nreal == 8).all(dim=1).tolist()
+    a, b = seg.open_ids(), from_tensors.open_ids()
+    assert (a is None and b is None) or torch.equal(a, b)
+    assert (a is None) == ((N + carried) % 8 == 0)
