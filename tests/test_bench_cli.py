@@ -188,6 +188,44 @@ def test_step_costs_script_refuses_bad_flags(rejected):
         rejected(load_script("step_costs").main, argv)
 
 
+def test_executor_overhead_script_splits_each_call(tmp_path):
+    """scripts/executor_overhead.py (the executor's share of diagonal / ideal): every step of the
+    schedule is stamped, the parts add up to the call, and the step wrapper is taken off again."""
+    import diaglab.diagonal as diagonal
+    real = diagonal.grouped_layer
+    out = load_script("executor_overhead").main(["--segments", "2,5", "--repeats", "2", "--threads", "1",
+                                                 "--json", str(tmp_path / "o.json")])
+    assert diagonal.grouped_layer is real
+    L = out["layers"]
+    assert [(p["code"], p["segments"]) for p in out["points"]] == [("this", 2), ("this", 5)]
+    for p in out["points"]:
+        assert p["steps"] == L + p["segments"] - 1
+        assert p["total"] == pytest.approx(p["in_steps"] + p["between_steps"])
+        assert 0 < p["before_first_step"] < p["between_steps"] and p["after_last_step"] > 0
+    assert json.loads((tmp_path / "o.json").read_text())["points"] == out["points"]
+
+
+def test_executor_overhead_script_measures_another_checkout_alongside(tmp_path):
+    """--against DIR: that checkout's executor (here this very one, imported a second time) runs in
+    the same rounds on its own copy of the model; both sets of points come back, labelled."""
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = load_script("executor_overhead").main(["--segments", "3", "--repeats", "1", "--threads", "1",
+                                                     "--against", str(root)])
+    finally:
+        for name in [m for m in sys.modules if m == "diaglab_against" or m.startswith("diaglab_against.")]:
+            del sys.modules[name]
+    assert [(p["code"], p["segments"]) for p in out["points"]] == [("against", 3), ("this", 3)]
+    assert out["against"]["path"] == str(root) and all(p["steps"] == out["layers"] + 2 for p in out["points"])
+
+
+def test_executor_overhead_script_refuses_bad_flags(rejected, tmp_path):
+    for argv in (["--repeats", "0"], ["--segments", "0"], ["--segments", "4,4"], ["--preset", "huge"],
+                 ["--against", str(tmp_path)]):
+        rejected(load_script("executor_overhead").main, argv)
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--rounds", "0"], "--rounds: expected an integer >= 1"),
     (["--repeats", "x"], "--repeats: expected an integer >= 1"),

@@ -1,0 +1,145 @@
+"""Where a diagonal call's time goes: inside its grouped steps, or in the executor's own work
+around them (validating and embedding the input, the bookkeeping between steps, the LM head
+and copying the memory out). The figures behind the README's split of diagonal / ideal into
+the executor's share and the ramps'. Prints a table, writes JSON.
+
+    python scripts/executor_overhead.py --preset tiny --segments 32,128 --json out.json
+
+Each call is timed whole, and the step function the executor calls is wrapped to stamp the
+time at its entry and exit; "between steps" is everything else: before the first step, between
+one step's exit and the next one's entry, and after the last. Medians over --repeats calls,
+the segment counts alternating. The wrapper costs the same in every call and only needs
+diaglab.diagonal.grouped_layer, so --against DIR measures another checkout's executor too, in
+the same process and the same rounds (its own copy of the model, built from the same seed):
+before and after a change, side by side.
+
+    python scripts/executor_overhead.py --segments 32,128 --against /tmp/old-checkout --json ab.json
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import diaglab.diagonal as diagonal
+from diaglab import bench, flops, heap
+
+
+def stamped(step, marks: list):
+    """step, with its entry and exit times appended to marks."""
+    def wrapped(*args, **kwargs):
+        marks.append(time.perf_counter())
+        out = step(*args, **kwargs)
+        marks.append(time.perf_counter())
+        return out
+    return wrapped
+
+
+def split(t0: float, t1: float, marks: list) -> dict:
+    """One call's milliseconds: whole, inside the steps, and between them (set-up, gaps, end)."""
+    ins, outs = marks[0::2], marks[1::2]
+    inside = sum(b - a for a, b in zip(ins, outs))
+    gaps = [b - a for a, b in zip(outs, ins[1:])]
+    return {"total": (t1 - t0) * 1e3, "in_steps": inside * 1e3, "between_steps": (t1 - t0 - inside) * 1e3,
+            "before_first_step": (ins[0] - t0) * 1e3, "after_last_step": (t1 - outs[-1]) * 1e3,
+            "between_two_steps": sum(gaps) * 1e3, "steps": len(ins)}
+
+
+def load_checkout(path: str):
+    """The diaglab package of another checkout, imported as `diaglab_against` (its modules import
+    one another relatively, so the two copies do not mix), or None when path holds none."""
+    root = Path(path) / "diaglab"
+    if not (root / "__init__.py").is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("diaglab_against", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["diaglab_against"] = package
+    spec.loader.exec_module(package)
+    importlib.import_module("diaglab_against.bench")
+    return package
+
+
+def commit_of(path: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def main(argv=None) -> dict:
+    p = bench.OneLineParser(prog="python scripts/executor_overhead.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=("tiny", "small"), default="tiny")
+    p.add_argument("--segments", type=bench._int_list(1), default=[32, 128])
+    p.add_argument("--threads", type=bench._int(1, 4096), default=2)
+    p.add_argument("--repeats", type=bench._int(1), default=15)
+    p.add_argument("--against", metavar="DIR", default=None,
+                   help="another checkout's root: its executor is measured in the same rounds")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    packages = {"this": sys.modules["diaglab"]}
+    if args.against is not None:
+        other = load_checkout(args.against)
+        if other is None:
+            p.error(f"--against: {args.against!r} holds no diaglab package (give a checkout's root)")
+        packages["against"] = other
+    torch.set_num_threads(args.threads)
+    heap.keep_freed_memory()
+    marks: list = []
+    runs, reals = {}, {}
+    try:
+        for name, package in packages.items():
+            mod = sys.modules[package.__name__ + ".diagonal"]
+            reals[name] = mod.grouped_layer
+            mod.grouped_layer = stamped(reals[name], marks)   # what layer_stack hands out (`step is grouped_layer` holds)
+            pkg_bench = sys.modules[package.__name__ + ".bench"]
+            model = pkg_bench.live_preset(args.preset)          # each copy its own model, from the same seed
+            ex = mod.DiagonalExecutor(model)
+            for S in args.segments:
+                ids = pkg_bench.random_tokens(model, S * model.config.segment_size)
+                runs[(name, S)] = (lambda ex, ids: lambda: ex(ids, keep_logits="last_segment"))(ex, ids)
+        calls: dict[tuple, list[dict]] = {key: [] for key in runs}
+        keys = list(runs)
+        with torch.no_grad():
+            for r in range(args.repeats + 1):                   # the first round warms up
+                for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+                    marks.clear()
+                    t0 = time.perf_counter()
+                    runs[key]()
+                    t1 = time.perf_counter()
+                    if r:
+                        calls[key].append(split(t0, t1, marks))
+    finally:
+        for name, package in packages.items():
+            if name in reals:
+                sys.modules[package.__name__ + ".diagonal"].grouped_layer = reals[name]
+    out = {"preset": args.preset, "layers": model.num_layers, "repeats": args.repeats,
+           "machine": flops.machine("cpu"), "points": []}
+    if args.against is not None:
+        out["against"] = {"path": str(Path(args.against).resolve()), "commit": commit_of(args.against)}
+    print(f"{'code':>7} {'S':>5} {'steps':>5} {'total ms':>9} {'in steps':>9} {'between':>8} {'set-up':>7} "
+          f"{'gaps':>7} {'end':>6}")
+    for (name, S), rows in sorted(calls.items(), key=lambda kv: (kv[0][1], kv[0][0] != "against")):
+        med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}   # (each part its own median)
+        out["points"].append({"code": name, "segments": S, **med})
+        print(f"{name:>7} {S:5d} {med['steps']:5.0f} {med['total']:9.2f} {med['in_steps']:9.2f} "
+              f"{med['between_steps']:8.2f} {med['before_first_step']:7.2f} {med['between_two_steps']:7.2f} "
+              f"{med['after_last_step']:6.2f}")
+    print(f"({args.preset}, medians of {args.repeats} calls; {out['machine']['cpu']}, "
+          f"{out['machine']['cpu_capability']}, {args.threads} threads)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
