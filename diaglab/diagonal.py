@@ -217,6 +217,7 @@ class DiagonalExecutor:
         diagonal = self.order == "diagonal"
         lean_order = diagonal or L == 1                     # (the sequential order's steps are lean only if L = 1)
         rows_of = {}                                        # segment -> its SegmentRows, while in flight
+        wanted = [outputs.wanted(s) for s in range(S)]      # segments whose logits (or loss) are made
         feed = SegmentFeed(model, seg)                      # segments' rows, a run of them at a time
         profiling = torch.autograd._profiler_enabled()      # (the step ranges' names are made only then)
         unplain = 0                                         # segments in flight with a mask or a write mask
@@ -247,40 +248,50 @@ class DiagonalExecutor:
                     if hi > h_hi:
                         W_in, z_in, _ = state.layers(h_hi + 1, hi)
                         W_mem, z = torch.cat([W_mem, W_in]), torch.cat([z, z_in])
-                while True:
-                    first = None
-                    if fresh[hi]:   # only the top layer can start here (layer l starts at step l)
-                        first = torch.zeros(hi - lo + 1, B, dtype=torch.bool, device=r.X.device)
-                        first[-1] = True
-                    parts = [r.X[None]] if lo == 0 else []
-                    if hi >= 1:
-                        parts.append(Y[max(lo - 1, 0) - prev_lo:hi - prev_lo])         # views of the last output
-                    X = parts[0] if len(parts) == 1 else torch.cat(parts)              # (G, B, T, d)
-                    read = hi > lo or has_memory[hi]        # the layers below the top one are settled
-                    if first is None and read and hi - lo + 1 == L and full_step is not None:
-                        Y, W_mem, z = full_step(X, layers=layers, lo=0, hi=L - 1, n_text=n, cos=r.cos, sin=r.sin,
-                                                mask=None, W_mem=W_mem, z=z, is_first=None, write_mask=None,
-                                                read=True)
-                    else:
-                        Y, W_mem, z = step(X, layers=layers, lo=lo, hi=hi, n_text=n, cos=r.cos, sin=r.sin,
-                                           mask=None, W_mem=W_mem, z=z, is_first=first, write_mask=None,
-                                           read=read, zeroed=first is not None)
-                    prev_lo = lo
-                    if first is not None:
-                        fresh[hi], has_memory[hi], settled[hi] = False, True, True
-                    if hi == L - 1:
-                        self._leave(rows_of.pop(s_lo - (hi - lo)), s_lo - (hi - lo), outputs, seg, Y, infer)
-                    if on_step is not None:
-                        on_step(t, [(l, s_lo - (l - lo)) for l in range(lo, hi + 1)])
-                    t += 1
-                    # the plateau: a full step is followed by another (segment t into layer 0) until t = S
-                    if hi - lo + 1 < L or t >= S:
-                        break
-                    s_lo = t
-                    r = rows_of[t] = feed.rows(t)
-                    if r.mask is not None or r.write_mask is not None:   # the general steps take it from here
-                        unplain, fetched = 1, True
-                        break
+                first = None
+                if fresh[hi]:   # only the top layer can start here (layer l starts at step l)
+                    first = torch.zeros(hi - lo + 1, B, dtype=torch.bool, device=r.X.device)
+                    first[-1] = True
+                parts = [r.X[None]] if lo == 0 else []
+                if hi >= 1:
+                    parts.append(Y[max(lo - 1, 0) - prev_lo:hi - prev_lo])         # views of the last output
+                X = parts[0] if len(parts) == 1 else torch.cat(parts)              # (G, B, T, d)
+                read = hi > lo or has_memory[hi]        # the layers below the top one are settled
+                run = full_step if first is None and read and hi - lo + 1 == L and full_step is not None else step
+                Y, W_mem, z = run(X, layers=layers, lo=lo, hi=hi, n_text=n, cos=r.cos, sin=r.sin, mask=None,
+                                  W_mem=W_mem, z=z, is_first=first, write_mask=None, read=read,
+                                  **({"zeroed": True} if first is not None else {}))
+                prev_lo = lo
+                if first is not None:
+                    fresh[hi], has_memory[hi], settled[hi] = False, True, True
+                if hi == L - 1:
+                    s = s_lo - (hi - lo)
+                    del rows_of[s]
+                    if wanted[s]:
+                        self._leave(s, outputs, seg, Y, infer)
+                if on_step is not None:
+                    on_step(t, [(l, s_lo - (l - lo)) for l in range(lo, hi + 1)])
+                t += 1
+                if hi - lo + 1 == L:
+                    # The plateau: full steps back to back, segment t into layer 0 and segment t - L + 1
+                    # out of the last layer (in both orders, since only L = 1 has full steps in the
+                    # sequential one), every layer settled, until t = S or a segment needs a mask.
+                    run = full_step or step
+                    while t < S:
+                        r = rows_of[t] = feed.rows(t)
+                        if r.mask is not None or r.write_mask is not None:   # the general steps take it from here
+                            unplain, fetched = 1, True
+                            break
+                        X = torch.cat([r.X[None], Y[:L - 1]]) if L > 1 else r.X[None]
+                        Y, W_mem, z = run(X, layers=layers, lo=0, hi=L - 1, n_text=n, cos=r.cos, sin=r.sin,
+                                          mask=None, W_mem=W_mem, z=z, is_first=None, write_mask=None, read=True)
+                        s = t - L + 1
+                        del rows_of[s]
+                        if wanted[s]:
+                            self._leave(s, outputs, seg, Y, infer)
+                        if on_step is not None:
+                            on_step(t, [(l, t - l) for l in range(L)])
+                        t += 1
                 held = (lo, hi, W_mem, z)
                 continue
             if held is not None:
@@ -310,7 +321,8 @@ class DiagonalExecutor:
             if hi == L - 1:  # a segment leaves the last layer
                 gone = rows_of.pop(cells[-1][1])
                 unplain -= gone.mask is not None or gone.write_mask is not None
-                self._leave(gone, cells[-1][1], outputs, seg, Y, infer)
+                if wanted[cells[-1][1]]:
+                    self._leave(cells[-1][1], outputs, seg, Y, infer)
             if on_step is not None:
                 on_step(t, cells)
             t += 1
@@ -335,13 +347,12 @@ class DiagonalExecutor:
         return state
 
     @staticmethod
-    def _leave(rows, s: int, outputs: SegmentOutputs, seg, Y: torch.Tensor, infer: bool) -> None:
-        """Segment s left the last layer (Y[-1]): its text rows to the final norm and LM head (if
-        wanted), outside inference mode (the logits are returned)."""
-        if outputs.wanted(s):
-            a, e = seg.bounds[s]
-            with torch.inference_mode(False) if infer else contextlib.nullcontext():
-                outputs.add(s, Y[-1, :, :e - a])
+    def _leave(s: int, outputs: SegmentOutputs, seg, Y: torch.Tensor, infer: bool) -> None:
+        """Segment s, whose logits or loss are wanted, left the last layer (Y[-1]): its text rows to
+        the final norm and LM head, outside inference mode (the logits are returned)."""
+        a, e = seg.bounds[s]
+        with torch.inference_mode(False) if infer else contextlib.nullcontext():
+            outputs.add(s, Y[-1, :, :e - a])
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 16, **sampling) -> torch.Tensor:
