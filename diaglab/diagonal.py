@@ -333,13 +333,7 @@ class DiagonalExecutor:
         """`state` with the memory the lean steps hold put back: pieces (lo, hi, W_mem, z) in
         layer order, each run of adjacent ones joined into one replace (every row of those
         layers has written: is_first False)."""
-        runs = [[pieces[0]]]
-        for piece in pieces[1:]:
-            if piece[0] == runs[-1][-1][1] + 1:
-                runs[-1].append(piece)
-            else:
-                runs.append([piece])
-        for run in runs:
+        for run in sched.adjacent_runs(pieces, first=lambda p: p[0], last=lambda p: p[1]):
             lo, hi = run[0][0], run[-1][1]
             W_mem, z = ((run[0][2], run[0][3]) if len(run) == 1 else
                         (torch.cat([p[2] for p in run]), torch.cat([p[3] for p in run])))

@@ -37,6 +37,7 @@ from .diagonal import DiagonalExecutor, check_no_dropout
 from .grouped import grouped_cells, grouped_layer, profiler_range
 from .generation import _decode, check_sampling
 from .memory import MemoryState
+from .schedule import adjacent_runs
 from .segments import Segmented, SegmentOutputs, SegmentRows, segment_rows, validate_ids
 
 RingStepHook = Callable[[int, list], None]   # on_step(t, cells): cells [(layer, request id, segment)]
@@ -158,7 +159,7 @@ class RingExecutor:
         t = self.step_count
         prev, self._outputs = self._outputs, []
         with profiler_range(f"ring_step {t}"), torch.inference_mode() if infer else contextlib.nullcontext():
-            for run in _runs(busy):   # 2. consecutive busy slots: one grouped call each
+            for run in adjacent_runs(busy):   # 2. consecutive busy slots: one grouped call each
                 finished.update(self._run(run, layers, grouped, prev, infer))
         self.step_count += 1
         self.history.append(busy)
@@ -292,14 +293,3 @@ class RingExecutor:
             results.append(_decode(model, self._diag, ids, state, last, max_new_tokens, do_sample, temperature,
                                    top_k, top_p, generator))
         return results
-
-
-def _runs(busy: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
-    """Split busy cells (sorted by layer) into runs of consecutive layers."""
-    runs = [[busy[0]]]
-    for cell in busy[1:]:
-        if cell[0] == runs[-1][-1][0] + 1:
-            runs[-1].append(cell)
-        else:
-            runs.append([cell])
-    return runs

@@ -42,6 +42,19 @@ def iter_sequential(L: int, S: int) -> Iterator[list[Cell]]:
     return ([(l, s)] for s in range(S) for l in range(L))
 
 
+def adjacent_runs(items: list, first: Callable = lambda x: x[0], last: Callable = lambda x: x[0]) -> list[list]:
+    """Split items sorted by layer into runs whose layers follow one another: an item joins the
+    run before it when first(item) == last(previous item) + 1 (items that each hold one layer,
+    such as cells: first = last = the layer; ranges (lo, hi, ...): first = lo, last = hi)."""
+    runs = [[items[0]]]
+    for item in items[1:]:
+        if first(item) == last(runs[-1][-1]) + 1:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
 def sequential(L: int, S: int) -> Schedule:
     """S * L steps of one cell each: segment by segment, layer by layer."""
     return list(iter_sequential(L, S))

@@ -92,11 +92,9 @@ def test_ideal_rows_are_the_measured_even_load_run(monkeypatch):
         assert (r["seconds_min"], r["seconds_max"]) == pytest.approx((0.010, 0.012))
 
 
-def test_even_load_run_chains_S_full_group_steps(monkeypatch):
-    """The ideal runs S full steps; step t + 1 takes [new segment rows; Y_t[:-1]] and the memory step t
-    wrote, in inference mode under no_grad (as the executor runs its steps)."""
-    model = diaglab.from_preset("tiny", **TINY).eval()
-    ex = diaglab.DiagonalExecutor(model)
+def spy_steps(monkeypatch, ex) -> list[dict]:
+    """Make ex.layer_stack hand out a step that records each call (inputs, output, layer range,
+    mask, is_first, inference mode); returns the list the records go to."""
     with torch.no_grad():
         layers, real = ex.layer_stack()
     calls = []
@@ -107,6 +105,15 @@ def test_even_load_run_chains_S_full_group_steps(monkeypatch):
                           inference=torch.is_inference_mode_enabled()))
         return out
     monkeypatch.setattr(ex, "layer_stack", lambda: (layers, spy))
+    return calls
+
+
+def test_even_load_run_chains_S_full_group_steps(monkeypatch):
+    """The ideal runs S full steps; step t + 1 takes [new segment rows; Y_t[:-1]] and the memory step t
+    wrote, in inference mode under no_grad (as the executor runs its steps)."""
+    model = diaglab.from_preset("tiny", **TINY).eval()
+    ex = diaglab.DiagonalExecutor(model)
+    calls = spy_steps(monkeypatch, ex)
     with torch.no_grad():
         last = bench.even_load_run(model, ex, batch=2, steps=3)()
     assert len(calls) == 3 and all(a is b for a, b in zip(last, calls[-1]["out"]))
@@ -133,16 +140,7 @@ def test_schedule_run_is_the_bare_diagonal_schedule(monkeypatch, S):
     model = diaglab.from_preset("tiny", **{**TINY, "layers": 3}).eval()
     L = model.num_layers
     ex = diaglab.DiagonalExecutor(model)
-    with torch.no_grad():
-        layers, real = ex.layer_stack()
-    calls = []
-
-    def spy(X, *, W_mem, z, lo, hi, is_first, mask, **kw):
-        out = real(X, W_mem=W_mem, z=z, lo=lo, hi=hi, is_first=is_first, mask=mask, **kw)
-        calls.append(dict(X=X, W_mem=W_mem, z=z, out=out, cells=(lo, hi), mask=mask, first=is_first,
-                          inference=torch.is_inference_mode_enabled()))
-        return out
-    monkeypatch.setattr(ex, "layer_stack", lambda: (layers, spy))
+    calls = spy_steps(monkeypatch, ex)
     with torch.no_grad():
         last = bench.schedule_run(model, ex, batch=2, segments=S)()
     want = [(cells[0][0], cells[-1][0]) for cells in schedule.diagonal(L, S)]

@@ -210,3 +210,12 @@ def test_ideal_even_load():
     assert ideal_even_load(2.0, 4, 8) == pytest.approx(16.0)
     with pytest.raises(ValueError):
         ideal_even_load(2.0, 0, 8)
+
+
+def test_adjacent_runs_split_where_layers_skip():
+    from diaglab.schedule import adjacent_runs
+    cells = [(0, 1, 4), (1, 1, 3), (3, 2, 0), (4, 2, 1)]
+    assert adjacent_runs(cells) == [cells[:2], cells[2:]]
+    ranges = [(0, 2, "a"), (3, 3, "b"), (5, 6, "c")]
+    assert adjacent_runs(ranges, first=lambda r: r[0], last=lambda r: r[1]) == [ranges[:2], ranges[2:]]
+    assert adjacent_runs([(2, 2)]) == [[(2, 2)]]
