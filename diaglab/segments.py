@@ -60,8 +60,8 @@ class Segmented:
         """(B, r) tokens of the segment each row ends inside (-1 where a row's open part is
         shorter than another's), or None when every row ends on a segment boundary."""
         if not self.padded:   # every row has all N tokens: known on the host
-            if self.ids.shape[1] % self.segment_size == 0:
-                return None
+            r = self.ids.shape[1] % self.segment_size
+            return self.ids[:, self.ids.shape[1] - r:].clone() if r else None   # (never the caller's ids)
         lengths = self.nreal.sum(0)                                             # (B,)
         r = lengths % self.segment_size
         if not bool(r.any()):

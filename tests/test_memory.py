@@ -152,3 +152,5 @@ def test_host_flags_of_an_unpadded_input_are_the_tensor_ones(N, carried):
     a, b = seg.open_ids(), from_tensors.open_ids()
     assert (a is None and b is None) or torch.equal(a, b)
     assert (a is None) == ((N + carried) % 8 == 0)
+    if a is not None:                                     # a copy: editing the input later changes nothing
+        assert a.untyped_storage().data_ptr() != ids.untyped_storage().data_ptr()
