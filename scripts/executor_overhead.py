@@ -14,6 +14,9 @@ the same process and the same rounds (its own copy of the model, built from the 
 before and after a change, side by side.
 
     python scripts/executor_overhead.py --segments 32,128 --against /tmp/old-checkout --json ab.json
+
+--queue N adds the ring: RingExecutor serving bench.queue_requests(model, N) (its grouped calls
+are stamped the same way; a point with "requests": N).
 """
 
 from __future__ import annotations
@@ -75,12 +78,24 @@ def commit_of(path: str) -> str | None:
     return done.stdout.strip() or None
 
 
+def serve(ring, requests):
+    """A call that serves the whole queue through the ring (as bench's ring mode does)."""
+    def run():
+        for ids in requests:
+            ring.submit(ids, keep_logits="last_segment")
+        while ring.pending:
+            ring.step()
+    return run
+
+
 def main(argv=None) -> dict:
     p = bench.OneLineParser(prog="python scripts/executor_overhead.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=("tiny", "small"), default="tiny")
     p.add_argument("--segments", type=bench._int_list(1), default=[32, 128])
     p.add_argument("--threads", type=bench._int(1, 4096), default=2)
     p.add_argument("--repeats", type=bench._int(1), default=15)
+    p.add_argument("--queue", type=bench._int(1, 1024), default=None, metavar="N",
+                   help="also the ring serving a seeded queue of N requests (bench.queue_requests)")
     p.add_argument("--against", metavar="DIR", default=None,
                    help="another checkout's root: its executor is measured in the same rounds")
     p.add_argument("--json", default=None)
@@ -106,6 +121,9 @@ def main(argv=None) -> dict:
             for S in args.segments:
                 ids = pkg_bench.random_tokens(model, S * model.config.segment_size)
                 runs[(name, S)] = (lambda ex, ids: lambda: ex(ids, keep_logits="last_segment"))(ex, ids)
+            if args.queue is not None:
+                requests = pkg_bench.queue_requests(model, args.queue)
+                runs[(name, "ring")] = serve(sys.modules[package.__name__ + ".ring"].RingExecutor(model), requests)
         calls: dict[tuple, list[dict]] = {key: [] for key in runs}
         keys = list(runs)
         with torch.no_grad():
@@ -125,14 +143,16 @@ def main(argv=None) -> dict:
            "machine": flops.machine("cpu"), "points": []}
     if args.against is not None:
         out["against"] = {"path": str(Path(args.against).resolve()), "commit": commit_of(args.against)}
-    print(f"{'code':>7} {'S':>5} {'steps':>5} {'total ms':>9} {'in steps':>9} {'between':>8} {'set-up':>7} "
+    print(f"{'code':>7} {'S':>6} {'steps':>5} {'total ms':>9} {'in steps':>9} {'between':>8} {'set-up':>7} "
           f"{'gaps':>7} {'end':>6}")
-    for (name, S), rows in sorted(calls.items(), key=lambda kv: (kv[0][1], kv[0][0] != "against")):
+    order = [*args.segments, "ring"]
+    for (name, S), rows in sorted(calls.items(), key=lambda kv: (order.index(kv[0][1]), kv[0][0] != "against")):
         med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}   # (each part its own median)
-        out["points"].append({"code": name, "segments": S, **med})
-        print(f"{name:>7} {S:5d} {med['steps']:5.0f} {med['total']:9.2f} {med['in_steps']:9.2f} "
-              f"{med['between_steps']:8.2f} {med['before_first_step']:7.2f} {med['between_two_steps']:7.2f} "
-              f"{med['after_last_step']:6.2f}")
+        where = {"segments": S} if S != "ring" else {"requests": args.queue}
+        out["points"].append({"code": name, **where, **med})
+        print(f"{name:>7} {S if S != 'ring' else f'ring {args.queue}':>6} {med['steps']:5.0f} {med['total']:9.2f} "
+              f"{med['in_steps']:9.2f} {med['between_steps']:8.2f} {med['before_first_step']:7.2f} "
+              f"{med['between_two_steps']:7.2f} {med['after_last_step']:6.2f}")
     print(f"({args.preset}, medians of {args.repeats} calls; {out['machine']['cpu']}, "
           f"{out['machine']['cpu_capability']}, {args.threads} threads)")
     if args.json:

@@ -194,12 +194,17 @@ def test_executor_overhead_script_splits_each_call(tmp_path):
     import diaglab.diagonal as diagonal
     real = diagonal.grouped_layer
     out = load_script("executor_overhead").main(["--segments", "2,5", "--repeats", "2", "--threads", "1",
-                                                 "--json", str(tmp_path / "o.json")])
+                                                 "--queue", "3", "--json", str(tmp_path / "o.json")])
     assert diagonal.grouped_layer is real
     L = out["layers"]
-    assert [(p["code"], p["segments"]) for p in out["points"]] == [("this", 2), ("this", 5)]
+    assert [(p["code"], p.get("segments"), p.get("requests")) for p in out["points"]] == [
+        ("this", 2, None), ("this", 5, None), ("this", None, 3)]
     for p in out["points"]:
-        assert p["steps"] == L + p["segments"] - 1
+        if "segments" in p:
+            assert p["steps"] == L + p["segments"] - 1
+        else:                                             # the ring: at least one grouped call per ring step
+            assert p["steps"] >= L + sum(-(-ids.shape[1] // 32) for ids in
+                                         bench.queue_requests(bench.live_preset("tiny"), 3)) - 1
         assert p["total"] == pytest.approx(p["in_steps"] + p["between_steps"])
         assert 0 < p["before_first_step"] < p["between_steps"] and p["after_last_step"] > 0
     assert json.loads((tmp_path / "o.json").read_text())["points"] == out["points"]
@@ -222,7 +227,7 @@ def test_executor_overhead_script_measures_another_checkout_alongside(tmp_path):
 
 def test_executor_overhead_script_refuses_bad_flags(rejected, tmp_path):
     for argv in (["--repeats", "0"], ["--segments", "0"], ["--segments", "4,4"], ["--preset", "huge"],
-                 ["--against", str(tmp_path)]):
+                 ["--against", str(tmp_path)], ["--queue", "0"]):
         rejected(load_script("executor_overhead").main, argv)
 
 
