@@ -16,9 +16,10 @@ differ by dropout (refused in training mode with attention dropout).
 
 Steps on plain segments (every row full, no mask) run lean: the busy layers' memory is held
 as two tensors from step to step, as in the bare schedule (bench.schedule_run), and a layer's
-first segment skips the first-segment masks because its memory was zeroed once per call; the
-others (padding, a layer where only some rows have written, a profiler) go through
-grouped_cells with the state's masks. Both give the same numbers (tests/test_diagonal.py).
+first segment runs on a memory zeroed once per call, so only gamma keeps a first-segment mask.
+The other steps (padding, a layer where only some rows have written, a profiler, the
+sequential order with more than one layer) go through grouped_cells with the state's masks.
+Both give the same numbers (tests/test_diagonal.py).
 
 The executor can also follow the sequential order through the same grouped kernels
 (`order="sequential"`), which separates the gain of the schedule from the kernels'.
@@ -194,23 +195,23 @@ class DiagonalExecutor:
     def _run(self, seg, layers, step, full_step, state, outputs, infer, on_step, zeroed):
         """The steps of one call; returns the final memory state.
 
-        A step is lean when every busy segment is plain (no mask, every row writes), every busy
-        layer is settled (all rows past their first segment) or fresh (all rows on it), and no
-        profiler runs: it calls the step directly on the busy layers' memory, held as two
-        tensors the way bench.schedule_run runs the bare schedule. A fresh layer's memory is
-        zeroed once per call (`zeroed`: prepare made an empty state, already zero), so its first
-        segment needs no mask but gamma's (grouped_layer's zeroed=True); `state` is brought up to
-        date when a general step needs it and at the end. A run of full lean steps, the
-        plateau, loops on its own. Every other step goes through grouped_cells with the
-        state's is_first masks."""
+        A step is lean when every segment in flight is plain (no mask, every row writes), every
+        layer is settled (all rows past their first segment) or fresh (no row has written: all
+        on their first segment), and no profiler runs: it calls the step directly on the busy
+        layers' memory, held as two tensors the way bench.schedule_run runs the bare schedule.
+        A fresh layer's memory is zeroed once per call (`zeroed`: prepare made an empty state,
+        already zero), so its first segment needs no mask but gamma's (grouped_layer's
+        zeroed=True); `state` is brought up to date when a general step needs it and at the end.
+        A run of full lean steps, the plateau, loops on its own. Every other step goes through
+        grouped_cells with the state's is_first masks; one layer with only some rows written
+        (a padded earlier call) keeps every step there until it has settled."""
         model = self.model
         L, n, S, B = model.num_layers, model.config.segment_size, seg.num_segments, seg.ids.shape[0]
         written = ~state.is_first                           # (L, B); read once (one device sync)
         has_memory = written.any(dim=1).tolist()            # (L,) host flags: the layer has written for some row
         settled = written.all(dim=1).tolist()               # ... for every row
-        fresh = [not h for h in has_memory]                 # ... for no row, and it has not run in this call
-        mixed = sum(h and not s for h, s in zip(has_memory, settled))   # layers with only some rows written
-        if not zeroed and any(fresh):                       # a fresh layer starts from zeros, whatever it held
+        mixed = any(h and not s for h, s in zip(has_memory, settled))   # a layer with only some rows written
+        if not zeroed and not all(has_memory):              # a fresh layer starts from zeros, whatever it held
             keep = written.any(dim=1)
             state = MemoryState(state.W_mem.masked_fill(~keep[:, None, None, None], 0.0),
                                 state.z.masked_fill(~keep[:, None, None], 0.0), state.is_first)
@@ -226,7 +227,7 @@ class DiagonalExecutor:
         Y, prev_lo, r, fetched = None, 0, None, False
         t, steps = 0, (L + S - 1 if diagonal else L * S)
         while t < steps:
-            # the busy layers lo..hi; layer l holds segment s_lo - (l - lo)
+            # the busy layers lo..hi (schedule.active_layers, inline); layer l holds segment s_lo - (l - lo)
             if diagonal:
                 lo, hi = max(0, t - S + 1), min(t, L - 1)
                 s_lo = t - lo
@@ -248,8 +249,9 @@ class DiagonalExecutor:
                     if hi > h_hi:
                         W_in, z_in, _ = state.layers(h_hi + 1, hi)
                         W_mem, z = torch.cat([W_mem, W_in]), torch.cat([z, z_in])
+                # (every segment in flight is plain: all share one pair of RoPE tables, r's)
                 first = None
-                if fresh[hi]:   # only the top layer can start here (layer l starts at step l)
+                if not has_memory[hi]:   # fresh: only the top layer can start here (layer l starts at step l)
                     first = torch.zeros(hi - lo + 1, B, dtype=torch.bool, device=r.X.device)
                     first[-1] = True
                 parts = [r.X[None]] if lo == 0 else []
@@ -257,13 +259,13 @@ class DiagonalExecutor:
                     parts.append(Y[max(lo - 1, 0) - prev_lo:hi - prev_lo])         # views of the last output
                 X = parts[0] if len(parts) == 1 else torch.cat(parts)              # (G, B, T, d)
                 read = hi > lo or has_memory[hi]        # the layers below the top one are settled
-                run = full_step if first is None and read and hi - lo + 1 == L and full_step is not None else step
+                run = full_step if first is None and hi - lo + 1 == L and full_step is not None else step
                 Y, W_mem, z = run(X, layers=layers, lo=lo, hi=hi, n_text=n, cos=r.cos, sin=r.sin, mask=None,
                                   W_mem=W_mem, z=z, is_first=first, write_mask=None, read=read,
                                   **({"zeroed": True} if first is not None else {}))
                 prev_lo = lo
                 if first is not None:
-                    fresh[hi], has_memory[hi], settled[hi] = False, True, True
+                    has_memory[hi] = settled[hi] = True
                 if hi == L - 1:
                     s = s_lo - (hi - lo)
                     del rows_of[s]
@@ -280,7 +282,7 @@ class DiagonalExecutor:
                     while t < S:
                         r = rows_of[t] = feed.rows(t)
                         if r.mask is not None or r.write_mask is not None:   # the general steps take it from here
-                            unplain, fetched = 1, True
+                            unplain, fetched = unplain + 1, True
                             break
                         X = torch.cat([r.X[None], Y[:L - 1]]) if L > 1 else r.X[None]
                         Y, W_mem, z = run(X, layers=layers, lo=0, hi=L - 1, n_text=n, cos=r.cos, sin=r.sin,
@@ -314,10 +316,9 @@ class DiagonalExecutor:
                                          read=any(has_memory[lo:hi + 1]), settled=done)
                 prev_lo = lo
                 has_memory[lo:hi + 1] = [True] * (hi - lo + 1)
-                fresh[lo:hi + 1] = [False] * (hi - lo + 1)
                 if plain and not done:   # every row wrote
                     settled[lo:hi + 1] = [True] * (hi - lo + 1)
-                mixed = sum(h and not s for h, s in zip(has_memory, settled))
+                mixed = any(h and not s for h, s in zip(has_memory, settled))
             if hi == L - 1:  # a segment leaves the last layer
                 gone = rows_of.pop(cells[-1][1])
                 unplain -= gone.mask is not None or gone.write_mask is not None

@@ -65,9 +65,20 @@ def load_checkout(path: str):
                                                   submodule_search_locations=[str(root)])
     package = importlib.util.module_from_spec(spec)
     sys.modules["diaglab_against"] = package
-    spec.loader.exec_module(package)
-    importlib.import_module("diaglab_against.bench")
+    try:
+        spec.loader.exec_module(package)
+        for name in ("bench", "diagonal", "ring"):
+            importlib.import_module(f"diaglab_against.{name}")
+    except Exception:
+        forget_checkout()
+        raise
     return package
+
+
+def forget_checkout() -> None:
+    """Drop the other checkout's modules from sys.modules."""
+    for name in [m for m in sys.modules if m == "diaglab_against" or m.startswith("diaglab_against.")]:
+        del sys.modules[name]
 
 
 def commit_of(path: str) -> str | None:
@@ -100,9 +111,15 @@ def main(argv=None) -> dict:
                    help="another checkout's root: its executor is measured in the same rounds")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    why = args.json and bench.unwritable(args.json)
+    if why:
+        p.error(f"--json: {why}")
     packages = {"this": sys.modules["diaglab"]}
     if args.against is not None:
-        other = load_checkout(args.against)
+        try:
+            other = load_checkout(args.against)
+        except Exception as err:   # its code does not import here: say so in one line
+            p.error(f"--against: importing {args.against}'s diaglab failed ({type(err).__name__}: {err})")
         if other is None:
             p.error(f"--against: {args.against!r} holds no diaglab package (give a checkout's root)")
         packages["against"] = other
@@ -112,9 +129,11 @@ def main(argv=None) -> dict:
     runs, reals = {}, {}
     try:
         for name, package in packages.items():
-            mod = sys.modules[package.__name__ + ".diagonal"]
+            mod, ring_mod = sys.modules[package.__name__ + ".diagonal"], sys.modules[package.__name__ + ".ring"]
             reals[name] = mod.grouped_layer
-            mod.grouped_layer = stamped(reals[name], marks)   # what layer_stack hands out (`step is grouped_layer` holds)
+            # what layer_stack hands out; the modules compare the step with their own name for it (the
+            # executor and the ring run inference mode only for the real fast path), so both are swapped
+            mod.grouped_layer = ring_mod.grouped_layer = stamped(reals[name], marks)
             pkg_bench = sys.modules[package.__name__ + ".bench"]
             model = pkg_bench.live_preset(args.preset)          # each copy its own model, from the same seed
             ex = mod.DiagonalExecutor(model)
@@ -139,6 +158,7 @@ def main(argv=None) -> dict:
         for name, package in packages.items():
             if name in reals:
                 sys.modules[package.__name__ + ".diagonal"].grouped_layer = reals[name]
+                sys.modules[package.__name__ + ".ring"].grouped_layer = reals[name]
     out = {"preset": args.preset, "layers": model.num_layers, "repeats": args.repeats,
            "machine": flops.machine("cpu"), "points": []}
     if args.against is not None:

@@ -56,6 +56,9 @@ def main(argv=None) -> dict:
     p.add_argument("--calls", type=bench._int(1), default=50, help="steps per timed loop")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    why = args.json and bench.unwritable(args.json)
+    if why:   # before the measuring, not after it
+        p.error(f"--json: {why}")
     torch.set_num_threads(args.threads)
     heap.keep_freed_memory()
     model = bench.live_preset(args.preset)
