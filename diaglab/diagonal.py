@@ -218,7 +218,7 @@ class DiagonalExecutor:
         diagonal = self.order == "diagonal"
         lean_order = diagonal or L == 1                     # (the sequential order's steps are lean only if L = 1)
         rows_of = {}                                        # segment -> its SegmentRows, while in flight
-        wanted = [outputs.wanted(s) for s in range(S)]      # segments whose logits (or loss) are made
+        wanted = outputs.wanted_all()                       # segments whose logits (or loss) are made
         feed = SegmentFeed(model, seg)                      # segments' rows, a run of them at a time
         profiling = torch.autograd._profiler_enabled()      # (the step ranges' names are made only then)
         unplain = 0                                         # segments in flight with a mask or a write mask

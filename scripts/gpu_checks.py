@@ -4,7 +4,7 @@ torch.profiler table. Needs torch and transformers only (a bare GPU image has no
 
     python scripts/gpu_checks.py OUT_DIR [--preset llama_1b] [--device cuda] [--steps-tokens 131072]
 
-Writes OUT_DIR/gpu_exact.json, OUT_DIR/gpu_steps.json, OUT_DIR/gpu_profile.txt (time per
+Writes OUT_DIR/gpu_exact.json (with, on CUDA, the CUDA-graph check), OUT_DIR/gpu_steps.json, OUT_DIR/gpu_profile.txt (time per
 phase of the grouped steps, then the operator table) and prints
 a summary. Exits non-zero when an exactness bound fails (after writing the files).
 """
@@ -52,6 +52,37 @@ def exactness(model: diaglab.ARMT, segments: float, seed: int = 0) -> dict:
             "is_first_equal": bool(torch.equal(diag.state.is_first, seq.state.is_first))}
 
 
+def cudagraph_check(device: str, segments: int = 12) -> dict:
+    """DiagonalExecutor(compile=True, compile_mode="reduce-overhead") — CUDA graphs — on `tiny`
+    fp32: two calls, each against the sequential model, and the first call's logits and memory
+    read again after the second (a graph replay reuses its output buffers: what a call returned
+    must not live in them). Untested until a session draws a GPU; a failure is recorded, not
+    raised."""
+    model = live_preset("tiny", torch.float32, device)
+    n = model.config.segment_size
+    a, b = random_tokens(model, segments * n, 2), random_tokens(model, segments * n, 3)
+    out: dict = {"preset": "tiny", "segments": segments}
+    try:
+        ex = diaglab.DiagonalExecutor(model, compile=True, compile_mode="reduce-overhead")
+        with torch.no_grad():
+            first = ex(a)
+            kept = (first.logits.clone(), first.state.W_mem.clone(), first.state.z.clone())
+            second = ex(b)
+            seq_a, seq_b = model(a), model(b)
+            out["first_logits"] = rel(first.logits, seq_a.logits)
+            out["second_logits"] = rel(second.logits, seq_b.logits)
+            out["W_mem_worst_layer"] = max(max(rel(d, s) for d, s in zip(x.state.W_mem, y.state.W_mem))
+                                           for x, y in ((first, seq_a), (second, seq_b)))
+            out["first_unchanged"] = all(torch.equal(k, now) for k, now in
+                                         zip(kept, (first.logits, first.state.W_mem, first.state.z)))
+        out["compile_seconds"] = ex.compile_seconds
+        out["pass"] = out["first_unchanged"] and max(out["first_logits"], out["second_logits"],
+                                                     out["W_mem_worst_layer"]) <= BOUNDS["float32"]
+    except Exception as err:   # noqa: BLE001 — recorded in the report, the other checks still run
+        out.update(error=f"{type(err).__name__}: {err}"[:500], **{"pass": False})
+    return out
+
+
 def build(preset: str, dtype: torch.dtype, device: str, **overrides) -> diaglab.ARMT:
     t0 = time.perf_counter()
     model = live_preset(preset, dtype, device, **overrides)
@@ -94,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             del model
             if args.device == "cuda":
                 torch.cuda.empty_cache()
+    if args.device == "cuda":   # CUDA graphs: exact, and nothing returned lives in a graph's buffers
+        exact["cudagraphs"] = cudagraph_check(args.device)
+        ok &= exact["cudagraphs"]["pass"]
+        print(f"cudagraphs (reduce-overhead): {exact['cudagraphs']}", flush=True)
     exact["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     exact["torch"], exact["preset"] = torch.__version__, args.preset
     (args.out / "gpu_exact.json").write_text(json.dumps(exact, indent=1) + "\n")

@@ -275,3 +275,10 @@ def test_the_command_itself_refuses_a_huge_count_at_once():
                           text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and done.stdout == "" and len(done.stderr.splitlines()) == 1, done.stderr
     assert "argument --layers: expected an integer from 1 to 1000000" in done.stderr
+
+
+def test_gpu_checks_cudagraph_check_reports_instead_of_raising():
+    """scripts/gpu_checks.py's CUDA-graph check records a failure in its report (the other checks
+    still run); on a CPU the executor refuses reduce-overhead, which is what the report says."""
+    out = load_script("gpu_checks").cudagraph_check("cpu", segments=2)
+    assert out["pass"] is False and "CUDA" in out["error"] and out["preset"] == "tiny"
