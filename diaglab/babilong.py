@@ -45,9 +45,10 @@ from . import checkpoint
 from ._checks import check_int
 from .armt import ARMT
 from .diagonal import DiagonalExecutor
+from .paths import write_json
 from .presets import tiny_armt
 from .stories import SENTENCE, VOCAB, StoryBatch, qa1_single_fact
-from .train import (EVAL_SEED, Curriculum, _check_float, _check_shape, _Parser, _threads, _write_json,
+from .train import (EVAL_SEED, Curriculum, _check_float, _check_shape, _Parser, _threads,
                     add_config_flags, answer_logits, check_model_shape, check_out, continued, guarded_step,
                     log_record, optimiser, predict, read_init_log, read_log)
 from .train import checkpoint_shape as _model_shape
@@ -254,7 +255,7 @@ def save(model: ARMT, cfg: StoryTrainConfig, log: list[dict], init_from_log: dic
     the curve; with init_from, init_from_log, read from cfg.init_from if not given, so a staged
     training keeps its history), replaced together; an eval.json of the old weights is dropped."""
     checkpoint.save(model, cfg.out, drop=("eval.json",), extra={
-        "train_log.json": lambda path: _write_json(str(path), log_record(model, cfg, log, init_from_log))})
+        "train_log.json": lambda path: write_json(str(path), log_record(model, cfg, log, init_from_log))})
 
 
 def _timed(fn):
@@ -367,7 +368,7 @@ def run_eval(path: str, samples: int = 100, factors=LENGTH_FACTORS, write: bool 
     """Load the checkpoint at path, evaluate it, optionally write path/eval.json."""
     res = evaluate(ARMT.from_pretrained(path), checkpoint_config(path), factors, samples, batch_size=batch_size)
     if write:
-        _write_json(os.path.join(path, "eval.json"), res)
+        write_json(os.path.join(path, "eval.json"), res)
     return res
 
 

@@ -50,6 +50,7 @@ from . import flops, heap
 from ._checks import check_device, check_int   # check_device: bench's name for it too (scripts/gpu_checks.py)
 from .armt import ARMT, randomize_memory_
 from .diagonal import DiagonalExecutor
+from .paths import write_json
 from .peakmem import PeakMemory
 from .presets import PRESETS, from_preset, llama_config
 from .profiling import timed
@@ -570,8 +571,7 @@ def write_rows(rows: list[dict], json_path: str | None = None, csv_path: str | N
     """Save rows as a JSON list and/or a CSV with one column per key (ROW_KEYS for the
     single-input modes)."""
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
+        write_json(json_path, rows)
     if csv_path:
         Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
         with open(csv_path, "w", newline="") as f:
@@ -691,19 +691,19 @@ def check_outputs(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject unwritable --json/--csv/--html paths, two of them naming one file, and --html
     without plotly, before any work (a failure after minutes of measuring would lose them)."""
     seen: dict[Path, str] = {}
-    for flag in ("json", "csv", "html"):
-        path = getattr(args, flag)
+    for flag in ("json", "csv", "html"):   # (a script's parser may have only some of these flags)
+        path = getattr(args, flag, None)
         if path is None:
             continue
         if Path(path).resolve() in seen:
             p.error(f"--{seen[Path(path).resolve()]} and --{flag} name the same file {path}: give each its own path")
         seen[Path(path).resolve()] = flag
     for flag in ("json", "csv", "html"):
-        path = getattr(args, flag)
+        path = getattr(args, flag, None)
         problem = None if path is None else unwritable(path)
         if problem:
             p.error(f"--{flag}: {problem}")
-    if args.html:
+    if getattr(args, "html", None):
         try:
             import plotly  # noqa: F401
         except ImportError:

@@ -53,6 +53,7 @@ from .armt import ARMT, ARMTOutput
 from .diagonal import DiagonalExecutor, check_no_dropout
 from .grouped import grouped_cells, profiler_range, ungroupable
 from .memory import MemoryState
+from .paths import write_json
 from .segments import Segmented, SegmentOutputs, SegmentRows, segment_rows
 
 Span = tuple[int, int]   # a rank's layers [a, b)
@@ -585,7 +586,7 @@ def _torchrun_worker(args) -> None:
             report["relative_errors"] = _check(out, full.to(device).eval(), ids, dtype)
         print(json.dumps(report))
         if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+            write_json(args.json, report)
     finally:
         dist.destroy_process_group()
 

@@ -9,10 +9,26 @@ another copy of that folder (an installed package, a moved checkout).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 ENV_VAR = "DIAGLAB_DATA"
+
+
+def write_json(path, obj) -> None:
+    """obj as indented JSON at path (its folder made if missing), written to a sibling file and
+    renamed over path: a failed write leaves the old file as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
 
 
 def data_root() -> Path:

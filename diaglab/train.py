@@ -49,6 +49,7 @@ from . import checkpoint
 from ._checks import check_int
 from .armt import ARMT
 from .config import ARMTConfig
+from .paths import write_json
 from .diagonal import DiagonalExecutor
 from .presets import check_heads, tiny_armt
 from .tables import format_table
@@ -511,7 +512,7 @@ def save(model: ARMT, cfg: TrainConfig, log: list[dict], init_from_log: dict | N
     samples = fixed_samples(cfg.max_segments, cfg.segment_size, cfg.pairs, task_vocab(cfg))
     checkpoint.save(model, cfg.out, drop=("eval.json",), extra={
         "samples.json": lambda path: save_samples(samples, str(path)),
-        "train_log.json": lambda path: _write_json(str(path), log_record(model, cfg, log, init_from_log))})
+        "train_log.json": lambda path: write_json(str(path), log_record(model, cfg, log, init_from_log))})
 
 
 def log_record(model: ARMT, cfg, log: list[dict], init_from_log: dict | None = None) -> dict:
@@ -522,19 +523,6 @@ def log_record(model: ARMT, cfg, log: list[dict], init_from_log: dict | None = N
     if cfg.init_from:
         record["init_from_log"] = init_from_log if init_from_log is not None else read_init_log(cfg.init_from)
     return record
-
-
-def _write_json(path: str, obj) -> None:
-    """Write to a sibling file, then rename over path: a failed write leaves the old file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def check_eval_dir(path: str, samples: int = 200, write: bool = True) -> None:
@@ -559,7 +547,7 @@ def run_eval(path: str, samples: int = 200, write: bool = True) -> dict:
     res["trained_on"] = tcfg["task"]
     res["eval_seconds"] = round(time.perf_counter() - t0, 1)
     if write:
-        _write_json(os.path.join(path, "eval.json"), res)
+        write_json(os.path.join(path, "eval.json"), res)
     return res
 
 

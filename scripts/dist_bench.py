@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import diaglab  # noqa: E402
-from diaglab.bench import OneLineParser, _int, _int_list, unwritable  # noqa: E402
+from diaglab.bench import OneLineParser, _int, _int_list, check_outputs  # noqa: E402
+from diaglab.paths import write_json  # noqa: E402
 
 
 def one_process(model, ids, threads: int, repeats: int) -> list[float]:
@@ -76,9 +77,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--json", default="data/bench/cpu_pipeline.json", metavar="PATH",
                    help="where to write the records (default data/bench/cpu_pipeline.json)")
     args = p.parse_args(argv)
-    problem = unwritable(args.json)
-    if problem:
-        p.error(f"--json: {problem}")
+    check_outputs(p, args)
     return args
 
 
@@ -107,8 +106,7 @@ def main(argv: list[str] | None = None) -> None:
            "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
            "cores": os.cpu_count(), "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
            "records": records}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.json, out)
     print(f"$ {out['command']}   (load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after, "
           f"{os.cpu_count()} cores)")
     print("| tokens | S | 1 proc x 1 thread | 1 proc x 2 threads | 2 procs x 1 thread (pipeline) "

@@ -22,7 +22,6 @@ are stamped the same way; a point with "requests": N).
 from __future__ import annotations
 
 import importlib.util
-import json
 import statistics
 import subprocess
 import sys
@@ -31,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-import diaglab.diagonal as diagonal
+import diaglab
 from diaglab import bench, flops, heap
+from diaglab.paths import write_json
 
 
 def stamped(step, marks: list):
@@ -111,10 +111,8 @@ def main(argv=None) -> dict:
                    help="another checkout's root: its executor is measured in the same rounds")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    why = args.json and bench.unwritable(args.json)
-    if why:
-        p.error(f"--json: {why}")
-    packages = {"this": sys.modules["diaglab"]}
+    bench.check_outputs(p, args)
+    packages = {"this": diaglab}
     if args.against is not None:
         try:
             other = load_checkout(args.against)
@@ -176,8 +174,7 @@ def main(argv=None) -> dict:
     print(f"({args.preset}, medians of {args.repeats} calls; {out['machine']['cpu']}, "
           f"{out['machine']['cpu_capability']}, {args.threads} threads)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     return out
 
 

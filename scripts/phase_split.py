@@ -7,7 +7,6 @@ for the models of the README's table. Writes data/bench/cpu_phases.json (or the 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch  # noqa: E402
 
 import diaglab  # noqa: E402
 from diaglab.bench import live_preset, random_tokens  # noqa: E402
+from diaglab.paths import write_json  # noqa: E402
 from diaglab.profiling import phase_breakdown  # noqa: E402
 
 CASES = [("tiny", torch.float32, 128, {}), ("tiny", torch.bfloat16, 128, {}),
@@ -42,7 +42,7 @@ def main(out: str = str(ROOT / "data" / "bench" / "cpu_phases.json")) -> dict:
         shares[key] = {k: round(v / ms["steps"], 3) for k, v in ms.items() if k != "steps"}
         print(key, shares[key], f"steps {ms['steps']:.0f} ms under the profiler", flush=True)
     record = {"command": "python scripts/phase_split.py", "threads": 2, "shares": shares}
-    Path(out).write_text(json.dumps(record, indent=1) + "\n")
+    write_json(out, record)
     return record
 
 

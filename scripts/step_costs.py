@@ -13,7 +13,6 @@ the cases so the machine's drift hits all alike.
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ import time
 import torch
 
 from diaglab import bench, flops, heap
+from diaglab.paths import write_json
 
 
 def step_call(model, batch: int, G: int, inference: bool):
@@ -56,9 +56,7 @@ def main(argv=None) -> dict:
     p.add_argument("--calls", type=bench._int(1), default=50, help="steps per timed loop")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    why = args.json and bench.unwritable(args.json)
-    if why:   # before the measuring, not after it
-        p.error(f"--json: {why}")
+    bench.check_outputs(p, args)   # before the measuring, not after it
     torch.set_num_threads(args.threads)
     heap.keep_freed_memory()
     model = bench.live_preset(args.preset)
@@ -91,8 +89,7 @@ def main(argv=None) -> dict:
     print(f"a step costs about {fixed:.3f} ms + {out['per_layer_ms']:.3f} ms per busy layer "
           f"({out['machine']['cpu']}, {out['machine']['cpu_capability']}, {args.threads} threads)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     return out
 
 

@@ -53,3 +53,13 @@ def test_env_var_points_elsewhere(monkeypatch, tmp_path):
 def test_rejects_paths_outside_the_data_folder(bad):
     with pytest.raises(ValueError, match="relative to the data folder"):
         data_path(bad)
+
+
+def test_write_json_makes_its_folder_and_a_failed_write_keeps_the_old_file(tmp_path):
+    from diaglab.paths import write_json
+    target = tmp_path / "new" / "out.json"
+    write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    with pytest.raises(TypeError):
+        write_json(target, {"a": object()})             # not serialisable: fails half-way
+    assert json.loads(target.read_text()) == {"a": 1} and sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
