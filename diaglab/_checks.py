@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def check_int(name: str, value, low: int, high: int | None = None) -> None:
     """Raise a ValueError naming `name` unless value is an int (not a bool) in [low, high]."""
@@ -9,6 +11,15 @@ def check_int(name: str, value, low: int, high: int | None = None) -> None:
         wanted = f">= {low}" if high is None else f"in [{low}, {high}]"
         got = f"{type(value).__name__} {value!r}" if not isinstance(value, int) or isinstance(value, bool) else value
         raise ValueError(f"{name} must be an int {wanted}, got {got}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit code 2), without the
+    usage block: each names the flag and what it accepts, and --help has the rest. Every
+    command line of the suite uses it."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (--help lists every flag)\n")
 
 
 def check_device(device):

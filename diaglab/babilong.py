@@ -35,20 +35,19 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from . import checkpoint
-from ._checks import check_int
+from ._checks import OneLineParser, check_int
 from .armt import ARMT
 from .diagonal import DiagonalExecutor
 from .paths import write_json
 from .presets import tiny_armt
 from .stories import SENTENCE, VOCAB, StoryBatch, qa1_single_fact
-from .train import (EVAL_SEED, Curriculum, _check_float, _check_shape, _Parser, _threads,
+from .train import (EVAL_SEED, Curriculum, _check_float, _check_shape, _threads,
                     add_config_flags, answer_logits, check_model_shape, check_out, continued, guarded_step,
                     log_record, optimiser, predict, read_init_log, read_log)
 from .train import checkpoint_shape as _model_shape
@@ -373,8 +372,8 @@ def run_eval(path: str, samples: int = 100, factors=LENGTH_FACTORS, write: bool 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m diaglab.babilong", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m diaglab.babilong", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--eval", metavar="DIR", help="evaluate the checkpoint in DIR instead of training")
     p.add_argument("--no-write", action="store_true", help="with --eval: print only, do not write DIR/eval.json")
     p.add_argument("--samples", type=int, default=100, help="with --eval: held-out stories per length")
@@ -390,7 +389,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:   # every argument is checked here, so a bad one ends in one line and exit status 2
         check_int("--samples", args.samples, 1)
         check_int("--eval-batch", args.eval_batch, 1)
@@ -400,8 +400,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             preflight(cfg)
     except (ValueError, OSError) as e:
-        print(f"python -m diaglab.babilong: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        parser.error(str(e))
     if args.eval:
         with _threads(cfg.threads):
             res = run_eval(args.eval, args.samples, write=not args.no_write, batch_size=args.eval_batch)

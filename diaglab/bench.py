@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from . import flops, heap
-from ._checks import check_device, check_int   # check_device: bench's name for it too (scripts/gpu_checks.py)
+from ._checks import OneLineParser, check_device, check_int   # bench's names for them too (scripts import them)
 from .armt import ARMT, randomize_memory_
 from .diagonal import DiagonalExecutor
 from .paths import write_json
@@ -601,14 +601,6 @@ def read_rows(paths: list[str]) -> list[dict]:
 
 
 # ---- command line ---------------------------------------------------------------------
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (exit code 2), without the
-    usage block: each names the flag and what it accepts, and --help has the rest."""
-
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (--help lists every flag)\n")
-
-
 # Upper bounds of the integer flags: far above any real run, so a typo's extra digits fail here in one
 # line, not later in a C int overflow or a config that builds 10^20 layers (it would hang)
 MAX_COUNT = 10**6

@@ -46,8 +46,7 @@ def save(model, path: str | os.PathLike, extra: dict | None = None, drop: tuple[
     for name in (extra or {}):   # a file beside the weights, not one of them nor anywhere else
         if not isinstance(name, str) or name in FILES or Path(name).name != name or name in ("", ".", ".."):
             raise ValueError(f"extra file name {name!r} must be a plain file name other than {FILES}")
-    path = Path(os.path.realpath(path))  # '.' gets a name; a symlinked checkpoint is replaced where it lives
-    check_target(path)
+    path = check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = _sibling(path, "saving")
     os.mkdir(new)  # not tempfile.mkdtemp: its mode 0700 would replace the directory's own
@@ -64,10 +63,12 @@ def save(model, path: str | os.PathLike, extra: dict | None = None, drop: tuple[
         raise
 
 
-def check_target(path: Path) -> None:
+def check_target(path: str | os.PathLike) -> Path:
     """Refuse to replace anything but a missing path, an empty directory or a checkpoint:
     save_pretrained(a_project_dir) must not swap the user's files away. The training command
-    lines call it before they train (train.check_out), so a refusal never comes after the work."""
+    lines call it before they train (train.check_out), so a refusal never comes after the work.
+    Returns the path resolved ('.' gets a name; a symlinked checkpoint is replaced where it lives)."""
+    path = Path(os.path.realpath(path))
     if Path(os.getcwd()).resolve().is_relative_to(path):
         raise ValueError(f"{path} is or holds the working directory; replacing it would leave this process in a "
                          "deleted directory: give a path outside it, e.g. from its parent")
@@ -76,6 +77,7 @@ def check_target(path: Path) -> None:
     if path.is_dir() and any(path.iterdir()) and not (path / "armt_config.json").is_file():
         raise FileExistsError(f"{path} is a non-empty directory that holds no diaglab checkpoint "
                               "(no armt_config.json); save into a new or empty directory instead")
+    return path
 
 
 def _write(model, directory: Path) -> None:

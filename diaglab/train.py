@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from ._checks import check_int
+from ._checks import OneLineParser, check_int
 from .armt import ARMT
 from .config import ARMTConfig
 from .paths import write_json
@@ -231,8 +231,7 @@ def check_out(out: str, force_overwrite: bool) -> None:
     """Raise unless the output directory out is writable (or can be made), and is new, empty or
     a checkpoint that force_overwrite allows to replace. Shared by diaglab.train and diaglab.babilong."""
     _check_writable_dir(out, "--out")
-    path = Path(os.path.realpath(out))
-    checkpoint.check_target(path)   # what the save would refuse, refused before the training
+    path = checkpoint.check_target(out)   # what the save would refuse, refused before the training
     if (path / "armt_config.json").is_file() and not force_overwrite:
         raise FileExistsError(f"--out {out} already holds a checkpoint; choose another --out, or pass "
                               "--force-overwrite (force_overwrite=True) to replace it")
@@ -559,15 +558,8 @@ def _flag_bool(text: str) -> bool:
     return value
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's exit status 2, but the error on one line (the full usage is long)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m diaglab.train", description=__doc__,
+    p = OneLineParser(prog="python -m diaglab.train", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--eval", metavar="DIR", help="evaluate the checkpoint in DIR instead of training")
     p.add_argument("--no-write", action="store_true", default=argparse.SUPPRESS,

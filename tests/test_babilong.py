@@ -186,7 +186,14 @@ def test_cli_errors_are_one_line_with_exit_status_2(argv, match, capsys):
 
 def test_cli_error_has_no_traceback():
     assert cli_error_in_a_process("diaglab.babilong", ["--people", "-1"], "python -m diaglab.babilong") == \
-        "python -m diaglab.babilong: error: people must be an int >= 1, got -1"
+        "python -m diaglab.babilong: error: people must be an int >= 1, got -1 (--help lists every flag)"
+
+
+def test_abbreviated_flags_are_refused_as_in_diaglab_train():
+    """allow_abbrev=False in both training command lines: '--hid 32' is a typo, not --hidden."""
+    for module in (babilong, train):
+        with pytest.raises(SystemExit):
+            module.parse_args(["--hid", "32"])
 
 
 def test_documented_commands_are_the_recorded_training_configs():
