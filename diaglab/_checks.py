@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+# Upper bounds of integer settings: far above any real run, so a typo's extra digits fail in one
+# line, not later in a C int overflow or a config that builds 10^20 layers (it would hang)
+MAX_COUNT = 10**6
+MAX_THREADS = 4096     # each one an OS thread: more than any machine's cores
+
 
 def check_int(name: str, value, low: int, high: int | None = None) -> None:
     """Raise a ValueError naming `name` unless value is an int (not a bool) in [low, high]."""

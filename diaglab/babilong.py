@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import checkpoint
-from ._checks import OneLineParser, check_int
+from ._checks import MAX_COUNT, MAX_THREADS, OneLineParser, check_int
 from .armt import ARMT
 from .diagonal import DiagonalExecutor
 from .paths import write_json
@@ -95,8 +95,11 @@ class StoryTrainConfig:
 
     def __post_init__(self):
         for name in ("layers", "hidden", "heads", "kv_heads", "num_mem_tokens", "d_mem", "facts", "people", "questions",
-                     "steps", "batch", "warmup", "eval_every", "eval_samples", "threads"):
+                     "steps", "batch", "warmup", "eval_every", "eval_samples"):
             check_int(name, getattr(self, name), 1)
+        for name in ("layers", "hidden"):   # beyond any machine: one line here, not a hang building it
+            check_int(name, getattr(self, name), 1, MAX_COUNT)
+        check_int("threads", self.threads, 1, MAX_THREADS)
         check_int("sentences", self.sentences, 1)
         check_int("start_segments", self.start_segments, 2)
         check_int("max_segments", self.max_segments, self.start_segments)
@@ -112,7 +115,7 @@ class StoryTrainConfig:
         if self.promote_at > 1:
             raise ValueError(f"promote_at (--promote-at) is an accuracy in (0, 1], got {self.promote_at}")
         check_model_shape(self.hidden, self.heads, self.kv_heads, self.segment_size, self.num_mem_tokens, self.d_mem,
-                          normalize_keys=True)   # as build_model makes it
+                          normalize_keys=True, layers=self.layers)   # as build_model makes it
         if not isinstance(self.out, str) or not self.out:
             raise ValueError(f"out must name a directory, got {self.out!r}")
         if not isinstance(self.init_from, str):

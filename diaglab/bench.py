@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 
 from . import flops, heap
-from ._checks import OneLineParser, check_device, check_int   # bench's names for them too (scripts import them)
+from ._checks import (MAX_COUNT, MAX_THREADS, OneLineParser,   # bench's names for them too (scripts import them)
+                      check_device, check_int)
 from .armt import ARMT, randomize_memory_
 from .diagonal import DiagonalExecutor
 from .paths import write_json
@@ -601,10 +602,6 @@ def read_rows(paths: list[str]) -> list[dict]:
 
 
 # ---- command line ---------------------------------------------------------------------
-# Upper bounds of the integer flags: far above any real run, so a typo's extra digits fail here in one
-# line, not later in a C int overflow or a config that builds 10^20 layers (it would hang)
-MAX_COUNT = 10**6
-MAX_THREADS = 4096     # each one an OS thread: more than any machine's cores
 MAX_SEED = 2**63 - 1   # torch.Generator.manual_seed takes < 2**64, and inputs are seeded seed + point index
 
 

@@ -145,7 +145,14 @@ def load(cls, path: str | os.PathLike, device=None):
     """
     from transformers import LlamaForCausalLM
 
+    from ._checks import check_device
     from .armt import _seeded
+    if device is not None:   # a dtype or a typo is refused before any work, not applied as a cast
+        try:
+            device = check_device(device)
+        except (TypeError, RuntimeError) as e:
+            raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', got {device!r} "
+                             f"({e}); to change the dtype, call .to(dtype) on the loaded model") from None
     path = Path(path)
     meta = read_meta(path)
     base_cfg = read_base_config(path)

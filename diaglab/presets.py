@@ -63,10 +63,14 @@ def _check_bool(name: str, value) -> None:
 def check_heads(hidden: int, heads: int, kv_heads: int, head_dim: int | None = None) -> None:
     """Raise unless heads divides hidden, kv_heads divides heads, and the head size is even (RoPE
     rotates channel pairs). llama_config and the training configs check with it."""
+    for name, value in (("hidden", hidden), ("heads", heads), ("kv_heads", kv_heads)):
+        check_int(name, value, 1)
+    if head_dim is not None:
+        check_int("head_dim", head_dim, 1)
     if hidden % heads or heads % kv_heads:
         raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads}), "
                          f"and heads by kv_heads ({kv_heads})")
-    head_dim = head_dim or hidden // heads
+    head_dim = hidden // heads if head_dim is None else head_dim
     if head_dim % 2:
         source = "head_dim" if head_dim != hidden // heads else f"hidden {hidden} / heads {heads}"
         raise ValueError(f"the head size ({source} = {head_dim}) is odd, and RoPE rotates channel pairs: "

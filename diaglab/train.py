@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from ._checks import OneLineParser, check_int
+from ._checks import MAX_COUNT, MAX_THREADS, OneLineParser, check_int
 from .armt import ARMT
 from .config import ARMTConfig
 from .paths import write_json
@@ -101,8 +101,11 @@ class TrainConfig:
     def __post_init__(self):
         """Check every value here, so a bad one fails before any work (and names its flag)."""
         for name in ("layers", "hidden", "heads", "kv_heads", "segment_size", "num_mem_tokens", "d_mem", "pairs",
-                     "fillers", "queries", "steps", "batch", "eval_every", "eval_samples", "threads"):
+                     "fillers", "queries", "steps", "batch", "eval_every", "eval_samples"):
             check_int(_name(name), getattr(self, name), 1)
+        for name in ("layers", "hidden"):   # beyond any machine: one line here, not a hang building it
+            check_int(_name(name), getattr(self, name), 1, MAX_COUNT)
+        check_int(_name("threads"), self.threads, 1, MAX_THREADS)
         for name in ("max_segments", "start_segments"):  # the curriculum needs a pair and its query
             check_int(_name(name), getattr(self, name), 2)
         for name in ("warmup", "seed"):
@@ -125,7 +128,7 @@ class TrainConfig:
         if not isinstance(self.init_from, str):
             raise ValueError(f"{_name('init_from')} must be a directory name or '', got {self.init_from!r}")
         check_model_shape(self.hidden, self.heads, self.kv_heads, self.segment_size, self.num_mem_tokens,
-                          self.d_mem, self.normalize_keys)
+                          self.d_mem, self.normalize_keys, self.layers)
 
     @classmethod
     def continuing(cls, init_from: str, **fields) -> "TrainConfig":
@@ -153,10 +156,11 @@ def _name(field_name: str) -> str:
 
 
 def check_model_shape(hidden: int, heads: int, kv_heads: int, segment_size: int, num_mem_tokens: int, d_mem: int,
-                      normalize_keys: bool) -> None:
+                      normalize_keys: bool, layers: int | None = None) -> None:
     """Raise, naming the flags, unless these sizes make a model (presets.check_heads, and an
-    ARMTConfig: e.g. d_mem too small for the DPFP order). Both training configs check with it, so a
-    bad size stops a command line before any work."""
+    ARMTConfig: e.g. d_mem too small for the DPFP order) that this machine can train (with
+    layers: its fp32 weights, gradients and AdamW's two moments within the physical memory).
+    Both training configs check with it, so a bad size stops a command line before any work."""
     try:
         check_heads(hidden, heads, kv_heads)
     except ValueError as e:
@@ -166,6 +170,14 @@ def check_model_shape(hidden: int, heads: int, kv_heads: int, segment_size: int,
                    normalize_keys=normalize_keys)
     except ValueError as e:
         raise ValueError(f"the memory settings make no ARMTConfig: {e}") from None
+    if layers is not None:
+        per_layer = hidden * hidden * (2 + 2 * kv_heads / heads) + 3 * hidden * 4 * hidden + hidden * (hidden + 2 * d_mem)
+        need = 16 * layers * per_layer                  # 4 bytes each for weights, gradients and two AdamW moments
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+        if have and need > have:
+            raise ValueError(f"--layers {layers} --hidden {hidden} make about {layers * per_layer / 1e9:.1f} G "
+                             f"parameters, {need / 2**30:.0f} GiB to train, more than this machine's "
+                             f"{have / 2**30:.0f} GiB: lower --layers or --hidden")
 
 
 def _check_float(name: str, value, positive: bool) -> None:

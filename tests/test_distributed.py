@@ -144,7 +144,7 @@ def test_pipeline_cost_by_hand():
     assert four.max_bytes_per_step == 3 * four.hop_bytes        # step 5: all three boundaries carry one
     assert dd.pipeline_cost(L=8, S=16, world_size=1, B=1, T=40, d=128).bubble == 0
     for bad in (dict(B=-1), dict(T=0), dict(d=0), dict(bytes_per_value=0)):
-        with pytest.raises(ValueError, match=list(bad)[0]):
+        with pytest.raises(ValueError, match=rf"^{list(bad)[0]} must be"):
             dd.pipeline_cost(**{**dict(L=8, S=16, world_size=2, B=1, T=40, d=128), **bad})
 
 

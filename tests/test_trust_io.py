@@ -427,3 +427,29 @@ def test_a_training_save_replaces_weights_and_logs_together(tmp_path, monkeypatc
     names = {p.name for p in (tmp_path / "run").iterdir()}
     assert "eval.json" not in names and {"samples.json", "train_log.json", "model.safetensors"} <= names
     assert train.read_log(str(tmp_path / "run"))["log"] == [{"step": 2}]
+
+
+@pytest.mark.parametrize("device", [torch.bfloat16, "bogus", 3.5])
+def test_load_refuses_a_device_that_is_not_one(tmp_path, device):
+    """checkpoint.load(device=...) takes a device only: a dtype was applied as a silent cast."""
+    model = diaglab.tiny_armt(layers=1)
+    model.save_pretrained(tmp_path / "ck")
+    with pytest.raises(ValueError, match="device must be"):
+        diaglab.ARMT.from_pretrained(tmp_path / "ck", device=device)
+
+
+@pytest.mark.parametrize("args", [(6, 0, 1), (8, 2, 0), (8, 2, 1, 0), (8, 2, 1, -2), (8.0, 2, 1)])
+def test_check_heads_names_a_bad_size(args):
+    from diaglab.presets import check_heads
+    with pytest.raises(ValueError, match="must be an int"):
+        check_heads(*args)
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("diaglab.train", ["--layers", "100000000000"]), ("diaglab.train", ["--threads", "100000000"]),
+    ("diaglab.train", ["--layers", "100000", "--hidden", "4096", "--heads", "32", "--kv-heads", "8"]),
+    ("diaglab.babilong", ["--hidden", "4000000000", "--heads", "2", "--kv-heads", "2"]),
+])
+def test_training_clis_refuse_sizes_no_machine_holds(module, argv):
+    err = cli_error_in_a_process(module, argv, f"python -m {module}")
+    assert "error:" in err and ("must be an int in [1," in err or "GiB to train" in err)
