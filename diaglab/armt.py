@@ -56,11 +56,11 @@ class AssociativeLayer(nn.Module):
         A = associative_read(q, W_mem, z).to(h.dtype)                           # (B, T, d)
         return h + (A if is_first is None else A.masked_fill(is_first[:, None, None], 0))
 
-    def write(self, m: torch.Tensor, W_mem, z, is_first, correction: bool, write_mask=None):
-        """m: (B, M, d) memory rows of the layer output -> new (W_mem, z)."""
+    def write(self, m: torch.Tensor, W_mem, z, is_first, correction: bool, write_mask=None, zeroed: bool = False):
+        """m: (B, M, d) memory rows of the layer output -> new (W_mem, z); zeroed as in associative_write."""
         k = features(self.W_mk(m), self.nu, self.normalize)                     # (B, M, dk)
         beta = torch.sigmoid(self.W_mb(m))                                      # (B, M, 1)
-        return associative_write(k, self.W_mv(m), beta, W_mem, z, is_first, correction, write_mask)
+        return associative_write(k, self.W_mv(m), beta, W_mem, z, is_first, correction, write_mask, zeroed)
 
 
 def check_llama_like(base) -> None:
@@ -177,11 +177,6 @@ class ARMT(nn.Module):
                                  "batch), so there is no single place to continue from; continue each row "
                                  "from a call of its own, or pad the earlier call's rows to whole segments")
 
-    def has_memory(self, state: MemoryState) -> list[bool]:
-        """(L,) host flags: the layer has written for some row, so its read is not a no-op.
-        Read once per call (one device sync); the orders update them as layers write."""
-        return (~state.is_first).any(dim=1).tolist()
-
     def layer_stack(self) -> LayerStack:
         """The layers as grouped_layer_ref takes them (the reference needs no stacked weights)."""
         return LayerStack(self, None, LayerDims.of(self))
@@ -191,7 +186,7 @@ class ARMT(nn.Module):
                      layers: LayerStack | None = None,
                      settled: list[bool] | None = None) -> tuple[torch.Tensor, MemoryState]:
         """Segment rows (B, T, d) through layers 0..L-1 -> output rows (B, T, d), new state.
-        has_memory: (L,) host flags (has_memory()); after the step every layer has written.
+        has_memory: (L,) host flags (MemoryState.written()); after the step every layer has written.
         layers: layer_stack(), when the caller runs several segments (built once per call).
         settled: (L,) host flags, every row of the layer has written (its first-segment masks are
         skipped, as the executor skips them), or None."""
@@ -214,8 +209,7 @@ class ARMT(nn.Module):
         memory write waits, and out.state carries its tokens (state.open_ids) to the next call."""
         seg, state = self.prepare(input_ids, attention_mask, labels, state, keep_logits)
         state = state.own_first()   # settled steps pass is_first on: the result must not alias the caller's
-        written = ~state.is_first                                               # (L, B), read once
-        has_memory, settled = written.any(dim=1).tolist(), written.all(dim=1).tolist()
+        has_memory, settled = state.written()                                   # host flags, read once
         outputs = SegmentOutputs(seg, keep_logits, self.base)
         layers = self.layer_stack()
         for s in range(seg.num_segments):

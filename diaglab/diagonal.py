@@ -202,42 +202,37 @@ class DiagonalExecutor:
         A fresh layer's memory is zeroed once per call (`zeroed`: prepare made an empty state,
         already zero), so its first segment needs no mask but gamma's (grouped_layer's
         zeroed=True); `state` is brought up to date when a general step needs it and at the end.
-        A run of full lean steps, the plateau, loops on its own. Every other step goes through
-        grouped_cells with the state's is_first masks; one layer with only some rows written
-        (a padded earlier call) keeps every step there until it has settled."""
+        Every other step goes through grouped_cells with the state's is_first masks; one layer
+        with only some rows written (a padded earlier call) keeps every step there until it has
+        settled."""
         model = self.model
         L, n, S, B = model.num_layers, model.config.segment_size, seg.num_segments, seg.ids.shape[0]
-        written = ~state.is_first                           # (L, B); read once (one device sync)
-        has_memory = written.any(dim=1).tolist()            # (L,) host flags: the layer has written for some row
-        settled = written.all(dim=1).tolist()               # ... for every row
+        has_memory, settled = state.written()               # (L,) host flags, read once (one device sync)
         mixed = any(h and not s for h, s in zip(has_memory, settled))   # a layer with only some rows written
         if not zeroed and not all(has_memory):              # a fresh layer starts from zeros, whatever it held
-            keep = written.any(dim=1)
+            keep = torch.tensor(has_memory, device=state.is_first.device)
             state = MemoryState(state.W_mem.masked_fill(~keep[:, None, None, None], 0.0),
                                 state.z.masked_fill(~keep[:, None, None], 0.0), state.is_first)
-        diagonal = self.order == "diagonal"
-        lean_order = diagonal or L == 1                     # (the sequential order's steps are lean only if L = 1)
+        lean_order = self.order == "diagonal" or L == 1     # (the sequential order's steps are lean only if L = 1)
         rows_of = {}                                        # segment -> its SegmentRows, while in flight
-        wanted = outputs.wanted_all()                       # segments whose logits (or loss) are made
+        wanted = [outputs.wanted(s) for s in range(S)]      # segments whose logits (or loss) are made
         feed = SegmentFeed(model, seg)                      # segments' rows, a run of them at a time
         profiling = torch.autograd._profiler_enabled()      # (the step ranges' names are made only then)
         unplain = 0                                         # segments in flight with a mask or a write mask
         held = None   # (lo, hi, W_mem, z): layers lo..hi's memory as the last lean step left it, not yet in `state`
         finished = []  # the same for layers the lean steps are done with (the ramp down), put back with held
-        Y, prev_lo, r, fetched = None, 0, None, False
-        t, steps = 0, (L + S - 1 if diagonal else L * S)
-        while t < steps:
-            # the busy layers lo..hi (schedule.active_layers, inline); layer l holds segment s_lo - (l - lo)
-            if diagonal:
-                lo, hi = max(0, t - S + 1), min(t, L - 1)
-                s_lo = t - lo
-            else:
-                lo = hi = t % L
-                s_lo = t // L
-            if lo == 0 and not fetched:                     # layer 0 takes a new segment's rows
-                r = rows_of[s_lo] = feed.rows(s_lo)
+        Y, prev_lo, r = None, 0, None
+        for t, cells in enumerate(self.iter_steps(S)):
+            lo, hi = cells[0][0], cells[-1][0]
+            if lo == 0:                                     # layer 0 takes a new segment's rows
+                r = rows_of[cells[0][1]] = feed.rows(cells[0][1])
                 unplain += r.mask is not None or r.write_mask is not None
-            fetched = False
+            # Inputs: layer l >= 1 takes what layer l - 1 gave at the previous step (in both orders
+            # the cell before (l, s) is (l - 1, s)); layer 0 takes the new segment's rows.
+            parts = [r.X[None]] if lo == 0 else []
+            if hi >= 1:
+                parts.append(Y[max(lo - 1, 0) - prev_lo:hi - prev_lo])             # views of the last output
+            X = parts[0] if len(parts) == 1 else torch.cat(parts)                  # (G, B, T, d)
             if lean_order and not unplain and not mixed and not profiling:
                 if held is None:
                     W_mem, z, _ = state.layers(lo, hi)
@@ -252,81 +247,41 @@ class DiagonalExecutor:
                 # (every segment in flight is plain: all share one pair of RoPE tables, r's)
                 first = None
                 if not has_memory[hi]:   # fresh: only the top layer can start here (layer l starts at step l)
-                    first = torch.zeros(hi - lo + 1, B, dtype=torch.bool, device=r.X.device)
+                    first = torch.zeros(hi - lo + 1, B, dtype=torch.bool, device=X.device)
                     first[-1] = True
-                parts = [r.X[None]] if lo == 0 else []
-                if hi >= 1:
-                    parts.append(Y[max(lo - 1, 0) - prev_lo:hi - prev_lo])         # views of the last output
-                X = parts[0] if len(parts) == 1 else torch.cat(parts)              # (G, B, T, d)
-                read = hi > lo or has_memory[hi]        # the layers below the top one are settled
                 run = full_step if first is None and hi - lo + 1 == L and full_step is not None else step
                 Y, W_mem, z = run(X, layers=layers, lo=lo, hi=hi, n_text=n, cos=r.cos, sin=r.sin, mask=None,
-                                  W_mem=W_mem, z=z, is_first=first, write_mask=None, read=read,
+                                  W_mem=W_mem, z=z, is_first=first, write_mask=None,
+                                  read=hi > lo or has_memory[hi],   # the layers below the top one are settled
                                   **({"zeroed": True} if first is not None else {}))
-                prev_lo = lo
+                held = (lo, hi, W_mem, z)
                 if first is not None:
                     has_memory[hi] = settled[hi] = True
-                if hi == L - 1:
-                    s = s_lo - (hi - lo)
-                    del rows_of[s]
-                    if wanted[s]:
-                        self._leave(s, outputs, seg, Y, infer)
-                if on_step is not None:
-                    on_step(t, [(l, s_lo - (l - lo)) for l in range(lo, hi + 1)])
-                t += 1
-                if hi - lo + 1 == L:
-                    # The plateau: full steps back to back, segment t into layer 0 and segment t - L + 1
-                    # out of the last layer (in both orders, since only L = 1 has full steps in the
-                    # sequential one), every layer settled, until t = S or a segment needs a mask.
-                    run = full_step or step
-                    while t < S:
-                        r = rows_of[t] = feed.rows(t)
-                        if r.mask is not None or r.write_mask is not None:   # the general steps take it from here
-                            unplain, fetched = unplain + 1, True
-                            break
-                        X = torch.cat([r.X[None], Y[:L - 1]]) if L > 1 else r.X[None]
-                        Y, W_mem, z = run(X, layers=layers, lo=0, hi=L - 1, n_text=n, cos=r.cos, sin=r.sin,
-                                          mask=None, W_mem=W_mem, z=z, is_first=None, write_mask=None, read=True)
-                        s = t - L + 1
-                        del rows_of[s]
-                        if wanted[s]:
-                            self._leave(s, outputs, seg, Y, infer)
-                        if on_step is not None:
-                            on_step(t, [(l, t - l) for l in range(L)])
-                        t += 1
-                held = (lo, hi, W_mem, z)
-                continue
-            if held is not None:
-                state, held = self._flush(state, finished + [held], B), None
-                finished = []
-            cells = [(l, s_lo - (l - lo)) for l in range(lo, hi + 1)]
-            with profiler_range(f"diag_step {t} layers {lo}-{hi}") if profiling else contextlib.nullcontext():
-                # Inputs: layer l >= 1 takes what layer l - 1 gave at the previous step (in both
-                # orders the cell before (l, s) is (l - 1, s)); layer 0 takes a new segment's rows.
-                parts = [r.X[None]] if lo == 0 else []
-                if hi >= 1:
-                    parts.append(Y[max(lo - 1, 0) - prev_lo:hi - prev_lo])         # views of the last output
-                X = parts[0] if len(parts) == 1 else torch.cat(parts)              # (G, B, T, d)
-                rows = [rows_of[s] for _, s in cells]
-                plain = all(x.mask is None and x.write_mask is None for x in rows)   # fixed shapes, no masks
-                done = all(settled[lo:hi + 1])   # no row on its first segment: the step skips those masks
-                # the compiled step: the plateau's plain, settled steps (one graph, fixed shapes)
-                run = full_step if full_step is not None and hi - lo + 1 == L and plain and done else step
-                Y, state = grouped_cells(run, layers, X, rows, state, lo, hi, n,
-                                         read=any(has_memory[lo:hi + 1]), settled=done)
-                prev_lo = lo
+            else:
+                if held is not None:
+                    state, held = self._flush(state, finished + [held], B), None
+                    finished = []
+                with profiler_range(f"diag_step {t} layers {lo}-{hi}") if profiling else contextlib.nullcontext():
+                    rows = [rows_of[s] for _, s in cells]
+                    plain = all(x.mask is None and x.write_mask is None for x in rows)   # fixed shapes, no masks
+                    done = all(settled[lo:hi + 1])   # no row on its first segment: the step skips those masks
+                    # the compiled step: the plateau's plain, settled steps (one graph, fixed shapes)
+                    run = full_step if full_step is not None and hi - lo + 1 == L and plain and done else step
+                    Y, state = grouped_cells(run, layers, X, rows, state, lo, hi, n,
+                                             read=any(has_memory[lo:hi + 1]), settled=done)
                 has_memory[lo:hi + 1] = [True] * (hi - lo + 1)
                 if plain and not done:   # every row wrote
                     settled[lo:hi + 1] = [True] * (hi - lo + 1)
                 mixed = any(h and not s for h, s in zip(has_memory, settled))
+            prev_lo = lo
             if hi == L - 1:  # a segment leaves the last layer
-                gone = rows_of.pop(cells[-1][1])
+                s = cells[-1][1]
+                gone = rows_of.pop(s)
                 unplain -= gone.mask is not None or gone.write_mask is not None
-                if wanted[cells[-1][1]]:
-                    self._leave(cells[-1][1], outputs, seg, Y, infer)
+                if wanted[s]:
+                    self._leave(s, outputs, seg, Y, infer)
             if on_step is not None:
                 on_step(t, cells)
-            t += 1
         return state if held is None else self._flush(state, finished + [held], B)
 
     @staticmethod

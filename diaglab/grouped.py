@@ -592,8 +592,9 @@ def grouped_layer_ref(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, 
                       write_mask: torch.Tensor | None = None, read: bool = True, zeroed: bool = False):
     """The naive twin of grouped_layer: the same arguments and outputs, computed by calling
     the model's own modules layer by layer — its associative layer's read, the transformers
-    decoder layer (hooks, adapters and all), the associative layer's write. It always masks
-    first segments (zeroed only says the masks would change nothing, so it is not needed)."""
+    decoder layer (hooks, adapters and all), the associative layer's write. zeroed drops the same
+    masks as in grouped_layer, so the twins agree on any input (on a memory that is not zero where
+    is_first holds, both give the unmasked numbers: zeroed is the caller's promise)."""
     model = layers.model
     G, B = X.shape[:2]
     Ys, Ws, zs = [], [], []
@@ -602,12 +603,12 @@ def grouped_layer_ref(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, 
         h, assoc = X[g], model.assoc[l]                                         # (B, T, d)
         first = None if is_first is None else is_first[g]
         if read:
-            h = assoc.read(h, W_mem[g], z[g], first)
+            h = assoc.read(h, W_mem[g], z[g], None if zeroed else first)
         rope = (cos, sin) if cos.shape[0] == 1 else (cos[rows], sin[rows])
         m = hf_mask(None if mask is None else mask[rows], h, model.base.config)
         h = model.base.model.layers[l](h, attention_mask=m, position_embeddings=rope)
         W_g, z_g = assoc.write(h[:, n_text:], W_mem[g], z[g], first, layers.dims.correction,
-                               None if write_mask is None else write_mask[g])
+                               None if write_mask is None else write_mask[g], zeroed)
         Ys.append(h), Ws.append(W_g), zs.append(z_g)
     if G == 1:   # the sequential model's case: views, not copies
         return Ys[0][None], Ws[0][None], zs[0][None]

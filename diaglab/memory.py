@@ -102,6 +102,10 @@ def associative_write(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
     return new_W, new_z
 
 
+def _described(t) -> str:
+    return f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 class MemoryState:
     """Per-layer associative memory after some segments: the only thing that crosses segment
     boundaries (design §2). A value: nothing here is modified in place; `replace` returns a
@@ -163,9 +167,9 @@ class MemoryState:
         _, _, W0, z0, f0 = self._blocks[0]
         G = hi - lo + 1
         for name, t, like in (("W_mem", W_mem, W0), ("z", z, z0), ("is_first", is_first, f0)):
-            if t.shape[0] != G or t.shape[1:] != like.shape[1:] or t.dtype != like.dtype:
+            if not isinstance(t, torch.Tensor) or t.shape != (G, *like.shape[1:]) or t.dtype != like.dtype:
                 raise ValueError(f"replace({lo}, {hi}): {name} must be {(G, *like.shape[1:])} {like.dtype} (one entry "
-                                 f"per layer lo..hi), got {tuple(t.shape)} {t.dtype}")
+                                 f"per layer lo..hi), got {_described(t)}")
         if len(self._blocks) == 1 and self._blocks[0][0] == lo and self._blocks[0][1] == hi:   # all of it
             return MemoryState._of_blocks([(lo, hi, W_mem, z, is_first)], self.open_ids)
         blocks = []
@@ -219,6 +223,12 @@ class MemoryState:
     @property
     def batch_size(self) -> int:
         return self._blocks[0][2].shape[1]
+
+    def written(self) -> tuple[list[bool], list[bool]]:
+        """(L,) host flags, read with one device sync: which layers have written for some row (their
+        read is not a no-op), and which for every row (their first-segment masks can be skipped)."""
+        written = ~self.is_first
+        return written.any(dim=1).tolist(), written.all(dim=1).tolist()
 
     def ordinary(self) -> "MemoryState":
         """This state with any tensor made under torch.inference_mode copied into an ordinary

@@ -221,10 +221,11 @@ class RingExecutor:
         Y, self._memory = grouped_cells(grouped, layers, X, rows, self._memory, lo, hi, model.config.segment_size,
                                         read=any(s > 0 for _, _, s in cells), settled=settled, is_first=first)
         finished = {}
-        for g, (req, (l, rid, s)) in enumerate(zip(reqs, cells)):
-            if s == req.seg.num_segments - 1:   # the request's memory at this layer is final (views: no
-                W_mem, z, first = self._memory.layers(lo, hi)      # step changes a tensor in place)
-                req.final[l] = (W_mem[g:g + 1], z[g:g + 1], first[g:g + 1])
+        ends = [g for g, (req, (_, _, s)) in enumerate(zip(reqs, cells)) if s == req.seg.num_segments - 1]
+        if ends:   # a request's memory at these layers is final; W_mem copied so the step's (G, ...) block
+            W_mem, z, first = self._memory.layers(lo, hi)   # can go (z and is_first are small: views)
+            for g in ends:
+                reqs[g].final[cells[g][0]] = (W_mem[g:g + 1].clone(), z[g:g + 1], first[g:g + 1])
         self._outputs.append((lo, Y))
         if hi == L - 1:   # a segment leaves the ring: final norm + LM head on its text rows
             req, (l, rid, s), g = reqs[-1], cells[-1], len(cells) - 1

@@ -375,13 +375,6 @@ class SegmentOutputs:
         """Whether segment s needs the LM head at all (its logits are kept, or labels need them)."""
         return self.seg.targets is not None or keeps(self.keep_logits, s, self.seg.num_segments)
 
-    def wanted_all(self) -> list[bool]:
-        """wanted(s) for every segment, made at once (the executor reads it every step)."""
-        S = self.seg.num_segments
-        if self.seg.targets is not None or self.keep_logits == "all":
-            return [True] * S
-        return [False] * (S - 1) + [self.keep_logits == "last_segment"]
-
     def add(self, s: int, text: torch.Tensor) -> None:
         """text: (B, n_s, d) hidden states of segment s's text rows, before the final norm."""
         if not self.wanted(s):

@@ -156,13 +156,9 @@ def test_host_flags_of_an_unpadded_input_are_the_tensor_ones(N, carried):
         assert a.untyped_storage().data_ptr() != ids.untyped_storage().data_ptr()
 
 
-@pytest.mark.parametrize("keep", ["all", "last_segment", "none"])
-@pytest.mark.parametrize("labels", [False, True])
-@pytest.mark.parametrize("N", [8, 20, 33])
-def test_wanted_all_is_wanted_of_each_segment(keep, labels, N):
-    from diaglab.segments import SegmentOutputs, segment
-    ids = torch.arange(N)[None] % 50
-    seg = segment(ids, 8, labels=ids if labels else None)
-    out = SegmentOutputs(seg, keep, type("Base", (), {"lm_head": None, "model": type("M", (), {"norm": None}),
-                                                      "config": type("C", (), {"vocab_size": 50})})())
-    assert out.wanted_all() == [out.wanted(s) for s in range(seg.num_segments)]
+@pytest.mark.parametrize("bad", [torch.tensor(1.0), "W", torch.zeros(2, 2, 4, 8, dtype=torch.float64)])
+def test_replace_names_a_tensor_of_the_wrong_shape_type_or_dtype(bad):
+    state = MemoryState.empty(3, 2, 4, 8)
+    W, z, f = state.layers(0, 1)
+    with pytest.raises(ValueError, match="replace\\(0, 1\\): W_mem must be"):
+        state.replace(0, 1, bad, z, f)

@@ -219,3 +219,11 @@ def test_adjacent_runs_split_where_layers_skip():
     ranges = [(0, 2, "a"), (3, 3, "b"), (5, 6, "c")]
     assert adjacent_runs(ranges, first=lambda r: r[0], last=lambda r: r[1]) == [ranges[:2], ranges[2:]]
     assert adjacent_runs([(2, 2)]) == [[(2, 2)]]
+
+
+def test_adjacent_runs_refuses_unsorted_items_and_takes_none():
+    from diaglab.schedule import adjacent_runs
+    assert adjacent_runs([]) == []
+    for bad in ([(2,), (0,), (1,)], [(0, 2), (2, 3)]):
+        with pytest.raises(ValueError, match="sorted by layer"):
+            adjacent_runs(bad, first=lambda r: r[0], last=lambda r: r[-1])

@@ -88,6 +88,21 @@ def test_zeroed_first_segments_need_only_gammas_mask(lo, hi):
     assert not torch.equal(lean[2], settled[2])        # gamma's mask still matters: a first write counts k fully
 
 
+def test_twins_agree_on_zeroed_even_when_the_promise_is_broken():
+    """zeroed=True is the caller's promise that first-segment rows hold a zero memory; on a memory
+    that breaks it, both twins still compute the same (unmasked) numbers — never two answers."""
+    model = live_model(layers=4)
+    X, args = _step_inputs(model, 3, 0, 3, padded=False, partial=False)   # non-zero memory under is_first
+    layers, _ = DiagonalExecutor(model).layer_stack()
+    with torch.no_grad():
+        fast = grouped_layer(X, layers=layers, **args, zeroed=True)
+        ref = grouped_layer_ref(X, layers=layers, **args, zeroed=True)
+        masked = grouped_layer(X, layers=layers, **args)
+    for name, a, b in zip(("Y", "W_mem", "z"), fast, ref):
+        assert rel(a, b) <= 1e-6, (name, rel(a, b))
+    assert rel(fast[1], masked[1]) > 1e-4                  # (the promise matters: these differ)
+
+
 def test_twins_take_the_same_keyword_only_arguments():
     import inspect
     a, b = inspect.signature(grouped_layer), inspect.signature(grouped_layer_ref)
