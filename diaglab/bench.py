@@ -102,6 +102,47 @@ def make_inputs(model: ARMT, segments: Sequence[int] | None = None, lengths: Seq
 
 
 # ---- what each mode runs --------------------------------------------------------------
+class _Bare:
+    """What even_load_run and schedule_run share: each call reads the executor's layer stack (so
+    replaced or moved weights are followed, as an executor call follows them), runs in inference
+    mode exactly when the executor would run its steps so, and keeps seeded rows X0 (rows, B, T, d)
+    of a new segment, their RoPE tables and an empty memory in the model's current dtype and device."""
+
+    def __init__(self, model: ARMT, executor: DiagonalExecutor, batch: int, rows: int):
+        if executor.model is not model:
+            raise ValueError("the executor was built on another model: pass DiagonalExecutor(model) for this model")
+        check_int("batch", batch, 1)
+        self.model, self.executor, self.batch, self.rows, self._made = model, executor, batch, rows, None
+        self.__enter__()   # built now (stacks, tables, rows), so a first timed run pays no set-up
+        self.__exit__(None, None, None)
+
+    def __enter__(self):
+        """(layers, step, X0, cos, sin, W0, z0) for one run, inside the executor's grad/inference mode."""
+        model = self.model
+        with torch.no_grad():   # the tied stacks the timed runs use, not in-graph copies
+            layers, step = self.executor.layer_stack()
+        key = (model.dtype, model.device)
+        if self._made is None or self._made[0] != key:
+            n, M, d, dev = model.config.segment_size, model.config.num_mem_tokens, \
+                model.hidden_size, model.device
+            gen = torch.Generator().manual_seed(0)
+            X0 = torch.randn(self.rows, self.batch, n + M, d, generator=gen).to(dev, model.dtype)
+            with torch.inference_mode(False):
+                cos, sin = model.base.model.rotary_emb(X0[0], torch.arange(n + M, device=dev)[None])   # (1, T, hd)
+            empty = model.empty_state(self.batch)
+            self._made = (key, (X0, cos, sin, empty.W_mem, empty.z))
+        # as DiagonalExecutor.__call__: inference mode only for the fast path (no hook or adapter the
+        # grouped kernels would skip) under no_grad
+        infer = not self.executor._check.problems() and not torch.is_grad_enabled() \
+            and not torch.is_inference_mode_enabled()
+        self._mode = torch.inference_mode() if infer else contextlib.nullcontext()
+        self._mode.__enter__()
+        return (layers, step, *self._made[1])
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
 def even_load_run(model: ARMT, executor: DiagonalExecutor, batch: int, steps: int) -> Callable[[], object]:
     """The ideal even load, run (design §3): `steps` full-group steps back to back, each taking
     the last one's output and memory the way the executor's plateau does (X <- [a new
@@ -113,19 +154,12 @@ def even_load_run(model: ARMT, executor: DiagonalExecutor, batch: int, steps: in
     own ideal).
     Returns the last step's (Y, W_mem, z)."""
     check_int("steps", steps, 1)
-    check_int("batch", batch, 1)
-    L, n, M = model.num_layers, model.config.segment_size, model.config.num_mem_tokens
-    d, dev = model.hidden_size, model.device
-    with torch.no_grad():   # the tied stacks the timed runs use, not in-graph copies
-        layers, step = executor.layer_stack()
-    gen = torch.Generator().manual_seed(0)
-    X0 = torch.randn(L, batch, n + M, d, generator=gen).to(dev, model.dtype)        # (G, B, T, d)
-    cos, sin = model.base.model.rotary_emb(X0, torch.arange(n + M, device=dev)[None])  # (1, T, hd)
-    state = model.empty_state(batch)
+    bare = _Bare(model, executor, batch, model.num_layers)
+    L, n = model.num_layers, model.config.segment_size
 
     def run():
-        with torch.inference_mode() if not torch.is_grad_enabled() else contextlib.nullcontext():
-            X, W_mem, z = X0, state.W_mem, state.z
+        with bare as (layers, step, X0, cos, sin, W_mem, z):
+            X, Y = X0, None
             for t in range(steps):
                 if t:   # layer 0 takes a new segment, layer l what layer l - 1 gave
                     X = torch.cat([X0[:1], Y[:-1]])
@@ -146,19 +180,11 @@ def schedule_run(model: ARMT, executor: DiagonalExecutor, batch: int, segments: 
     the anti-diagonal order cannot avoid them), and diagonal / schedule, the executor's own work.
     Returns the last step's (Y, W_mem, z) (the last layer's)."""
     check_int("segments", segments, 1)
-    check_int("batch", batch, 1)
-    L, n, M = model.num_layers, model.config.segment_size, model.config.num_mem_tokens
-    d, dev = model.hidden_size, model.device
-    with torch.no_grad():
-        layers, step = executor.layer_stack()
-    gen = torch.Generator().manual_seed(0)
-    X0 = torch.randn(1, batch, n + M, d, generator=gen).to(dev, model.dtype)        # a new segment's rows
-    cos, sin = model.base.model.rotary_emb(X0[0], torch.arange(n + M, device=dev)[None])
-    empty = model.empty_state(batch)
-    W0, z0 = empty.W_mem, empty.z                                                   # (L, B, dk, d), (L, B, dk)
+    bare = _Bare(model, executor, batch, 1)
+    L, n = model.num_layers, model.config.segment_size
 
     def run():
-        with torch.inference_mode() if not torch.is_grad_enabled() else contextlib.nullcontext():
+        with bare as (layers, step, X0, cos, sin, W0, z0):
             Y, W_mem, z, prev_lo = None, None, None, 0
             for t in range(L + segments - 1):
                 lo, hi = max(0, t - segments + 1), min(t, L - 1)
@@ -519,17 +545,14 @@ def by_point(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
 def speedups(by_mode: dict[str, dict]) -> dict[str, float]:
     """The ratios of one point: diagonal's speed-up over each baseline, its time over ideal,
     and, with the schedule mode, the two factors of that: diagonal / schedule and schedule / ideal."""
-    if "diagonal" not in by_mode:
-        return {}
-    diag = by_mode["diagonal"]["seconds"]
-    out = {f"{m}/diagonal": by_mode[m]["seconds"] / diag
-           for m in ("sequential", "sequential_grouped", "full") if m in by_mode}
-    if "ideal" in by_mode:
-        out["diagonal/ideal"] = diag / by_mode["ideal"]["seconds"]
-    if "schedule" in by_mode:   # diagonal / ideal = diagonal / schedule x schedule / ideal
-        out["diagonal/schedule"] = diag / by_mode["schedule"]["seconds"]
-        if "ideal" in by_mode:
-            out["schedule/ideal"] = by_mode["schedule"]["seconds"] / by_mode["ideal"]["seconds"]
+    secs = {m: r["seconds"] for m, r in by_mode.items()}
+    out = {}
+    if "diagonal" in secs:
+        out = {f"{m}/diagonal": secs[m] / secs["diagonal"] for m in ("sequential", "sequential_grouped", "full")
+               if m in secs}
+        out.update({f"diagonal/{m}": secs["diagonal"] / secs[m] for m in ("ideal", "schedule") if m in secs})
+    if "schedule" in secs and "ideal" in secs:   # diagonal / ideal = diagonal / schedule x schedule / ideal
+        out["schedule/ideal"] = secs["schedule"] / secs["ideal"]
     return out
 
 

@@ -9,8 +9,9 @@ Each call is timed whole, and the step function the executor calls is wrapped to
 time at its entry and exit; "between steps" is everything else: before the first step, between
 one step's exit and the next one's entry, and after the last. Medians over --repeats calls,
 the segment counts alternating. The wrapper costs the same in every call and only needs
-diaglab.diagonal.grouped_layer, so --against DIR measures another checkout's executor too, in
-the same process and the same rounds (its own copy of the model, built from the same seed):
+diaglab.diagonal.grouped_layer (and, with --queue, diaglab.ring), so --against DIR measures
+another checkout's executor too, in the same process and the same rounds, on its own copy of the
+model (built from the same seed; a preset of another shape is refused) and the same inputs:
 before and after a change, side by side.
 
     python scripts/executor_overhead.py --segments 32,128 --against /tmp/old-checkout --json ab.json
@@ -124,23 +125,32 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     heap.keep_freed_memory()
     marks: list = []
-    runs, reals = {}, {}
+    runs, reals, shapes = {}, {}, {}
+    inputs = None   # built once, by this checkout: both executors get the same ids and queue
     try:
         for name, package in packages.items():
-            mod, ring_mod = sys.modules[package.__name__ + ".diagonal"], sys.modules[package.__name__ + ".ring"]
+            mod, ring_mod = sys.modules[package.__name__ + ".diagonal"], sys.modules.get(package.__name__ + ".ring")
             reals[name] = mod.grouped_layer
             # what layer_stack hands out; the modules compare the step with their own name for it (the
             # executor and the ring run inference mode only for the real fast path), so both are swapped
-            mod.grouped_layer = ring_mod.grouped_layer = stamped(reals[name], marks)
-            pkg_bench = sys.modules[package.__name__ + ".bench"]
-            model = pkg_bench.live_preset(args.preset)          # each copy its own model, from the same seed
+            mod.grouped_layer = stamped(reals[name], marks)
+            if ring_mod is not None:
+                ring_mod.grouped_layer = mod.grouped_layer
+            model = sys.modules[package.__name__ + ".bench"].live_preset(args.preset)   # its own copy, same seed
+            shapes[name] = (model.num_layers, model.hidden_size, model.config.segment_size, model.config.num_mem_tokens)
+            if shapes[name] != shapes["this"]:
+                p.error(f"--against: its {args.preset!r} preset is (layers, hidden, segment, memory) = {shapes[name]}, "
+                        f"this one's {shapes['this']}: the two would not run the same work")
+            if inputs is None:
+                inputs = {S: bench.random_tokens(model, S * model.config.segment_size) for S in args.segments}
+                requests = bench.queue_requests(model, args.queue) if args.queue is not None else None
             ex = mod.DiagonalExecutor(model)
-            for S in args.segments:
-                ids = pkg_bench.random_tokens(model, S * model.config.segment_size)
+            for S, ids in inputs.items():
                 runs[(name, S)] = (lambda ex, ids: lambda: ex(ids, keep_logits="last_segment"))(ex, ids)
-            if args.queue is not None:
-                requests = pkg_bench.queue_requests(model, args.queue)
-                runs[(name, "ring")] = serve(sys.modules[package.__name__ + ".ring"].RingExecutor(model), requests)
+            if requests is not None:
+                if ring_mod is None:
+                    p.error(f"--against: {args.against} has no diaglab.ring to serve --queue with")
+                runs[(name, "ring")] = serve(ring_mod.RingExecutor(model), requests)
         calls: dict[tuple, list[dict]] = {key: [] for key in runs}
         keys = list(runs)
         with torch.no_grad():
@@ -150,13 +160,19 @@ def main(argv=None) -> dict:
                     t0 = time.perf_counter()
                     runs[key]()
                     t1 = time.perf_counter()
+                    want = shapes["this"][0] + key[1] - 1 if key[1] != "ring" else 1
+                    if len(marks) // 2 < want:   # the steps did not go through the stamped name
+                        p.error(f"{key[0]}'s executor ran {len(marks) // 2} stamped steps where the schedule has "
+                                f"{want}: it does not call diaglab.diagonal.grouped_layer by that name, so its "
+                                "steps cannot be timed apart")
                     if r:
                         calls[key].append(split(t0, t1, marks))
     finally:
         for name, package in packages.items():
             if name in reals:
                 sys.modules[package.__name__ + ".diagonal"].grouped_layer = reals[name]
-                sys.modules[package.__name__ + ".ring"].grouped_layer = reals[name]
+                if package.__name__ + ".ring" in sys.modules:
+                    sys.modules[package.__name__ + ".ring"].grouped_layer = reals[name]
     out = {"preset": args.preset, "layers": model.num_layers, "repeats": args.repeats,
            "machine": flops.machine("cpu"), "points": []}
     if args.against is not None:
@@ -179,4 +195,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()

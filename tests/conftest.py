@@ -43,6 +43,14 @@ def model():
     return live_model()
 
 
+@pytest.fixture
+def threads_kept():
+    """torch's thread count as it was before the test (training, the CLIs and the scripts set it)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 # ---- command lines: a bad value is one line and exit code 2 ---------------------------------
 def assert_cli_error(code, err: str, prog: str | None = None, out: str | None = None) -> str:
     """A command line's refusal: exit code 2, exactly one line on stderr (starting with

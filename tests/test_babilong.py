@@ -213,12 +213,9 @@ def test_documented_commands_are_the_recorded_training_configs():
 # ---- training, saving and the degenerate arguments -------------------------------------------
 
 @pytest.fixture
-def one_thread():
+def one_thread(threads_kept):
     """The tests below train: on one thread, and the session's thread count restored after."""
-    n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _tiny(out, **kw) -> babilong.StoryTrainConfig:

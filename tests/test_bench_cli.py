@@ -173,7 +173,7 @@ def dist_main(argv):
     return load_script("dist_bench").main(argv)
 
 
-def test_step_costs_script_writes_its_figures(tmp_path):
+def test_step_costs_script_writes_its_figures(tmp_path, threads_kept):
     """scripts/step_costs.py (the figures behind the README's account of a step's fixed cost)."""
     out = load_script("step_costs").main(["--repeats", "1", "--calls", "2", "--threads", "1",
                                           "--json", str(tmp_path / "c.json")])
@@ -187,13 +187,6 @@ def test_step_costs_script_refuses_bad_flags(rejected, tmp_path):
     for argv in (["--repeats", "0"], ["--threads", "0"], ["--preset", "llama_1b"], ["--preset", "huge"],
                  ["--json", str(tmp_path)]):
         rejected(load_script("step_costs").main, argv)
-
-
-@pytest.fixture
-def threads_kept():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def test_executor_overhead_script_splits_each_call(tmp_path, monkeypatch, threads_kept):

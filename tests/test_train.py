@@ -17,12 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "data" / "recall"
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    """train() and the CLI set torch's thread count (--threads); leave the session's as it was."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("threads_kept")   # train() and the CLI set torch's thread count
 
 
 def test_checkpoint_is_small_and_complete():
