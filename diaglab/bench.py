@@ -684,6 +684,8 @@ def add_output_flags(p: argparse.ArgumentParser) -> None:
 def unwritable(path: str) -> str | None:
     """Why a file cannot be written at path (it is a directory, its directory cannot be
     created, no permission), or None. Creates the missing directories; leaves no file."""
+    if not str(path).strip():
+        return "an empty path: give a file path"
     target = Path(path)
     if target.is_dir():
         return f"{path} is a directory: give a file path inside it"

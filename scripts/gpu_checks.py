@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain
 import diaglab  # noqa: E402
 import diaglab.bench  # noqa: E402
 from diaglab.bench import live_preset, random_tokens  # noqa: E402
+from diaglab.paths import write_json  # noqa: E402
 from diaglab.profiling import phase_breakdown, profile_steps, torch_profile  # noqa: E402
 
 BOUNDS = {"float32": 1e-5, "bfloat16": 2e-2}  # the project's exactness standard (relative error)
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cudagraphs (reduce-overhead): {exact['cudagraphs']}", flush=True)
     exact["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     exact["torch"], exact["preset"] = torch.__version__, args.preset
-    (args.out / "gpu_exact.json").write_text(json.dumps(exact, indent=1) + "\n")
+    write_json(args.out / "gpu_exact.json", exact)
 
     # 2. one long diagonal run, step by step (bf16 model from above)
     ex = diaglab.DiagonalExecutor(model)

@@ -22,9 +22,9 @@ from diaglab import bench, flops, heap
 from diaglab.paths import write_json
 
 
-def step_call(model, batch: int, G: int, inference: bool):
-    """One grouped step of layers 0..G-1 on full-segment shapes, every layer past its first segment."""
-    ex = bench.executors(model)["ideal"]
+def step_call(model, ex, batch: int, G: int, inference: bool):
+    """One grouped step of layers 0..G-1 on full-segment shapes, every layer past its first segment
+    (ex: a DiagonalExecutor of model, whose layer stack it runs)."""
     with torch.no_grad():
         layers, step = ex.layer_stack()
     n, M, d = model.config.segment_size, model.config.num_mem_tokens, model.hidden_size
@@ -62,12 +62,13 @@ def main(argv=None) -> dict:
     L = model.num_layers
     floor = bench.live_preset(args.preset, hidden=16, heads=2, kv_heads=1, intermediate=16, d_mem=2,
                               num_mem_tokens=1, segment_size=1)
-    cases = {f"G={G}": step_call(model, 1, G, True) for G in range(1, L + 1)}
-    cases["full, minimal widths"] = step_call(floor, 1, floor.num_layers, True)
-    cases["full, no inference mode"] = step_call(model, 1, L, False)
-    chain = bench.even_load_run(model, bench.executors(model)["ideal"], 1, args.calls)
+    execs = bench.executors(model)
+    cases = {f"G={G}": step_call(model, execs["ideal"], 1, G, True) for G in range(1, L + 1)}
+    cases["full, minimal widths"] = step_call(floor, bench.executors(floor)["ideal"], 1, floor.num_layers, True)
+    cases["full, no inference mode"] = step_call(model, execs["ideal"], 1, L, False)
+    chain = bench.even_load_run(model, execs["ideal"], 1, args.calls)
     full = cases[f"G={L}"]
-    diagonal, ids = bench.executors(model)["diagonal"], bench.random_tokens(model, 8 * model.config.segment_size)
+    diagonal, ids = execs["diagonal"], bench.random_tokens(model, 8 * model.config.segment_size)
     for fn in cases.values():
         fn()
     rounds: dict[str, list[float]] = {k: [] for k in [*cases, "full, back to back (even_load_run)", "full, alone"]}

@@ -185,7 +185,7 @@ def test_step_costs_script_writes_its_figures(tmp_path, threads_kept):
 
 def test_step_costs_script_refuses_bad_flags(rejected, tmp_path):
     for argv in (["--repeats", "0"], ["--threads", "0"], ["--preset", "llama_1b"], ["--preset", "huge"],
-                 ["--json", str(tmp_path)]):
+                 ["--json", str(tmp_path)], ["--json", ""]):
         rejected(load_script("step_costs").main, argv)
 
 
