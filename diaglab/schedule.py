@@ -245,3 +245,25 @@ def ideal_even_load(full_group_time: float, L: int, S: int) -> float:
         raise ValueError(f"full_group_time must be a finite time >= 0, got {full_group_time!r}; "
                          "a nan or inf usually means the measurement failed")
     return full_group_time / L * S * L
+
+
+def ramps_over_ideal(cost: Callable[[int], float], L: int, S: int) -> float:
+    """What the diagonal schedule costs against the ideal even load, predicted from cost(G),
+    the time of one grouped step of G busy layers (measured by scripts/step_costs.py): the
+    sum of cost(G_t) over the schedule's L + S - 1 steps over S full steps, S * cost(L).
+
+    The executor's own work is not in it: this is the floor under diagonal / ideal that the
+    anti-diagonal order sets on a machine with these step costs. It is 1 when a step costs in
+    proportion to its G, and about 1 + (L - 1) f / (S cost(L)) when each step also pays a
+    fixed f (its launches), whatever the executor does: the ramps run 2 (L - 1) partial steps
+    where the ideal runs L - 1 full ones holding the same cells.
+    """
+    _check_sizes(L, S)
+    costs = {}
+    for G in range(1, L + 1):
+        c = cost(G)
+        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c) or c <= 0:
+            raise ValueError(f"cost({G}) = {c!r}; a step's time must be a finite number > 0")
+        costs[G] = c
+    total = sum(costs[hi - lo + 1] for lo, hi in (active_layers(t, L, S) for t in range(L + S - 1)))
+    return total / (S * costs[L])

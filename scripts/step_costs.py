@@ -2,7 +2,9 @@
 explanation of diagonal / ideal: one step by group size G (1..L layers busy), the same step with
 every width shrunk to almost nothing (what launching its operations costs), one full step timed
 alone against the same step run back to back (why the ideal is run, not extrapolated), and the
-full step with and without inference mode. Prints a table, writes JSON.
+full step with and without inference mode; and from these costs the floor that the schedule's
+ramps set under diagonal / ideal at S = L, 4L and 16L (schedule.ramps_over_ideal), as measured
+and with only the launches fixed. Prints a table, writes JSON.
 
     python scripts/step_costs.py --preset tiny --json data/bench/cpu_step_costs.json
 
@@ -18,7 +20,7 @@ import time
 
 import torch
 
-from diaglab import bench, flops, heap
+from diaglab import bench, flops, heap, schedule
 from diaglab.paths import write_json
 
 
@@ -38,6 +40,19 @@ def step_call(model, ex, batch: int, G: int, inference: bool):
             return step(X, layers=layers, lo=0, hi=G - 1, n_text=n, cos=cos, sin=sin, mask=None,
                         W_mem=W_mem, z=z, is_first=None)
     return call
+
+
+def ramp_floors(ms: dict[str, float], L: int) -> dict[str, dict[str, float]]:
+    """schedule.ramps_over_ideal at S = L, 4L and 16L from the measured step costs ('G=1'..'G=L'),
+    and again with a step costing its launches (the 'full, minimal widths' step) plus the rest
+    of a full step in proportion to G: the lowest the ramps could cost with these launches."""
+    full, launches = ms[f"G={L}"], min(ms["full, minimal widths"], ms[f"G={L}"])
+    out = {}
+    for S in (L, 4 * L, 16 * L):
+        out[f"S={S}"] = {
+            "measured": schedule.ramps_over_ideal(lambda G: ms[f"G={G}"], L, S),
+            "launches_only": schedule.ramps_over_ideal(lambda G: launches + (full - launches) * G / L, L, S)}
+    return out
 
 
 def timed_ms(fn, calls: int) -> float:
@@ -83,11 +98,16 @@ def main(argv=None) -> dict:
     one, full = ms["G=1"], ms[f"G={L}"]
     fixed = one - (full - one) / (L - 1)           # cost(G) = fixed + G * per_layer, from G = 1 and G = L
     out = {"preset": args.preset, "layers": L, "ms": ms, "fixed_ms": fixed, "per_layer_ms": (full - one) / (L - 1),
+           "ramps_over_ideal": ramp_floors(ms, L),
            "machine": flops.machine("cpu"), "repeats": args.repeats, "calls": args.calls}
     for k, v in ms.items():
         print(f"{k:38s} {v:7.3f} ms")
     print(f"a step costs about {fixed:.3f} ms + {out['per_layer_ms']:.3f} ms per busy layer "
           f"({out['machine']['cpu']}, {out['machine']['cpu_capability']}, {args.threads} threads)")
+    print("the schedule's own floor under diagonal / ideal (schedule.ramps_over_ideal):")
+    for S, r in out["ramps_over_ideal"].items():
+        print(f"  {S:8s} {r['measured']:.3f} from these step costs, {r['launches_only']:.3f} "
+              "if only the launches were fixed")
     if args.json:
         write_json(args.json, out)
     return out

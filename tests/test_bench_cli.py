@@ -181,6 +181,14 @@ def test_step_costs_script_writes_its_figures(tmp_path, threads_kept):
     assert set(out["ms"]) >= {"G=1", f"G={L}", "full, minimal widths", "full, alone",
                               "full, back to back (even_load_run)", "full, no inference mode"}
     assert json.loads((tmp_path / "c.json").read_text())["ms"] == out["ms"] and out["machine"]["cpu_capability"]
+    # the ramps' floor at S = L, 4L, 16L, from the same step costs (schedule.ramps_over_ideal)
+    ramps = out["ramps_over_ideal"]
+    assert list(ramps) == [f"S={L}", f"S={4 * L}", f"S={16 * L}"]
+    ms = out["ms"]
+    assert ramps[f"S={4 * L}"]["measured"] == pytest.approx(
+        (2 * sum(ms[f"G={G}"] for G in range(1, L)) + (3 * L + 1) * ms[f"G={L}"]) / (4 * L * ms[f"G={L}"]))
+    launches, full = min(ms["full, minimal widths"], ms[f"G={L}"]), ms[f"G={L}"]
+    assert ramps[f"S={L}"]["launches_only"] == pytest.approx(1 + (L - 1) * launches / (L * full))
 
 
 def test_step_costs_script_refuses_bad_flags(rejected, tmp_path):

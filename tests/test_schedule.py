@@ -11,6 +11,7 @@ from diaglab.schedule import (
     dependencies,
     diagonal,
     ideal_even_load,
+    ramps_over_ideal,
     ring,
     sequential,
     stats,
@@ -227,3 +228,24 @@ def test_adjacent_runs_refuses_unsorted_items_and_takes_none():
     for bad in ([(2,), (0,), (1,)], [(0, 2), (2, 3)]):
         with pytest.raises(ValueError, match="sorted by layer"):
             adjacent_runs(bad, first=lambda r: r[0], last=lambda r: r[-1])
+
+
+def test_ramps_over_ideal_by_hand():
+    """The ramps' floor under diagonal / ideal, from step costs: 1 when a step costs in
+    proportion to its group; L = 3, S = 4 with cost(G) = 1 + G: steps G = 1, 2, 3, 3, 2, 1,
+    so (2 + 3 + 4 + 4 + 3 + 2) / (4 * 4) = 18 / 16."""
+    assert ramps_over_ideal(lambda G: 0.5 * G, 8, 32) == pytest.approx(1.0)
+    assert ramps_over_ideal(lambda G: 1.0 + G, 3, 4) == pytest.approx(18 / 16)
+    # S < L: the plateau is never reached; the sum still runs over every step
+    assert ramps_over_ideal(lambda G: 1.0, 4, 2) == pytest.approx(5 / 2)
+    # an affine cost f + c G: about 1 + (L - 1) f / (S (f + c L)), exactly so here
+    f, c, L, S = 0.36, 0.15, 8, 32
+    assert ramps_over_ideal(lambda G: f + c * G, L, S) == pytest.approx(1 + (L - 1) * f / (S * (f + c * L)))
+
+
+def test_ramps_over_ideal_refuses_bad_costs():
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match=r"cost\(1\)"):
+            ramps_over_ideal(lambda G, bad=bad: bad, 4, 8)
+    with pytest.raises(ValueError):
+        ramps_over_ideal(lambda G: 1.0, 0, 8)
