@@ -476,11 +476,15 @@ def grouped_linear_ref(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None 
     return torch.stack([F.linear(x[g], W[g].T, None if b is None else b[g]) for g in range(x.shape[0])])
 
 
-def grouped_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: (G, B, T, d); w: (G, d). LLaMA's RMSNorm (statistics in float32) per group element."""
+def grouped_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, in_place: bool = False) -> torch.Tensor:
+    """x: (G, B, T, d); w: (G, d). LLaMA's RMSNorm (statistics in float32) per group element.
+    in_place: no graph is recorded, so the weight is applied in the normalised temporary's own
+    storage (the same numbers: a product does not depend on its order)."""
     x32 = x if x.dtype == torch.float32 else x.float()    # (a cast to the same dtype still costs a call)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return w.reshape(w.shape[0], 1, 1, w.shape[1]) * (x32 if x.dtype == torch.float32 else x32.to(x.dtype))
+    w = w.reshape(w.shape[0], 1, 1, w.shape[1])
+    y = x32 if x.dtype == torch.float32 else x32.to(x.dtype)
+    return y.mul_(w) if in_place else w * y
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -523,6 +527,8 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
     H, Hkv, hd, kernel = dims.heads, dims.kv_heads, dims.head_dim, dims.kernel
     W = layers.slices(lo, hi)                                                   # views, no copy
     profiling = not torch.compiler.is_compiling() and torch.autograd._profiler_enabled()   # checked once a step
+    # no graph is recorded (eager, under no_grad or inference mode): a temporary may be overwritten
+    in_place = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
     # 1. read: h <- h + A(h) for every row, once the layer has written (design §2)
     if read:
         with _phase("read", profiling):
@@ -533,7 +539,7 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
             X = X + (A if is_first is None or zeroed else A.masked_fill(is_first[:, :, None, None], 0))
     # 2. self-attention, the group folded into the batch
     with _phase("attention", profiling):
-        h = grouped_rms_norm(X, W["input_layernorm.weight"], dims.eps).reshape(G, B * T, d)
+        h = grouped_rms_norm(X, W["input_layernorm.weight"], dims.eps, in_place).reshape(G, B * T, d)
         qkv = grouped_linear(h, W["qkv_proj.weight"], W.get("qkv_proj.bias"), kernel=kernel)
         qkv = qkv.view(G * B, T, H + 2 * Hkv, hd)
         # RoPE on the H query and Hkv key heads at once (they are adjacent in qkv)
@@ -544,14 +550,19 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
             q, k, v, attn_mask=None if mask is None else mask.unsqueeze(1), is_causal=mask is None,
             scale=hd ** -0.5, enable_gqa=H != Hkv)                               # (G*B, H, T, hd)
         att = att.transpose(1, 2).reshape(G, B * T, H * hd)
-        X = X + grouped_linear(att, W["o_proj.weight"], W.get("o_proj.bias"), kernel=kernel).view(G, B, T, d)
+        o = grouped_linear(att, W["o_proj.weight"], W.get("o_proj.bias"), kernel=kernel).view(G, B, T, d)
+        X = o.add_(X) if in_place else X + o                                      # (x + y == y + x)
     # 3. SwiGLU MLP
     with _phase("mlp", profiling):
-        h = grouped_rms_norm(X, W["post_attention_layernorm.weight"], dims.eps).reshape(G, B * T, d)
+        h = grouped_rms_norm(X, W["post_attention_layernorm.weight"], dims.eps, in_place).reshape(G, B * T, d)
         gate, up = grouped_linear(h, W["gate_up_proj.weight"], W.get("gate_up_proj.bias"),
                                   kernel=kernel).chunk(2, dim=-1)                # (G, B*T, F) each
-        X = X + grouped_linear(F.silu(gate) * up, W["down_proj.weight"], W.get("down_proj.bias"),
-                               kernel=kernel).view(G, B, T, d)
+        if in_place:   # the same numbers in gate's own storage: two (G, B*T, F) tensors fewer
+            act = F.silu(gate, inplace=True).mul_(up)
+        else:
+            act = F.silu(gate) * up
+        down = grouped_linear(act, W["down_proj.weight"], W.get("down_proj.bias"), kernel=kernel).view(G, B, T, d)
+        X = down.add_(X) if in_place else X + down
     # 4. write from the memory rows m of the output (design §2)
     with _phase("write", profiling):
         M = T - n_text

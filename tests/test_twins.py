@@ -218,3 +218,31 @@ def test_grouped_cells_refuses_settled_with_an_is_first():
     with pytest.raises(ValueError, match="contradicts"):
         grouped_cells(grouped_layer, layers, X, [], model.empty_state(2), 0, 1, args["n_text"], True,
                       settled=True, is_first=args["is_first"])
+
+
+@pytest.mark.parametrize("variant", ["plain", "bias", "bf16"])
+def test_grouped_layer_in_place_only_without_a_graph(variant):
+    """Under no_grad or inference mode grouped_layer writes some temporaries in place (the MLP's
+    SiLU and product, the norms' weight, the residual sums): the same numbers bit for bit as
+    with autograd recording, the caller's X, memory and weights untouched, and under autograd
+    the gradients still flow (no in-place op on a saved tensor)."""
+    kw = dict(attention_bias=True, mlp_bias=True) if variant == "bias" else {}
+    model = live_model(layers=4, **kw)
+    if variant == "bf16":
+        model = model.to(torch.bfloat16)
+    X, args = _step_inputs(model, 2, 0, 3, padded=False, partial=False)
+    X = X.detach().to(model.dtype)
+    layers, _ = DiagonalExecutor(model).layer_stack()
+    kept = [t.clone() for t in (X, args["W_mem"], args["z"], *layers.W.values())]
+    with torch.no_grad():
+        quiet = grouped_layer(X, layers=layers, **args)
+    with torch.inference_mode():
+        inferred = grouped_layer(X, layers=layers, **args)
+    Xg = X.clone().requires_grad_(True)   # a leaf: X is detached
+    graphed = grouped_layer(Xg, layers=layers, **args)
+    for a, b, c in zip(quiet, inferred, graphed):
+        assert torch.equal(a, b) and torch.equal(a, c.detach())
+    for before, now in zip(kept, (X, args["W_mem"], args["z"], *layers.W.values())):
+        assert torch.equal(before, now)
+    graphed[0].float().square().sum().backward()
+    assert Xg.grad is not None and torch.isfinite(Xg.grad).all() and Xg.grad.abs().sum() > 0
