@@ -17,8 +17,8 @@ differ by dropout (refused in training mode with attention dropout).
 Steps on plain segments (every row full, no mask) run lean: the busy layers' memory is held
 as two tensors from step to step, as in the bare schedule (bench.schedule_run), and a layer's
 first segment runs on a memory zeroed once per call, so only gamma keeps a first-segment mask.
-The other steps (padding, a layer where only some rows have written, a profiler, the
-sequential order with more than one layer) go through grouped_cells with the state's masks.
+The other steps (padding, a layer where only some rows have written, the sequential order
+with more than one layer) go through grouped_cells with the state's masks.
 Both give the same numbers (tests/test_diagonal.py).
 
 The executor can also follow the sequential order through the same grouped kernels
@@ -197,8 +197,10 @@ class DiagonalExecutor:
 
         A step is lean when every segment in flight is plain (no mask, every row writes), every
         layer is settled (all rows past their first segment) or fresh (no row has written: all
-        on their first segment), and no profiler runs: it calls the step directly on the busy
-        layers' memory, held as two tensors the way bench.schedule_run runs the bare schedule.
+        on their first segment): it calls the step directly on the busy layers' memory, held as
+        two tensors the way bench.schedule_run runs the bare schedule. Under a profiler every
+        step, lean or not, is one range 'diag_step t layers lo-hi' (its inputs, memory and
+        kernels), so a profile times the steps a call runs without one.
         A fresh layer's memory is zeroed once per call (`zeroed`: prepare made an empty state,
         already zero), so its first segment needs no mask but gamma's (grouped_layer's
         zeroed=True); `state` is brought up to date when a general step needs it and at the end.
@@ -227,41 +229,42 @@ class DiagonalExecutor:
             if lo == 0:                                     # layer 0 takes a new segment's rows
                 r = rows_of[cells[0][1]] = feed.rows(cells[0][1])
                 unplain += r.mask is not None or r.write_mask is not None
-            # Inputs: layer l >= 1 takes what layer l - 1 gave at the previous step (in both orders
-            # the cell before (l, s) is (l - 1, s)); layer 0 takes the new segment's rows.
-            parts = [r.X[None]] if lo == 0 else []
-            if hi >= 1:
-                parts.append(Y[max(lo - 1, 0) - prev_lo:hi - prev_lo])             # views of the last output
-            X = parts[0] if len(parts) == 1 else torch.cat(parts)                  # (G, B, T, d)
-            if lean_order and not unplain and not mixed and not profiling:
-                if held is None:
-                    W_mem, z, _ = state.layers(lo, hi)
-                else:   # the diagonal's next layers: drop a layer that finished, add one that starts
-                    h_lo, h_hi, W_mem, z = held
-                    if lo > h_lo:   # (its memory goes back into `state` with the held ones)
-                        finished.append((h_lo, lo - 1, W_mem[:lo - h_lo], z[:lo - h_lo]))
-                        W_mem, z = W_mem[lo - h_lo:], z[lo - h_lo:]
-                    if hi > h_hi:
-                        W_in, z_in, _ = state.layers(h_hi + 1, hi)
-                        W_mem, z = torch.cat([W_mem, W_in]), torch.cat([z, z_in])
-                # (every segment in flight is plain: all share one pair of RoPE tables, r's)
-                first = None
-                if not has_memory[hi]:   # fresh: only the top layer can start here (layer l starts at step l)
-                    first = torch.zeros(hi - lo + 1, B, dtype=torch.bool, device=X.device)
-                    first[-1] = True
-                run = full_step if first is None and hi - lo + 1 == L and full_step is not None else step
-                Y, W_mem, z = run(X, layers=layers, lo=lo, hi=hi, n_text=n, cos=r.cos, sin=r.sin, mask=None,
-                                  W_mem=W_mem, z=z, is_first=first, write_mask=None,
-                                  read=hi > lo or has_memory[hi],   # the layers below the top one are settled
-                                  **({"zeroed": True} if first is not None else {}))
-                held = (lo, hi, W_mem, z)
-                if first is not None:
-                    has_memory[hi] = settled[hi] = True
-            else:
-                if held is not None:
-                    state, held = self._flush(state, finished + [held], B), None
-                    finished = []
-                with profiler_range(f"diag_step {t} layers {lo}-{hi}") if profiling else contextlib.nullcontext():
+            # one labelled range per step while a profiler runs (its inputs, memory and kernels)
+            with profiler_range(f"diag_step {t} layers {lo}-{hi}") if profiling else contextlib.nullcontext():
+                # Inputs: layer l >= 1 takes what layer l - 1 gave at the previous step (in both orders
+                # the cell before (l, s) is (l - 1, s)); layer 0 takes the new segment's rows.
+                parts = [r.X[None]] if lo == 0 else []
+                if hi >= 1:
+                    parts.append(Y[max(lo - 1, 0) - prev_lo:hi - prev_lo])             # views of the last output
+                X = parts[0] if len(parts) == 1 else torch.cat(parts)                  # (G, B, T, d)
+                if lean_order and not unplain and not mixed:
+                    if held is None:
+                        W_mem, z, _ = state.layers(lo, hi)
+                    else:   # the diagonal's next layers: drop a layer that finished, add one that starts
+                        h_lo, h_hi, W_mem, z = held
+                        if lo > h_lo:   # (its memory goes back into `state` with the held ones)
+                            finished.append((h_lo, lo - 1, W_mem[:lo - h_lo], z[:lo - h_lo]))
+                            W_mem, z = W_mem[lo - h_lo:], z[lo - h_lo:]
+                        if hi > h_hi:
+                            W_in, z_in, _ = state.layers(h_hi + 1, hi)
+                            W_mem, z = torch.cat([W_mem, W_in]), torch.cat([z, z_in])
+                    # (every segment in flight is plain: all share one pair of RoPE tables, r's)
+                    first = None
+                    if not has_memory[hi]:   # fresh: only the top layer can start here (layer l starts at step l)
+                        first = torch.zeros(hi - lo + 1, B, dtype=torch.bool, device=X.device)
+                        first[-1] = True
+                    run = full_step if first is None and hi - lo + 1 == L and full_step is not None else step
+                    Y, W_mem, z = run(X, layers=layers, lo=lo, hi=hi, n_text=n, cos=r.cos, sin=r.sin, mask=None,
+                                      W_mem=W_mem, z=z, is_first=first, write_mask=None,
+                                      read=hi > lo or has_memory[hi],   # the layers below the top one are settled
+                                      **({"zeroed": True} if first is not None else {}))
+                    held = (lo, hi, W_mem, z)
+                    if first is not None:
+                        has_memory[hi] = settled[hi] = True
+                else:
+                    if held is not None:
+                        state, held = self._flush(state, finished + [held], B), None
+                        finished = []
                     rows = [rows_of[s] for _, s in cells]
                     plain = all(x.mask is None and x.write_mask is None for x in rows)   # fixed shapes, no masks
                     done = all(settled[lo:hi + 1])   # no row on its first segment: the step skips those masks
@@ -269,10 +272,10 @@ class DiagonalExecutor:
                     run = full_step if full_step is not None and hi - lo + 1 == L and plain and done else step
                     Y, state = grouped_cells(run, layers, X, rows, state, lo, hi, n,
                                              read=any(has_memory[lo:hi + 1]), settled=done)
-                has_memory[lo:hi + 1] = [True] * (hi - lo + 1)
-                if plain and not done:   # every row wrote
-                    settled[lo:hi + 1] = [True] * (hi - lo + 1)
-                mixed = any(h and not s for h, s in zip(has_memory, settled))
+                    has_memory[lo:hi + 1] = [True] * (hi - lo + 1)
+                    if plain and not done:   # every row wrote
+                        settled[lo:hi + 1] = [True] * (hi - lo + 1)
+                    mixed = any(h and not s for h, s in zip(has_memory, settled))
             prev_lo = lo
             if hi == L - 1:  # a segment leaves the last layer
                 s = cells[-1][1]

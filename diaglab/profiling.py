@@ -186,8 +186,8 @@ def torch_profile(executor, input_ids: torch.Tensor, trace_path: str | Path | No
 def phase_breakdown(executor, input_ids: torch.Tensor, **call_kw) -> dict[str, float]:
     """Where a diagonal run's time goes: milliseconds in each phase of the grouped steps
     (grouped.PHASES: the associative read, attention, MLP, the associative write), the rest
-    of the steps ('other': embedding, stacking the group's inputs and memory, the LM head),
-    and their sum ('steps'). Read off one run under torch.profiler from the executor's
+    of the steps ('other': gathering each group's inputs and memory, and a masked step's
+    rows and masks; embedding and the LM head lie outside the steps), and their sum ('steps'). Read off one run under torch.profiler from the executor's
     'diag_step' and grouped_layer's 'phase' ranges: CPU time on CPU, kernel time on CUDA.
     The profiler adds its own overhead to every range: compare shares, not absolute times."""
     from .grouped import PHASES

@@ -538,3 +538,21 @@ def test_plain_calls_take_the_lean_steps_ramps_included(monkeypatch):
         padded, _, general = _spied_steps(monkeypatch, ex, ids, attention_mask=mask)
         assert general == [(0, 2), (0, 2), (1, 2), (2, 2)]   # the steps segments 4 and 5 are in
         assert_same(model(ids, attention_mask=mask), padded, 1e-5, real=mask.bool())
+
+
+def test_a_profiler_times_the_lean_steps(monkeypatch):
+    """Under torch.profiler a plain call still runs every step lean (a profile times the steps a
+    call runs without one), each step one 'diag_step t layers lo-hi' range, with the same numbers
+    bit for bit as the same call unprofiled."""
+    model = live_model(layers=3)
+    ex = DiagonalExecutor(model)
+    L, S = 3, 6
+    ids = random_ids(2, 8 * S, seed=1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out, steps, general = _spied_steps(monkeypatch, ex, ids)
+    assert general == [] and len(steps) == L + S - 1
+    names = [e.name for e in prof.events() if e.name.startswith("diag_step ")]
+    assert names == [f"diag_step {t} layers {c[0][0]}-{c[-1][0]}" for t, c in enumerate(diaglab.schedule.diagonal(L, S))]
+    quiet, _, _ = _spied_steps(monkeypatch, ex, ids)
+    assert torch.equal(out.logits, quiet.logits)
+    assert torch.equal(out.state.W_mem, quiet.state.W_mem) and torch.equal(out.state.z, quiet.state.z)
