@@ -479,12 +479,12 @@ def grouped_linear_ref(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None 
 def grouped_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, in_place: bool = False) -> torch.Tensor:
     """x: (G, B, T, d); w: (G, d). LLaMA's RMSNorm (statistics in float32) per group element.
     in_place: no graph is recorded, so the weight is applied in the normalised temporary's own
-    storage (the same numbers: a product does not depend on its order)."""
+    storage when both have one dtype (the same numbers: a product does not depend on its order)."""
     x32 = x if x.dtype == torch.float32 else x.float()    # (a cast to the same dtype still costs a call)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     w = w.reshape(w.shape[0], 1, 1, w.shape[1])
     y = x32 if x.dtype == torch.float32 else x32.to(x.dtype)
-    return y.mul_(w) if in_place else w * y
+    return y.mul_(w) if in_place and w.dtype == y.dtype else w * y
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -527,8 +527,12 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
     H, Hkv, hd, kernel = dims.heads, dims.kv_heads, dims.head_dim, dims.kernel
     W = layers.slices(lo, hi)                                                   # views, no copy
     profiling = not torch.compiler.is_compiling() and torch.autograd._profiler_enabled()   # checked once a step
-    # no graph is recorded (eager, under no_grad or inference mode): a temporary may be overwritten
-    in_place = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    # A temporary may be overwritten when no graph is recorded (eager, under no_grad or inference
+    # mode) and no torch.func transform runs (an unbatched temporary cannot take a batched operand
+    # in place); each in-place sum or product also needs both operands in one dtype (under
+    # autocast a projection comes out bf16 beside a float32 X: X + o promotes, o.add_(X) would not).
+    in_place = not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+        and torch._C._functorch.peek_interpreter_stack() is None
     # 1. read: h <- h + A(h) for every row, once the layer has written (design §2)
     if read:
         with _phase("read", profiling):
@@ -551,7 +555,7 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
             scale=hd ** -0.5, enable_gqa=H != Hkv)                               # (G*B, H, T, hd)
         att = att.transpose(1, 2).reshape(G, B * T, H * hd)
         o = grouped_linear(att, W["o_proj.weight"], W.get("o_proj.bias"), kernel=kernel).view(G, B, T, d)
-        X = o.add_(X) if in_place else X + o                                      # (x + y == y + x)
+        X = o.add_(X) if in_place and o.dtype == X.dtype else X + o               # (x + y == y + x)
     # 3. SwiGLU MLP
     with _phase("mlp", profiling):
         h = grouped_rms_norm(X, W["post_attention_layernorm.weight"], dims.eps, in_place).reshape(G, B * T, d)
@@ -562,7 +566,7 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
         else:
             act = F.silu(gate) * up
         down = grouped_linear(act, W["down_proj.weight"], W.get("down_proj.bias"), kernel=kernel).view(G, B, T, d)
-        X = down.add_(X) if in_place else X + down
+        X = down.add_(X) if in_place and down.dtype == X.dtype else X + down
     # 4. write from the memory rows m of the output (design §2)
     with _phase("write", profiling):
         M = T - n_text

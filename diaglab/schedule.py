@@ -252,8 +252,10 @@ def ramps_over_ideal(cost: Callable[[int], float], L: int, S: int) -> float:
     the time of one grouped step of G busy layers (measured by scripts/step_costs.py): the
     sum of cost(G_t) over the schedule's L + S - 1 steps over S full steps, S * cost(L).
 
-    The executor's own work is not in it: this is the floor under diagonal / ideal that the
-    anti-diagonal order sets on a machine with these step costs. It is 1 when a step costs in
+    With costs of bare steps (scripts/step_costs.py) the executor's own work is not in it: this
+    predicts the floor under diagonal / ideal that the anti-diagonal order sets on a machine with
+    these step costs (a prediction: one run's ratio can land a little either side of it, as much
+    as the machine's noise). It is 1 when a step costs in
     proportion to its G, and about 1 + (L - 1) f / (S cost(L)) when each step also pays a
     fixed f (its launches), whatever the executor does: the ramps run 2 (L - 1) partial steps
     where the ideal runs L - 1 full ones holding the same cells.

@@ -220,18 +220,35 @@ def test_grouped_cells_refuses_settled_with_an_is_first():
                       settled=True, is_first=args["is_first"])
 
 
-@pytest.mark.parametrize("variant", ["plain", "bias", "bf16"])
-def test_grouped_layer_in_place_only_without_a_graph(variant):
-    """Under no_grad or inference mode grouped_layer writes some temporaries in place (the MLP's
-    SiLU and product, the norms' weight, the residual sums): the same numbers bit for bit as
-    with autograd recording, the caller's X, memory and weights untouched, and under autograd
-    the gradients still flow (no in-place op on a saved tensor)."""
+def _in_place_case(variant, case):
+    """A model and one step's (X, arguments) for the in-place tests: `case` picks the step's
+    flags — 'read' (a row on its first segment, the read on), 'settled' (is_first=None),
+    'first' (every layer on its first segment: no read, so X itself feeds the norms and the
+    first residual sum), 'zeroed' (the same on zeroed memory)."""
     kw = dict(attention_bias=True, mlp_bias=True) if variant == "bias" else {}
     model = live_model(layers=4, **kw)
     if variant == "bf16":
         model = model.to(torch.bfloat16)
     X, args = _step_inputs(model, 2, 0, 3, padded=False, partial=False)
     X = X.detach().to(model.dtype)
+    if case == "settled":
+        args["is_first"] = None
+    elif case in ("first", "zeroed"):
+        args.update(read=False, is_first=torch.ones_like(args["is_first"]))
+        if case == "zeroed":
+            args.update(zeroed=True, W_mem=torch.zeros_like(args["W_mem"]), z=torch.zeros_like(args["z"]))
+    return model, X, args
+
+
+@pytest.mark.parametrize("case", ["read", "settled", "first", "zeroed"])
+@pytest.mark.parametrize("variant", ["plain", "bias", "bf16"])
+def test_grouped_layer_in_place_only_without_a_graph(variant, case):
+    """Under no_grad or inference mode grouped_layer writes some temporaries in place (the MLP's
+    SiLU and product, the norms' weight, the residual sums): the same numbers bit for bit as
+    with autograd recording, the caller's X, memory and weights untouched (with the read off, X
+    itself goes into the first residual sum), and under autograd the gradients still flow (no
+    in-place op on a saved tensor)."""
+    model, X, args = _in_place_case(variant, case)
     layers, _ = DiagonalExecutor(model).layer_stack()
     kept = [t.clone() for t in (X, args["W_mem"], args["z"], *layers.W.values())]
     with torch.no_grad():
@@ -241,8 +258,33 @@ def test_grouped_layer_in_place_only_without_a_graph(variant):
     Xg = X.clone().requires_grad_(True)   # a leaf: X is detached
     graphed = grouped_layer(Xg, layers=layers, **args)
     for a, b, c in zip(quiet, inferred, graphed):
-        assert torch.equal(a, b) and torch.equal(a, c.detach())
+        assert a.dtype == c.dtype and torch.equal(a, b) and torch.equal(a, c.detach())
     for before, now in zip(kept, (X, args["W_mem"], args["z"], *layers.W.values())):
         assert torch.equal(before, now)
     graphed[0].float().square().sum().backward()
     assert Xg.grad is not None and torch.isfinite(Xg.grad).all() and Xg.grad.abs().sum() > 0
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+def test_grouped_layer_in_place_keeps_autocast_and_vmap_results():
+    """Under autocast a projection comes out in bf16 while X stays float32: X + o promotes where
+    o.add_(X) would keep bf16, so no_grad must give what autograd gives (dtype and values);
+    under torch.func.vmap over the weights an unbatched temporary cannot take them in place."""
+    model, X, args = _in_place_case("plain", "first")
+    layers, _ = DiagonalExecutor(model).layer_stack()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            quiet = grouped_layer(X, layers=layers, **args)
+        graphed = grouped_layer(X.clone().requires_grad_(True), layers=layers, **args)
+    for a, c in zip(quiet, graphed):
+        assert a.dtype == c.dtype and torch.equal(a, c.detach())
+    assert quiet[0].dtype == torch.float32
+    from dataclasses import replace
+    W = layers.W
+
+    def one(norm_w):   # the step with the attention norm's weight swapped for a batched one
+        return grouped_layer(X, layers=replace(layers, W={**W, "input_layernorm.weight": norm_w}, _slices={}),
+                             **args)[0]
+    with torch.no_grad():
+        batched = torch.func.vmap(one)(torch.stack([W["input_layernorm.weight"]] * 2))
+        assert torch.equal(batched[0], one(W["input_layernorm.weight"]))
