@@ -61,5 +61,28 @@ def test_write_json_makes_its_folder_and_a_failed_write_keeps_the_old_file(tmp_p
     write_json(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1}
     with pytest.raises(TypeError):
-        write_json(target, {"a": object()})             # not serialisable: fails half-way
+        write_json(target, {"a": object()})             # not serialisable: fails before writing
     assert json.loads(target.read_text()) == {"a": 1} and sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
+
+
+def test_write_json_failing_half_way_keeps_the_old_file(tmp_path, monkeypatch):
+    """A disk that fills while the new text is written, or a rename that fails: the old file is
+    as it was and no temporary file is left beside it."""
+    import diaglab.paths as paths
+    target = tmp_path / "out.json"
+    paths.write_json(target, {"a": 1})
+    real_write_text = Path.write_text
+
+    def half_written(self, text, *a, **kw):
+        real_write_text(self, text[:3], *a, **kw)
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", half_written)
+        with pytest.raises(OSError, match="No space"):
+            paths.write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    with monkeypatch.context() as m:
+        m.setattr(paths.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(5, "I/O error")))
+        with pytest.raises(OSError, match="I/O error"):
+            paths.write_json(target, {"a": 3})
+    assert json.loads(target.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["out.json"]
