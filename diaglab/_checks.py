@@ -8,6 +8,7 @@ import argparse
 # line, not later in a C int overflow or a config that builds 10^20 layers (it would hang)
 MAX_COUNT = 10**6
 MAX_THREADS = 4096     # each one an OS thread: more than any machine's cores
+MAX_SEED = 2**32 - 1   # a seed as every generator takes it (train derives per-step seeds from it)
 
 
 def check_int(name: str, value, low: int, high: int | None = None) -> None:
@@ -21,7 +22,12 @@ def check_int(name: str, value, low: int, high: int | None = None) -> None:
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line on stderr (exit code 2), without the
     usage block: each names the flag and what it accepts, and --help has the rest. Every
-    command line of the suite uses it."""
+    command line of the suite uses it. Abbreviated flags are refused unless allow_abbrev=True is
+    passed (argparse would take --seg for --segments, and a later flag could change its meaning)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (--help lists every flag)\n")
@@ -34,6 +40,6 @@ def check_device(device):
     if dev.type == "cuda" and not torch.cuda.is_available():
         build = "a CPU build of torch" if torch.version.cuda is None else "no visible GPU"
         raise ValueError(f"device {str(dev)!r} asked for, but CUDA is not available here ({build}, torch "
-                         f"{torch.__version__}): use device 'cpu' (or 'auto'), or install a CUDA build of torch "
+                         f"{torch.__version__}): use device 'cpu', or install a CUDA build of torch "
                          "(README: GPU users)")
     return dev

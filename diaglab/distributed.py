@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from . import schedule as sched
-from ._checks import check_int
+from ._checks import OneLineParser, check_int
 from .armt import ARMT, ARMTOutput
 from .diagonal import DiagonalExecutor, check_no_dropout
 from .grouped import grouped_cells, profiler_range, ungroupable
@@ -592,7 +592,7 @@ def _torchrun_worker(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m diaglab.distributed",
+    p = OneLineParser(prog="python -m diaglab.distributed",
                                 description="One rank of an ARMT pipeline; start P of them with torchrun "
                                             "--nproc-per-node P. Rank 0 prints a JSON report.")
     p.add_argument("--job", help=argparse.SUPPRESS)   # a rank started by pipeline_forward

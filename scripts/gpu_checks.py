@@ -11,7 +11,6 @@ a summary. Exits non-zero when an exactness bound fails (after writing the files
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -93,7 +92,7 @@ def build(preset: str, dtype: torch.dtype, device: str, **overrides) -> diaglab.
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = diaglab.bench.OneLineParser(prog="python scripts/gpu_checks.py", description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
     p.add_argument("--preset", default="llama_1b")
     p.add_argument("--device", default="cuda")
