@@ -41,15 +41,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import checkpoint
-from ._checks import MAX_COUNT, MAX_THREADS, OneLineParser, check_int
+from ._checks import MAX_COUNT, MAX_SEED, MAX_THREADS, OneLineParser, check_int
 from .armt import ARMT
 from .diagonal import DiagonalExecutor
 from .paths import write_json
 from .presets import tiny_armt
 from .stories import SENTENCE, VOCAB, StoryBatch, qa1_single_fact
 from .train import (EVAL_SEED, Curriculum, _check_float, _check_shape, _threads,
-                    add_config_flags, answer_logits, check_model_shape, check_out, continued, guarded_step,
-                    log_record, optimiser, predict, read_init_log, read_log)
+                    add_config_flags, answer_logits, check_eval_dir, check_eval_flags, check_model_shape, check_out,
+                    continued, guarded_step, log_record, mlp_width, optimiser, predict, read_init_log, read_log)
 from .train import checkpoint_shape as _model_shape
 from .train import config_from_args as train_config_from_args
 
@@ -94,16 +94,15 @@ class StoryTrainConfig:
     force_overwrite: bool = False  # allow `out` to be an existing checkpoint (it is replaced)
 
     def __post_init__(self):
+        # counts bounded far above any real run: a typo's extra digits fail in one line here, not
+        # as a hang or an allocator crash later
         for name in ("layers", "hidden", "heads", "kv_heads", "num_mem_tokens", "d_mem", "facts", "people", "questions",
-                     "steps", "batch", "warmup", "eval_every", "eval_samples"):
-            check_int(name, getattr(self, name), 1)
-        for name in ("layers", "hidden"):   # beyond any machine: one line here, not a hang building it
+                     "steps", "batch", "warmup", "eval_every", "eval_samples", "sentences"):
             check_int(name, getattr(self, name), 1, MAX_COUNT)
         check_int("threads", self.threads, 1, MAX_THREADS)
-        check_int("sentences", self.sentences, 1)
-        check_int("start_segments", self.start_segments, 2)
-        check_int("max_segments", self.max_segments, self.start_segments)
-        check_int("seed", self.seed, 0)
+        check_int("start_segments", self.start_segments, 2, MAX_COUNT)
+        check_int("max_segments", self.max_segments, self.start_segments, MAX_COUNT)
+        check_int("seed", self.seed, 0, MAX_SEED)
         check_int("questions", self.questions, 1, self.sentences)
         if self.facts > self.max_segments - 1:
             raise ValueError(f"facts ({self.facts}) must be at most max_segments - 1 = {self.max_segments - 1} "
@@ -141,7 +140,7 @@ def build_model(cfg: StoryTrainConfig) -> ARMT:
     LLaMA weights at std 0.15, memory tokens at 0.02) with unit-length DPFP keys."""
     model = tiny_armt(layers=cfg.layers, hidden=cfg.hidden, heads=cfg.heads, kv_heads=cfg.kv_heads,
                       vocab=8 * math.ceil(VOCAB.size / 8), segment_size=cfg.segment_size,
-                      num_mem_tokens=cfg.num_mem_tokens, d_mem=cfg.d_mem, seed=cfg.seed, intermediate=2 * cfg.hidden,
+                      num_mem_tokens=cfg.num_mem_tokens, d_mem=cfg.d_mem, seed=cfg.seed, intermediate=mlp_width(cfg.hidden),
                       initializer_range=0.15, normalize_keys=True)
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
@@ -376,11 +375,14 @@ def run_eval(path: str, samples: int = 100, factors=LENGTH_FACTORS, write: bool 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m diaglab.babilong", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--eval", metavar="DIR", help="evaluate the checkpoint in DIR instead of training")
-    p.add_argument("--no-write", action="store_true", help="with --eval: print only, do not write DIR/eval.json")
-    p.add_argument("--samples", type=int, default=100, help="with --eval: held-out stories per length")
-    p.add_argument("--eval-batch", type=int, default=1, help="with --eval: stories per call in the timed runs")
+    p.add_argument("--no-write", action="store_true", default=argparse.SUPPRESS,
+                   help="with --eval: print only, do not write DIR/eval.json")
+    p.add_argument("--samples", type=int, default=argparse.SUPPRESS,
+                   help="with --eval: held-out stories per length, default 100")
+    p.add_argument("--eval-batch", type=int, default=argparse.SUPPRESS,
+                   help="with --eval: stories per call in the timed runs, default 1")
     add_config_flags(p, StoryTrainConfig, SHAPE_FIELDS, "data/babilong", "runs/babilong-<date>-<time>",
                      "continue from this checkpoint (its shape and its history)")
     return p
@@ -394,19 +396,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_eval_flags(parser, args, StoryTrainConfig, ("samples", "no_write", "eval_batch"))
+    samples, eval_batch = getattr(args, "samples", 100), getattr(args, "eval_batch", 1)
+    write = not getattr(args, "no_write", False)
     try:   # every argument is checked here, so a bad one ends in one line and exit status 2
-        check_int("--samples", args.samples, 1)
-        check_int("--eval-batch", args.eval_batch, 1)
         cfg = train_config_from_args(args, StoryTrainConfig)
-        if args.eval:
+        if args.eval is not None:
+            check_int("--eval-batch", eval_batch, 1, MAX_COUNT)
+            check_eval_dir(args.eval, samples, write, "diaglab.babilong", "data/babilong")
             checkpoint_config(args.eval)
         else:
             preflight(cfg)
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    if args.eval:
+    if args.eval is not None:
         with _threads(cfg.threads):
-            res = run_eval(args.eval, args.samples, write=not args.no_write, batch_size=args.eval_batch)
+            res = run_eval(args.eval, samples, write=write, batch_size=eval_batch)
         print(format_table(res))
         return
     t0 = time.perf_counter()

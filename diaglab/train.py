@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from ._checks import MAX_COUNT, MAX_THREADS, OneLineParser, check_int
+from ._checks import MAX_COUNT, MAX_SEED, MAX_THREADS, OneLineParser, check_int
 from .armt import ARMT
 from .config import ARMTConfig
 from .paths import write_json
@@ -100,16 +100,16 @@ class TrainConfig:
 
     def __post_init__(self):
         """Check every value here, so a bad one fails before any work (and names its flag)."""
+        # counts bounded far above any real run: a typo's extra digits fail in one line here, not
+        # as a hang or an allocator crash later
         for name in ("layers", "hidden", "heads", "kv_heads", "segment_size", "num_mem_tokens", "d_mem", "pairs",
                      "fillers", "queries", "steps", "batch", "eval_every", "eval_samples"):
-            check_int(_name(name), getattr(self, name), 1)
-        for name in ("layers", "hidden"):   # beyond any machine: one line here, not a hang building it
             check_int(_name(name), getattr(self, name), 1, MAX_COUNT)
         check_int(_name("threads"), self.threads, 1, MAX_THREADS)
         for name in ("max_segments", "start_segments"):  # the curriculum needs a pair and its query
-            check_int(_name(name), getattr(self, name), 2)
-        for name in ("warmup", "seed"):
-            check_int(_name(name), getattr(self, name), 0)
+            check_int(_name(name), getattr(self, name), 2, MAX_COUNT)
+        check_int(_name("warmup"), self.warmup, 0, MAX_COUNT)
+        check_int(_name("seed"), self.seed, 0, MAX_SEED)
         for name in ("lr", "init_std", "embed_std", "memory_std"):
             _check_float(name, getattr(self, name), positive=True)
         _check_float("weight_decay", self.weight_decay, positive=False)
@@ -155,6 +155,19 @@ def _name(field_name: str) -> str:
     return f"{field_name} (--{field_name.replace('_', '-')})"
 
 
+def mlp_width(hidden: int) -> int:
+    """The MLP width of the models both training commands build (build_model here and in babilong)."""
+    return 2 * hidden
+
+
+def layer_parameters(hidden: int, heads: int, kv_heads: int, d_mem: int) -> int:
+    """About the parameters of one layer of the models both training commands build: attention
+    (q, o and the grouped k, v), the SwiGLU MLP's three matrices, the memory's W_mq, W_mk, W_mv
+    (the norms' and W_mb's few are left out)."""
+    return round(hidden * hidden * (2 + 2 * kv_heads / heads) + 3 * hidden * mlp_width(hidden)
+                 + hidden * (hidden + 2 * d_mem))
+
+
 def check_model_shape(hidden: int, heads: int, kv_heads: int, segment_size: int, num_mem_tokens: int, d_mem: int,
                       normalize_keys: bool, layers: int | None = None) -> None:
     """Raise, naming the flags, unless these sizes make a model (presets.check_heads, and an
@@ -171,7 +184,7 @@ def check_model_shape(hidden: int, heads: int, kv_heads: int, segment_size: int,
     except ValueError as e:
         raise ValueError(f"the memory settings make no ARMTConfig: {e}") from None
     if layers is not None:
-        per_layer = hidden * hidden * (2 + 2 * kv_heads / heads) + 3 * hidden * 4 * hidden + hidden * (hidden + 2 * d_mem)
+        per_layer = layer_parameters(hidden, heads, kv_heads, d_mem)
         need = 16 * layers * per_layer                  # 4 bytes each for weights, gradients and two AdamW moments
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
         if have and need > have:
@@ -209,6 +222,9 @@ def read_log(path: str) -> dict:
         raise FileNotFoundError(f"{log_file} not found: {path} is not a checkpoint written by diaglab.train "
                                 "(its training log says which task and lengths to evaluate or continue)")
     record = json.loads(log_file.read_text())
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise ValueError(f"{log_file} holds no training config (a JSON object with a 'config' object): "
+                         "it is damaged or not a diaglab training log; train again or restore the file")
     stage = record
     while isinstance(stage, dict):   # this run's config and those of the runs it continued
         config = stage.get("config", {})
@@ -381,7 +397,7 @@ def build_model(cfg: TrainConfig) -> ARMT:
     vocab = 8 * math.ceil(task_vocab(cfg).size / 8)
     model = tiny_armt(layers=cfg.layers, hidden=cfg.hidden, heads=cfg.heads, kv_heads=cfg.kv_heads, vocab=vocab,
                      segment_size=cfg.segment_size, num_mem_tokens=cfg.num_mem_tokens, d_mem=cfg.d_mem,
-                     seed=cfg.seed, intermediate=2 * cfg.hidden,
+                     seed=cfg.seed, intermediate=mlp_width(cfg.hidden),
                      initializer_range=cfg.init_std, normalize_keys=cfg.normalize_keys)
     g = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
@@ -536,12 +552,14 @@ def log_record(model: ARMT, cfg, log: list[dict], init_from_log: dict | None = N
     return record
 
 
-def check_eval_dir(path: str, samples: int = 200, write: bool = True) -> None:
-    """Raise unless path holds a checkpoint with its train_log.json (and, with write, can take eval.json)."""
+def check_eval_dir(path: str, samples: int = 200, write: bool = True, made_by: str = "diaglab.train",
+                   example: str = "data/recall") -> None:
+    """Raise unless path holds a checkpoint with its train_log.json (and, with write, can take
+    eval.json); made_by and example name the command that writes such checkpoints and one of them."""
     if not Path(path).is_dir():
         raise FileNotFoundError(f"--eval {path}: no such directory; give a checkpoint directory written by "
-                                "diaglab.train, e.g. data/recall")
-    check_int("samples (--samples)", samples, 1)
+                                f"{made_by}, e.g. {example}")
+    check_int("samples (--samples)", samples, 1, MAX_COUNT)
     checkpoint.read_meta(path)
     read_log(path)
     if write and not os.access(path, os.W_OK | os.X_OK):
@@ -572,7 +590,7 @@ def _flag_bool(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m diaglab.train", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--eval", metavar="DIR", help="evaluate the checkpoint in DIR instead of training")
     p.add_argument("--no-write", action="store_true", default=argparse.SUPPRESS,
                    help="with --eval: print only, do not write DIR/eval.json")
@@ -625,27 +643,38 @@ def config_from_args(args: argparse.Namespace, cls=TrainConfig):
     return cls.continuing(**given) if given.get("init_from") else cls(**given)
 
 
+def check_eval_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, config_cls,
+                     eval_flags: tuple[str, ...]) -> None:
+    """Both training commands: --eval names a directory, and a flag that would be ignored is refused
+    (the user meant it to do something): with --eval every training flag but --threads, without it
+    the eval_flags (whose defaults are argparse.SUPPRESS, so a given one is an attribute)."""
+    if args.eval == "":
+        parser.error("--eval needs a checkpoint directory, got an empty string")
+    evaluating = args.eval is not None
+    ignored = ([k for k in vars(args) if k in config_cls.__dataclass_fields__ and k != "threads"] if evaluating
+               else [k for k in eval_flags if hasattr(args, k)])
+    if ignored:
+        takes = ", ".join("--" + f.replace("_", "-") for f in eval_flags)
+        parser.error(f"--{ignored[0].replace('_', '-')} does nothing {'with' if evaluating else 'without'} --eval "
+                     f"(--eval takes {takes} and --threads): drop it")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_eval_flags(parser, args, TrainConfig, ("samples", "no_write"))
     threads = getattr(args, "threads", TrainConfig.threads)
     samples, write = getattr(args, "samples", 200), not getattr(args, "no_write", False)
-    # a flag that would be ignored is refused: the user meant it to do something
-    ignored = ([k for k in vars(args) if k in TrainConfig.__dataclass_fields__ and k != "threads"] if args.eval
-               else [k for k in ("samples", "no_write") if hasattr(args, k)])
-    if ignored:
-        parser.error(f"--{ignored[0].replace('_', '-')} does nothing {'with' if args.eval else 'without'} --eval "
-                     "(--eval takes --samples, --no-write and --threads): drop it")
     try:  # every check before any work; a failure is one line and exit status 2
-        check_int("threads (--threads)", threads, 1)
-        if args.eval:
+        check_int("threads (--threads)", threads, 1, MAX_THREADS)
+        if args.eval is not None:
             check_eval_dir(args.eval, samples, write)
         else:
             cfg = config_from_args(args)
             preflight(cfg)
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    if args.eval:
+    if args.eval is not None:
         with _threads(threads):
             res = run_eval(args.eval, samples=samples, write=write)
         print(eval_table(res))

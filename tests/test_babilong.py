@@ -166,10 +166,10 @@ def test_evaluate_layout_on_a_fresh_model():
         [r["sequential_seconds"] for r in res["by_length"]], [r["diagonal_seconds"] for r in res["by_length"]]]
 
 
-@pytest.mark.parametrize("argv,match", [(["--facts", "0"], "facts must be an int >= 1"),
+@pytest.mark.parametrize("argv,match", [(["--facts", "0"], "facts must be an int in [1, 1000000], got 0"),
                                         (["--max-segments", "3", "--facts", "4"], "facts (4) must be at most"),
-                                        (["--samples", "0", "--eval", "data/babilong"], "--samples must be"),
-                                        (["--eval", "/nonexistent/dir"], "no BABILong checkpoint"),
+                                        (["--samples", "0", "--eval", "data/babilong"], "samples (--samples) must be an int in [1, 1000000], got 0"),
+                                        (["--eval", "/nonexistent/dir"], "--eval /nonexistent/dir: no such directory; give a checkpoint directory written by diaglab.babilong, e.g. data/babilong"),
                                         (["--init-from", "data/babilong", "--sentences", "3"], "the model's shape comes from the checkpoint"),
                                         (["--eval-batch", "0", "--eval", "data/babilong"], "--eval-batch must be"),
                                         (["--layers", "two"], "invalid int value: 'two'"),
@@ -186,7 +186,7 @@ def test_cli_errors_are_one_line_with_exit_status_2(argv, match, capsys):
 
 def test_cli_error_has_no_traceback():
     assert cli_error_in_a_process("diaglab.babilong", ["--people", "-1"], "python -m diaglab.babilong") == \
-        "python -m diaglab.babilong: error: people must be an int >= 1, got -1 (--help lists every flag)"
+        "python -m diaglab.babilong: error: people must be an int in [1, 1000000], got -1 (--help lists every flag)"
 
 
 def test_abbreviated_flags_are_refused_as_in_diaglab_train():

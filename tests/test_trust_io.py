@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -289,7 +290,7 @@ def assert_one_line_error(code, err, *needles):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--max-segments", "0"], "max_segments (--max-segments) must be an int >= 2, got 0"),
+    (["--max-segments", "0"], "max_segments (--max-segments) must be an int in [2, 1000000], got 0"),
     (["--start-segments", "1"], "--start-segments"),
     (["--segment-size", "0"], "--segment-size"),
     (["--batch", "0"], "--batch"),
@@ -451,5 +452,102 @@ def test_check_heads_names_a_bad_size(args):
     ("diaglab.babilong", ["--hidden", "4000000000", "--heads", "2", "--kv-heads", "2"]),
 ])
 def test_training_clis_refuse_sizes_no_machine_holds(module, argv):
+    """In a fresh process (they hung or crashed the allocator): a count beyond MAX_COUNT or the
+    threads beyond MAX_THREADS by its bound, a model too big for this machine by its memory."""
     err = cli_error_in_a_process(module, argv, f"python -m {module}")
-    assert "error:" in err and ("must be an int in [1," in err or "GiB to train" in err)
+    big_model = argv[:2] == ["--layers", "100000"]
+    assert ("GiB to train" in err) if big_model else ("must be an int in [1, 1000000]" in err or
+                                                      "must be an int in [1, 4096]" in err)
+
+
+@pytest.mark.parametrize("module, argv, match", [
+    ("train", ["--layers", "100000000000"], "layers (--layers) must be an int in [1, 1000000], got 100000000000"),
+    ("train", ["--seed", "18446744073709551616"], "seed (--seed) must be an int in [0, 4294967295]"),
+    ("train", ["--num-mem-tokens", "100000000000"], "num_mem_tokens (--num-mem-tokens) must be an int in [1, 1000000]"),
+    ("train", ["--segment-size", "1000000000000"], "segment_size (--segment-size) must be an int in [1, 1000000]"),
+    ("train", ["--fillers", "1000000000000"], "fillers (--fillers) must be an int in [1, 1000000]"),
+    ("train", ["--eval", str(SHIPPED), "--no-write", "--threads", "3000000000"],
+     "threads (--threads) must be an int in [1, 4096]"),
+    ("train", ["--eval", str(SHIPPED), "--no-write", "--samples", "100000000000000"],
+     "samples (--samples) must be an int in [1, 1000000]"),
+    ("babilong", ["--sentences", "100000000000"], "sentences must be an int in [1, 1000000]"),
+    ("babilong", ["--batch", "100000000000"], "batch must be an int in [1, 1000000]"),
+    ("babilong", ["--seed", "18446744073709551616"], "seed must be an int in [0, 4294967295]"),
+    ("babilong", ["--eval", str(ROOT / "data" / "babilong"), "--no-write", "--samples", "100000000000000"],
+     "samples (--samples) must be an int in [1, 1000000]"),
+])
+def test_training_clis_bound_every_count_in_one_line(module, argv, match, monkeypatch, capsys):
+    """A typo's extra digits in any count or the seed: one line, exit 2, before any work (they
+    overflowed in torch or crashed the allocator, with --eval too)."""
+    from diaglab import babilong
+    mod = {"train": train, "babilong": babilong}[module]
+    for name in ("train", "run_eval", "build_model"):
+        monkeypatch.setattr(mod, name, no_work)
+    assert match in cli_error(mod.main, argv, capsys, f"python -m diaglab.{module}")
+
+
+def test_memory_estimate_counts_the_models_the_clis_build():
+    """check_model_shape's per-layer parameter count is that of the models both training
+    commands build (their MLP is mlp_width(hidden) wide, not 4 x hidden): within 1 % of the real
+    count (norms and W_mb's bias are left out)."""
+    from diaglab import babilong
+    for hidden, heads, kv_heads, d_mem in ((64, 4, 2, 16), (128, 8, 2, 32)):
+        shape = dict(hidden=hidden, heads=heads, kv_heads=kv_heads, d_mem=d_mem)
+        for build, cfg in ((train.build_model, train.TrainConfig), (babilong.build_model, babilong.StoryTrainConfig)):
+            count = [sum(p.numel() for p in build(cfg(layers=k, **shape)).parameters()) for k in (1, 2)]
+            assert train.layer_parameters(hidden, heads, kv_heads, d_mem) == pytest.approx(count[1] - count[0], rel=0.01)
+
+
+@pytest.mark.parametrize("module", ["train", "babilong"])
+def test_training_clis_refuse_flags_eval_would_ignore_and_an_empty_eval(module, monkeypatch, capsys, tmp_path):
+    """Both commands alike: with --eval a training flag is refused, without it an eval flag is,
+    and --eval '' names no directory (it started a training run)."""
+    from diaglab import babilong
+    mod = {"train": train, "babilong": babilong}[module]
+    for name in ("train", "run_eval", "build_model"):
+        monkeypatch.setattr(mod, name, no_work)
+    ck = SHIPPED if module == "train" else ROOT / "data" / "babilong"
+    prog = f"python -m diaglab.{module}"
+    assert "--steps does nothing with --eval" in cli_error(mod.main, ["--eval", ck, "--steps", "5"], capsys, prog)
+    assert "--samples does nothing without --eval" in cli_error(mod.main, ["--samples", "3"], capsys, prog)
+    assert "--no-write does nothing without --eval" in cli_error(mod.main, ["--no-write"], capsys, prog)
+    assert "--eval needs a checkpoint directory" in cli_error(mod.main, ["--eval", ""], capsys, prog)
+
+
+@pytest.mark.parametrize("module", ["train", "babilong"])
+@pytest.mark.parametrize("log", ["{}", "[]", '{"config": 3}'])
+def test_a_damaged_training_log_is_one_line(module, log, monkeypatch, capsys, tmp_path):
+    """--eval and --init-from on a checkpoint whose train_log.json holds no config: one line
+    naming the file (a KeyError or TypeError traceback before; train --init-from trained on)."""
+    from diaglab import babilong
+    mod = {"train": train, "babilong": babilong}[module]
+    for name in ("train", "run_eval", "build_model"):
+        monkeypatch.setattr(mod, name, no_work)
+    ck = tmp_path / "ck"
+    shutil.copytree(str(SHIPPED) if module == "train" else str(ROOT / "data" / "babilong"), ck)
+    (ck / "train_log.json").write_text(log)
+    prog = f"python -m diaglab.{module}"
+    for argv in (["--eval", ck, "--no-write"], ["--init-from", ck, "--out", tmp_path / "run"]):
+        assert "holds no training config" in cli_error(mod.main, argv, capsys, prog)
+
+
+def test_babilong_eval_refuses_an_unwritable_checkpoint_before_evaluating(monkeypatch, capsys, tmp_path):
+    """As diaglab.train --eval: eval.json could not be written, so the run is refused up front (it
+    evaluated for minutes, then ended in an OSError traceback)."""
+    from diaglab import babilong
+    monkeypatch.setattr(babilong, "run_eval", no_work)
+    ck = tmp_path / "ck"
+    shutil.copytree(str(ROOT / "data" / "babilong"), ck)
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != ck)   # root may write anywhere: simulate
+    assert "is not writable" in cli_error(babilong.main, ["--eval", ck], capsys, "python -m diaglab.babilong")
+
+
+def test_every_command_line_refuses_abbreviated_flags(capsys):
+    """OneLineParser refuses abbreviations (argparse took --pres for --preset), and the distributed
+    worker answers a bad flag in one line too."""
+    from diaglab import bench, distributed
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--pres", "small"])
+    capsys.readouterr()
+    assert "unrecognized arguments: --bogus" in cli_error(distributed.main, ["--bogus"], capsys,
+                                                          "python -m diaglab.distributed")
