@@ -33,6 +33,7 @@ import torch
 
 import diaglab
 from diaglab import bench, flops, heap
+from diaglab._checks import MAX_THREADS
 from diaglab.paths import write_json
 
 
@@ -56,11 +57,14 @@ def split(t0: float, t1: float, marks: list) -> dict:
             "between_two_steps": sum(gaps) * 1e3, "steps": len(ins)}
 
 
-def load_checkout(path: str):
+def load_checkout(path: str, ring: bool = False):
     """The diaglab package of another checkout, imported as `diaglab_against` (its modules import
-    one another relatively, so the two copies do not mix), or None when path holds none."""
+    one another relatively, so the two copies do not mix; an earlier checkout's are dropped first,
+    or a second load would reuse them), with its bench and diagonal modules (and ring, if asked),
+    or None when path holds none."""
+    forget_checkout()
     root = Path(path) / "diaglab"
-    if not (root / "__init__.py").is_file():
+    if not path or not (root / "__init__.py").is_file():
         return None
     spec = importlib.util.spec_from_file_location("diaglab_against", root / "__init__.py",
                                                   submodule_search_locations=[str(root)])
@@ -68,7 +72,7 @@ def load_checkout(path: str):
     sys.modules["diaglab_against"] = package
     try:
         spec.loader.exec_module(package)
-        for name in ("bench", "diagonal", "ring"):
+        for name in ("bench", "diagonal", *(["ring"] if ring else [])):
             importlib.import_module(f"diaglab_against.{name}")
     except Exception:
         forget_checkout()
@@ -90,6 +94,20 @@ def commit_of(path: str) -> str | None:
     return done.stdout.strip() or None
 
 
+def timed_call(run, marks: list, want: int, refuse):
+    """A call of run that returns its split(); refuse(message) unless at least `want` steps were
+    stamped (an executor that does not call the step by the stamped name cannot be timed apart)."""
+    def call():
+        marks.clear()
+        t0 = time.perf_counter()
+        run()
+        t1 = time.perf_counter()
+        if len(marks) // 2 < want:
+            refuse(want, len(marks) // 2)
+        return split(t0, t1, marks)
+    return call
+
+
 def serve(ring, requests):
     """A call that serves the whole queue through the ring (as bench's ring mode does)."""
     def run():
@@ -104,7 +122,7 @@ def main(argv=None) -> dict:
     p = bench.OneLineParser(prog="python scripts/executor_overhead.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=("tiny", "small"), default="tiny")
     p.add_argument("--segments", type=bench._int_list(1), default=[32, 128])
-    p.add_argument("--threads", type=bench._int(1, 4096), default=2)
+    p.add_argument("--threads", type=bench._int(1, MAX_THREADS), default=2)
     p.add_argument("--repeats", type=bench._int(1), default=15)
     p.add_argument("--queue", type=bench._int(1, 1024), default=None, metavar="N",
                    help="also the ring serving a seeded queue of N requests (bench.queue_requests)")
@@ -116,20 +134,28 @@ def main(argv=None) -> dict:
     packages = {"this": diaglab}
     if args.against is not None:
         try:
-            other = load_checkout(args.against)
+            other = load_checkout(args.against, ring=args.queue is not None)
         except Exception as err:   # its code does not import here: say so in one line
-            p.error(f"--against: importing {args.against}'s diaglab failed ({type(err).__name__}: {err})")
+            p.error(f"--against: importing {args.against}'s diaglab (diagonal, bench"
+                    f"{', ring' if args.queue is not None else ''}) failed ({type(err).__name__}: {err})")
         if other is None:
             p.error(f"--against: {args.against!r} holds no diaglab package (give a checkout's root)")
         packages["against"] = other
     torch.set_num_threads(args.threads)
     heap.keep_freed_memory()
     marks: list = []
+
+    def refusal(name: str):
+        def refuse(want: int, got: int):
+            p.error(f"{name}'s executor ran {got} stamped steps where the schedule has {want}: it does not call "
+                    "diaglab.diagonal.grouped_layer by that name, so its steps cannot be timed apart")
+        return refuse
     runs, reals, shapes = {}, {}, {}
     inputs = None   # built once, by this checkout: both executors get the same ids and queue
     try:
         for name, package in packages.items():
-            mod, ring_mod = sys.modules[package.__name__ + ".diagonal"], sys.modules.get(package.__name__ + ".ring")
+            mod = sys.modules[package.__name__ + ".diagonal"]
+            ring_mod = importlib.import_module(package.__name__ + ".ring") if args.queue is not None else None
             reals[name] = mod.grouped_layer
             # what layer_stack hands out; the modules compare the step with their own name for it (the
             # executor and the ring run inference mode only for the real fast path), so both are swapped
@@ -146,33 +172,20 @@ def main(argv=None) -> dict:
                 requests = bench.queue_requests(model, args.queue) if args.queue is not None else None
             ex = mod.DiagonalExecutor(model)
             for S, ids in inputs.items():
-                runs[(name, S)] = (lambda ex, ids: lambda: ex(ids, keep_logits="last_segment"))(ex, ids)
-            if requests is not None:
-                if ring_mod is None:
-                    p.error(f"--against: {args.against} has no diaglab.ring to serve --queue with")
-                runs[(name, "ring")] = serve(ring_mod.RingExecutor(model), requests)
-        calls: dict[tuple, list[dict]] = {key: [] for key in runs}
-        keys = list(runs)
-        with torch.no_grad():
-            for r in range(args.repeats + 1):                   # the first round warms up
-                for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-                    marks.clear()
-                    t0 = time.perf_counter()
-                    runs[key]()
-                    t1 = time.perf_counter()
-                    want = shapes["this"][0] + key[1] - 1 if key[1] != "ring" else 1
-                    if len(marks) // 2 < want:   # the steps did not go through the stamped name
-                        p.error(f"{key[0]}'s executor ran {len(marks) // 2} stamped steps where the schedule has "
-                                f"{want}: it does not call diaglab.diagonal.grouped_layer by that name, so its "
-                                "steps cannot be timed apart")
-                    if r:
-                        calls[key].append(split(t0, t1, marks))
+                runs[(name, S)] = timed_call((lambda ex, ids: lambda: ex(ids, keep_logits="last_segment"))(ex, ids),
+                                             marks, model.num_layers + S - 1, refusal(name))
+            if requests is not None:   # (the ring's module was imported with --queue)
+                runs[(name, "ring")] = timed_call(serve(ring_mod.RingExecutor(model), requests), marks, 1,
+                                                  refusal(name))
+        with torch.no_grad():   # rounds over every key, the start rotating; the first round warms up
+            calls = bench.interleaved(runs, warmup=1, repeats=args.repeats, call=lambda fn: fn())
     finally:
         for name, package in packages.items():
             if name in reals:
                 sys.modules[package.__name__ + ".diagonal"].grouped_layer = reals[name]
                 if package.__name__ + ".ring" in sys.modules:
                     sys.modules[package.__name__ + ".ring"].grouped_layer = reals[name]
+        forget_checkout()
     out = {"preset": args.preset, "layers": model.num_layers, "repeats": args.repeats,
            "machine": flops.machine("cpu"), "points": []}
     if args.against is not None:

@@ -229,6 +229,8 @@ def test_executor_overhead_script_splits_each_call(tmp_path, monkeypatch, thread
                                          bench.queue_requests(bench.live_preset("tiny"), 3)) - 1
         assert p["in_steps"] >= 5 * p["steps"] and p["between_steps"] < 5 * p["steps"]
         assert p["before_first_step"] > 0 and p["after_last_step"] > 0
+        # between the steps = before the first + the gaps from one step's exit to the next one's entry + after the last
+        assert p["between_two_steps"] < 5 * (p["steps"] - 1)
     assert json.loads((tmp_path / "o.json").read_text())["points"] == out["points"]
 
 
@@ -245,6 +247,24 @@ def test_executor_overhead_script_measures_another_checkout_alongside(tmp_path, 
             del sys.modules[name]
     assert [(p["code"], p["segments"]) for p in out["points"]] == [("against", 3), ("this", 3)]
     assert out["against"]["path"] == str(root) and all(p["steps"] == out["layers"] + 2 for p in out["points"])
+    assert not any(m.startswith("diaglab_against") for m in sys.modules)   # dropped again after the run
+
+
+def test_executor_overhead_second_against_loads_that_checkout(tmp_path, threads_kept):
+    """Two --against runs in one process: the second measures its own checkout, not modules the
+    first left behind (they were reused: the JSON named one checkout and timed another)."""
+    import shutil
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    other = tmp_path / "other"
+    shutil.copytree(root / "diaglab", other / "diaglab", ignore=shutil.ignore_patterns("__pycache__"))
+    script = load_script("executor_overhead")
+    for path in (other, root):
+        package = script.load_checkout(str(path))
+        assert Path(sys.modules["diaglab_against.diagonal"].__file__).parent == path / "diaglab"
+        assert Path(package.__file__).parent == path / "diaglab"
+    script.forget_checkout()
+    assert script.load_checkout("") is None   # an empty --against names no checkout (not the working directory)
 
 
 def test_executor_overhead_script_refuses_bad_flags(rejected, tmp_path):
@@ -253,7 +273,7 @@ def test_executor_overhead_script_refuses_bad_flags(rejected, tmp_path):
     (broken / "__init__.py").write_text("raise ImportError('not this one')\n")
     for argv in (["--repeats", "0"], ["--segments", "0"], ["--segments", "4,4"], ["--preset", "huge"],
                  ["--against", str(tmp_path)], ["--queue", "0"], ["--json", str(tmp_path)],
-                 ["--against", str(tmp_path / "broken")]):
+                 ["--against", str(tmp_path / "broken")], ["--against", ""]):
         rejected(load_script("executor_overhead").main, argv)
     import sys
     assert not any(m.startswith("diaglab_against") for m in sys.modules)
