@@ -103,7 +103,7 @@ def make_inputs(model: ARMT, segments: Sequence[int] | None = None, lengths: Seq
 
 # ---- what each mode runs --------------------------------------------------------------
 class _Bare:
-    """What even_load_run and schedule_run share: each call reads the executor's layer stack (so
+    """What even_load_run and schedule_run share: each run reads the executor's layer stack (so
     replaced or moved weights are followed, as an executor call follows them), runs in inference
     mode exactly when the executor would run its steps so, and keeps seeded rows X0 (rows, B, T, d)
     of a new segment, their RoPE tables and an empty memory in the model's current dtype and device."""
@@ -113,10 +113,11 @@ class _Bare:
             raise ValueError("the executor was built on another model: pass DiagonalExecutor(model) for this model")
         check_int("batch", batch, 1)
         self.model, self.executor, self.batch, self.rows, self._made = model, executor, batch, rows, None
-        self.__enter__()   # built now (stacks, tables, rows), so a first timed run pays no set-up
-        self.__exit__(None, None, None)
+        with self.run():   # built now (stacks, tables, rows), so a first timed run pays no set-up
+            pass
 
-    def __enter__(self):
+    @contextlib.contextmanager
+    def run(self):
         """(layers, step, X0, cos, sin, W0, z0) for one run, inside the executor's grad/inference mode."""
         model = self.model
         with torch.no_grad():   # the tied stacks the timed runs use, not in-graph copies
@@ -133,14 +134,9 @@ class _Bare:
             self._made = (key, (X0, cos, sin, empty.W_mem, empty.z))
         # as DiagonalExecutor.__call__: inference mode only for the fast path (no hook or adapter the
         # grouped kernels would skip) under no_grad
-        infer = not self.executor._check.problems() and not torch.is_grad_enabled() \
-            and not torch.is_inference_mode_enabled()
-        self._mode = torch.inference_mode() if infer else contextlib.nullcontext()
-        self._mode.__enter__()
-        return (layers, step, *self._made[1])
-
-    def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)
+        infer = not self.executor._check.problems() and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        with torch.inference_mode() if infer else contextlib.nullcontext():
+            yield (layers, step, *self._made[1])
 
 
 def even_load_run(model: ARMT, executor: DiagonalExecutor, batch: int, steps: int) -> Callable[[], object]:
@@ -158,7 +154,7 @@ def even_load_run(model: ARMT, executor: DiagonalExecutor, batch: int, steps: in
     L, n = model.num_layers, model.config.segment_size
 
     def run():
-        with bare as (layers, step, X0, cos, sin, W_mem, z):
+        with bare.run() as (layers, step, X0, cos, sin, W_mem, z):
             X, Y = X0, None
             for t in range(steps):
                 if t:   # layer 0 takes a new segment, layer l what layer l - 1 gave
@@ -184,7 +180,7 @@ def schedule_run(model: ARMT, executor: DiagonalExecutor, batch: int, segments: 
     L, n = model.num_layers, model.config.segment_size
 
     def run():
-        with bare as (layers, step, X0, cos, sin, W0, z0):
+        with bare.run() as (layers, step, X0, cos, sin, W0, z0):
             Y, W_mem, z, prev_lo = None, None, None, 0
             for t in range(L + segments - 1):
                 lo, hi = max(0, t - segments + 1), min(t, L - 1)
