@@ -267,5 +267,7 @@ def ramps_over_ideal(cost: Callable[[int], float], L: int, S: int) -> float:
         if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c) or c <= 0:
             raise ValueError(f"cost({G}) = {c!r}; a step's time must be a finite number > 0")
         costs[G] = c
-    total = sum(costs[hi - lo + 1] for lo, hi in (active_layers(t, L, S) for t in range(L + S - 1)))
+    # the steps' group sizes: 1, 2, ..., m - 1, then |L - S| + 1 steps of m = min(L, S), then m - 1, ..., 1
+    m = min(L, S)
+    total = 2 * sum(costs[G] for G in range(1, m)) + (abs(L - S) + 1) * costs[m]
     return total / (S * costs[L])

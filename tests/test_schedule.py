@@ -243,6 +243,14 @@ def test_ramps_over_ideal_by_hand():
     assert ramps_over_ideal(lambda G: f + c * G, L, S) == pytest.approx(1 + (L - 1) * f / (S * (f + c * L)))
 
 
+@pytest.mark.parametrize("L,S", [(1, 1), (1, 5), (4, 1), (4, 2), (4, 4), (3, 7), (8, 32)])
+def test_ramps_over_ideal_prices_the_diagonal_schedules_own_steps(L, S):
+    """The closed form against the schedule itself: cost(G) summed over diagonal(L, S)'s steps."""
+    cost = lambda G: 0.3 + G ** 1.5   # noqa: E731
+    steps = diagonal(L, S)
+    assert ramps_over_ideal(cost, L, S) == pytest.approx(sum(cost(len(c)) for c in steps) / (S * cost(L)))
+
+
 def test_ramps_over_ideal_refuses_bad_costs():
     for bad in (0.0, -1.0, float("nan"), float("inf"), True, "1"):
         with pytest.raises(ValueError, match=r"cost\(1\)"):
