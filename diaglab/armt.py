@@ -56,11 +56,11 @@ class AssociativeLayer(nn.Module):
         A = associative_read(q, W_mem, z).to(h.dtype)                           # (B, T, d)
         return h + (A if is_first is None else A.masked_fill(is_first[:, None, None], 0))
 
-    def write(self, m: torch.Tensor, W_mem, z, is_first, correction: bool, write_mask=None, zeroed: bool = False):
-        """m: (B, M, d) memory rows of the layer output -> new (W_mem, z); zeroed as in associative_write."""
+    def write(self, m: torch.Tensor, W_mem, z, is_first, correction: bool, write_mask=None):
+        """m: (B, M, d) memory rows of the layer output -> new (W_mem, z)."""
         k = features(self.W_mk(m), self.nu, self.normalize)                     # (B, M, dk)
         beta = torch.sigmoid(self.W_mb(m))                                      # (B, M, 1)
-        return associative_write(k, self.W_mv(m), beta, W_mem, z, is_first, correction, write_mask, zeroed)
+        return associative_write(k, self.W_mv(m), beta, W_mem, z, is_first, correction, write_mask)
 
 
 def check_llama_like(base) -> None:
@@ -186,7 +186,7 @@ class ARMT(nn.Module):
                      layers: LayerStack | None = None,
                      settled: list[bool] | None = None) -> tuple[torch.Tensor, MemoryState]:
         """Segment rows (B, T, d) through layers 0..L-1 -> output rows (B, T, d), new state.
-        has_memory: (L,) host flags (MemoryState.written()); after the step every layer has written.
+        has_memory: (L,) host flags (MemoryState.written()[0]); after the step every layer has written.
         layers: layer_stack(), when the caller runs several segments (built once per call).
         settled: (L,) host flags, every row of the layer has written (its first-segment masks are
         skipped, as the executor skips them), or None."""

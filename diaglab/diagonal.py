@@ -15,9 +15,8 @@ the modules themselves, grouped_layer_ref — exact, without the grouped speed-u
 differ by dropout (refused in training mode with attention dropout).
 
 Steps on plain segments (every row full, no mask) run lean: the busy layers' memory is held
-as two tensors from step to step, as in the bare schedule (bench.schedule_run), and a layer's
-first segment runs on a memory zeroed once per call, so only gamma keeps a first-segment mask.
-The other steps (padding, a layer where only some rows have written, the sequential order
+as two tensors from step to step, as in the bare schedule (bench.schedule_run); a layer's
+first segment is marked by an is_first mask on that layer alone. The other steps (padding, a layer where only some rows have written, the sequential order
 with more than one layer) go through grouped_cells with the state's masks.
 Both give the same numbers (tests/test_diagonal.py).
 
@@ -174,7 +173,6 @@ class DiagonalExecutor:
         grouped step (profiling hooks)."""
         model = self.model
         check_no_dropout(model)
-        zeroed = state is None   # prepare makes an empty state: every layer's memory is already zero
         seg, state = model.prepare(input_ids, attention_mask, labels, state, keep_logits)
         state = state.own_first()   # settled steps pass is_first on: the result must not alias the caller's
         layers, step = self.layer_stack()
@@ -186,13 +184,13 @@ class DiagonalExecutor:
         # caller gets ordinary tensors, usable later under autograd.
         infer = step is grouped_layer and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
         with torch.inference_mode() if infer else contextlib.nullcontext():
-            state = self._run(seg, layers, step, full_step, state, outputs, infer, on_step, zeroed)
+            state = self._run(seg, layers, step, full_step, state, outputs, infer, on_step)
         logits, loss = outputs.result()
         if infer:
             state = state.ordinary()
         return ARMTOutput(logits, loss, state.with_open(seg.open_ids()))
 
-    def _run(self, seg, layers, step, full_step, state, outputs, infer, on_step, zeroed):
+    def _run(self, seg, layers, step, full_step, state, outputs, infer, on_step):
         """The steps of one call; returns the final memory state.
 
         A step is lean when every segment in flight is plain (no mask, every row writes), every
@@ -200,10 +198,10 @@ class DiagonalExecutor:
         on their first segment): it calls the step directly on the busy layers' memory, held as
         two tensors the way bench.schedule_run runs the bare schedule. Under a profiler every
         step, lean or not, is one range 'diag_step t layers lo-hi' (its inputs, memory and
-        kernels), so a profile times the steps a call runs without one.
-        A fresh layer's memory is zeroed once per call (`zeroed`: prepare made an empty state,
-        already zero), so its first segment needs no mask but gamma's (grouped_layer's
-        zeroed=True); `state` is brought up to date when a general step needs it and at the end.
+        kernels), so a profile times the steps a call runs without one. A fresh layer's first
+        segment is the only row block with an is_first mask; `state` is brought up to date when a
+        general step needs it and at the end, and a layer the ramp down is done with is copied out
+        of its step's output then (a view would keep the whole group's block alive until the end).
         Every other step goes through grouped_cells with the state's is_first masks; one layer
         with only some rows written (a padded earlier call) keeps every step there until it has
         settled."""
@@ -211,10 +209,6 @@ class DiagonalExecutor:
         L, n, S, B = model.num_layers, model.config.segment_size, seg.num_segments, seg.ids.shape[0]
         has_memory, settled = state.written()               # (L,) host flags, read once (one device sync)
         mixed = any(h and not s for h, s in zip(has_memory, settled))   # a layer with only some rows written
-        if not zeroed and not all(has_memory):              # a fresh layer starts from zeros, whatever it held
-            keep = torch.tensor(has_memory, device=state.is_first.device)
-            state = MemoryState(state.W_mem.masked_fill(~keep[:, None, None, None], 0.0),
-                                state.z.masked_fill(~keep[:, None, None], 0.0), state.is_first)
         lean_order = self.order == "diagonal" or L == 1     # (the sequential order's steps are lean only if L = 1)
         rows_of = {}                                        # segment -> its SegmentRows, while in flight
         wanted = [outputs.wanted(s) for s in range(S)]      # segments whose logits (or loss) are made
@@ -222,7 +216,7 @@ class DiagonalExecutor:
         profiling = torch.autograd._profiler_enabled()      # (the step ranges' names are made only then)
         unplain = 0                                         # segments in flight with a mask or a write mask
         held = None   # (lo, hi, W_mem, z): layers lo..hi's memory as the last lean step left it, not yet in `state`
-        finished = []  # the same for layers the lean steps are done with (the ramp down), put back with held
+        finished = []  # (lo, hi, W_mem, z) copies for layers the lean steps are done with (the ramp down)
         Y, prev_lo, r = None, 0, None
         for t, cells in enumerate(self.iter_steps(S)):
             lo, hi = cells[0][0], cells[-1][0]
@@ -243,7 +237,7 @@ class DiagonalExecutor:
                     else:   # the diagonal's next layers: drop a layer that finished, add one that starts
                         h_lo, h_hi, W_mem, z = held
                         if lo > h_lo:   # (its memory goes back into `state` with the held ones)
-                            finished.append((h_lo, lo - 1, W_mem[:lo - h_lo], z[:lo - h_lo]))
+                            finished.append((h_lo, lo - 1, W_mem[:lo - h_lo].clone(), z[:lo - h_lo].clone()))
                             W_mem, z = W_mem[lo - h_lo:], z[lo - h_lo:]
                         if hi > h_hi:
                             W_in, z_in, _ = state.layers(h_hi + 1, hi)
@@ -256,8 +250,7 @@ class DiagonalExecutor:
                     run = full_step if first is None and hi - lo + 1 == L and full_step is not None else step
                     Y, W_mem, z = run(X, layers=layers, lo=lo, hi=hi, n_text=n, cos=r.cos, sin=r.sin, mask=None,
                                       W_mem=W_mem, z=z, is_first=first, write_mask=None,
-                                      read=hi > lo or has_memory[hi],   # the layers below the top one are settled
-                                      **({"zeroed": True} if first is not None else {}))
+                                      read=hi > lo or has_memory[hi])   # the layers below the top one are settled
                     held = (lo, hi, W_mem, z)
                     if first is not None:
                         has_memory[hi] = settled[hi] = True
@@ -289,15 +282,14 @@ class DiagonalExecutor:
 
     @staticmethod
     def _flush(state: MemoryState, pieces: list[tuple], B: int) -> MemoryState:
-        """`state` with the memory the lean steps hold put back: pieces (lo, hi, W_mem, z) in
-        layer order, each run of adjacent ones joined into one replace (every row of those
-        layers has written: is_first False)."""
-        for run in sched.adjacent_runs(pieces, first=lambda p: p[0], last=lambda p: p[1]):
-            lo, hi = run[0][0], run[-1][1]
-            W_mem, z = ((run[0][2], run[0][3]) if len(run) == 1 else
-                        (torch.cat([p[2] for p in run]), torch.cat([p[3] for p in run])))
-            state = state.replace(lo, hi, W_mem, z, torch.zeros(hi - lo + 1, B, dtype=torch.bool, device=W_mem.device))
-        return state
+        """`state` with the memory the lean steps hold put back: pieces (lo, hi, W_mem, z) of
+        consecutive layers, in order (the ramp down's finished layers, then the busy ones), in
+        one replace (every row of those layers has written: is_first False)."""
+        lo, hi = pieces[0][0], pieces[-1][1]
+        assert all(a[1] + 1 == b[0] for a, b in zip(pieces, pieces[1:])), "lean memory pieces must follow one another"
+        W_mem, z = ((pieces[0][2], pieces[0][3]) if len(pieces) == 1 else
+                    (torch.cat([p[2] for p in pieces]), torch.cat([p[3] for p in pieces])))
+        return state.replace(lo, hi, W_mem, z, torch.zeros(hi - lo + 1, B, dtype=torch.bool, device=W_mem.device))
 
     @staticmethod
     def _leave(s: int, outputs: SegmentOutputs, seg, Y: torch.Tensor, infer: bool) -> None:

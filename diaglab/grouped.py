@@ -508,7 +508,7 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
 def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_text: int,
                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                   W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor | None,
-                  write_mask: torch.Tensor | None = None, read: bool = True, zeroed: bool = False):
+                  write_mask: torch.Tensor | None = None, read: bool = True):
     """Read, decoder layer and write for the layers lo..hi at once (one diagonal step).
 
     X: (G, B, T, d), element g = layer lo + g on its own segment; T = n_text + M.
@@ -517,9 +517,7 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
     element is on its layer's first segment (known on the host: the same numbers without the
     read's and the write's masks); write_mask: (G, B) bool rows that write, or None for all.
     read: False when every element is on its layer's first segment (known on the host, which
-    spares a device sync per step). zeroed: W_mem and z are already zero wherever is_first is
-    True (the executor zeroes a layer's memory before its first segment), so the read there is
-    exactly 0 unmasked and the write starts from zeros: only the write's gamma is masked.
+    spares a device sync per step).
     Returns Y (G, B, T, d) and the new W_mem, z.
     """
     G, B, T, d = X.shape
@@ -540,7 +538,7 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
                          dims.nu, dims.normalize, fast=True).view(G, B, T, -1)   # (G, B, T, dk)
             A = associative_read(q, W_mem, z)                                    # (G, B, T, d)
             A = A if A.dtype == X.dtype else A.to(X.dtype)
-            X = X + (A if is_first is None or zeroed else A.masked_fill(is_first[:, :, None, None], 0))
+            X = X + (A if is_first is None else A.masked_fill(is_first[:, :, None, None], 0))
     # 2. self-attention, the group folded into the batch
     with _phase("attention", profiling):
         h = grouped_rms_norm(X, W["input_layernorm.weight"], dims.eps, in_place).reshape(G, B * T, d)
@@ -575,7 +573,7 @@ def grouped_layer(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_te
         k = features(k_raw, dims.nu, dims.normalize, fast=True).view(G, B, M, -1)   # (G, B, M, dk)
         beta = torch.sigmoid(b + W["W_mb.bias"].unsqueeze(1)).view(G, B, M, 1)
         W_mem, z = associative_write(k, v.view(G, B, M, d), beta, W_mem, z, is_first,
-                                     dims.correction, write_mask, zeroed)
+                                     dims.correction, write_mask)
     return X, W_mem, z
 
 
@@ -604,12 +602,10 @@ def grouped_cells(step: Callable, layers: LayerStack, X: torch.Tensor, rows: lis
 def grouped_layer_ref(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, n_text: int,
                       cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                       W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor | None,
-                      write_mask: torch.Tensor | None = None, read: bool = True, zeroed: bool = False):
+                      write_mask: torch.Tensor | None = None, read: bool = True):
     """The naive twin of grouped_layer: the same arguments and outputs, computed by calling
     the model's own modules layer by layer — its associative layer's read, the transformers
-    decoder layer (hooks, adapters and all), the associative layer's write. zeroed drops the same
-    masks as in grouped_layer, so the twins agree on any input (on a memory that is not zero where
-    is_first holds, both give the unmasked numbers: zeroed is the caller's promise)."""
+    decoder layer (hooks, adapters and all), the associative layer's write."""
     model = layers.model
     G, B = X.shape[:2]
     Ys, Ws, zs = [], [], []
@@ -618,12 +614,12 @@ def grouped_layer_ref(X: torch.Tensor, *, layers: LayerStack, lo: int, hi: int, 
         h, assoc = X[g], model.assoc[l]                                         # (B, T, d)
         first = None if is_first is None else is_first[g]
         if read:
-            h = assoc.read(h, W_mem[g], z[g], None if zeroed else first)
+            h = assoc.read(h, W_mem[g], z[g], first)
         rope = (cos, sin) if cos.shape[0] == 1 else (cos[rows], sin[rows])
         m = hf_mask(None if mask is None else mask[rows], h, model.base.config)
         h = model.base.model.layers[l](h, attention_mask=m, position_embeddings=rope)
         W_g, z_g = assoc.write(h[:, n_text:], W_mem[g], z[g], first, layers.dims.correction,
-                               None if write_mask is None else write_mask[g], zeroed)
+                               None if write_mask is None else write_mask[g])
         Ys.append(h), Ws.append(W_g), zs.append(z_g)
     if G == 1:   # the sequential model's case: views, not copies
         return Ys[0][None], Ws[0][None], zs[0][None]

@@ -64,8 +64,7 @@ def first_after_write(is_first: torch.Tensor, write_mask: torch.Tensor | None) -
 def associative_write(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                       W_mem: torch.Tensor, z: torch.Tensor, is_first: torch.Tensor | None,
                       correction: bool = True,
-                      write_mask: torch.Tensor | None = None,
-                      zeroed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      write_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One delta-rule update from the M memory rows of a layer's output.
 
     k: (..., M, dk) = phi(m W_mk^T); v: (..., M, d) = m W_mv^T; beta: (..., M, 1) = sigmoid(m W_mb^T + b).
@@ -73,17 +72,14 @@ def associative_write(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
     row starts from an empty memory whatever W_mem and z hold there (so vbar = 0), and gamma = 1 —
     or None when the caller knows no row is on its first segment (the same numbers, fewer
     masks). write_mask: (...) bool or None — rows where it is False keep their memory (empty
-    on a first segment; a padded row with no tokens in this segment). zeroed: the caller
-    guarantees W_mem and z are already zero wherever is_first is True (the executor zeroes a
-    layer's memory before its first segment); the update from zeros is then what the masks
-    would give, so only gamma keeps its first-segment mask (the same numbers, two masks fewer).
+    on a first segment; a padded row with no tokens in this segment).
     Returns the new (W_mem, z); nothing is modified in place.
     """
     dt = W_mem.dtype
     if k.dtype != dt or v.dtype != dt or beta.dtype != dt:   # (bf16 models keep a float32 memory)
         k, v, beta = k.to(dt), v.to(dt), beta.to(dt)
     first = None if is_first is None else is_first[..., None]              # (..., 1)
-    if first is not None and not zeroed:   # a first segment writes into an empty memory (a reused slot may hold another's)
+    if first is not None:   # a first segment writes into an empty memory (a reused slot may hold another's)
         W_mem, z = W_mem.masked_fill(first[..., None], 0.0), z.masked_fill(first, 0.0)
     delta = (k @ z.unsqueeze(-1)).squeeze(-1) + EPS                        # (..., M)
     vbar = (k @ W_mem) / delta.unsqueeze(-1)                               # (..., M, d): 0 on a first segment

@@ -12,8 +12,9 @@ its segment s meets the memory its segment s - 1 left there). A request's first 
 meets what the request before it left: it is marked as a first segment (is_first), so it
 reads nothing and writes into an empty memory (memory.associative_write), and no slot is
 ever emptied or changed in place — the same code with and without autograd. When a
-request's last segment leaves a slot, that slot's memory (a view of the step's output) is
-the request's final memory for the layer. A step reads its slots' memories as views of one
+request's last segment leaves a slot, that slot's memory (W_mem copied out of the step's
+output, so the finished request does not keep the whole step's block alive) is the request's
+final memory for the layer. A step reads its slots' memories as views of one
 ring state (no per-request gather), so a ring step costs what a diagonal step costs, and
 every request's numbers equal `model(ids_i)` run alone.
 

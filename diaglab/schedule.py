@@ -42,17 +42,16 @@ def iter_sequential(L: int, S: int) -> Iterator[list[Cell]]:
     return ([(l, s)] for s in range(S) for l in range(L))
 
 
-def adjacent_runs(items: list, first: Callable = lambda x: x[0], last: Callable = lambda x: x[0]) -> list[list]:
-    """Split items sorted by layer into runs whose layers follow one another: an item joins the
-    run before it when first(item) == last(previous item) + 1 (items that each hold one layer,
-    such as cells: first = last = the layer; ranges (lo, hi, ...): first = lo, last = hi).
-    No items, no runs; items out of layer order raise a ValueError."""
+def adjacent_runs(items: list, layer: Callable = lambda x: x[0]) -> list[list]:
+    """Split items sorted by layer (each holds one, layer(item); cells by default) into runs whose
+    layers follow one another. No items, no runs; items out of layer order or a layer twice raise
+    a ValueError."""
     runs: list[list] = []
     for item in items:
-        if runs and first(item) <= last(runs[-1][-1]):
-            raise ValueError(f"adjacent_runs needs items sorted by layer, with no overlap: {item!r} comes after "
+        if runs and layer(item) <= layer(runs[-1][-1]):
+            raise ValueError(f"adjacent_runs needs items sorted by layer, each layer once: {item!r} comes after "
                              f"{runs[-1][-1]!r}")
-        if runs and first(item) == last(runs[-1][-1]) + 1:
+        if runs and layer(item) == layer(runs[-1][-1]) + 1:
             runs[-1].append(item)
         else:
             runs.append([item])

@@ -435,18 +435,20 @@ def test_an_embedding_hook_sees_one_segment_per_call_as_in_the_model():
 def test_a_returned_state_never_aliases_the_one_passed_in(layers, order):
     """Steps that know no row is on its first segment pass is_first on unchanged; the executor
     works on a copy, so editing a returned state in place (say, to start a row on a new document)
-    leaves the state it continued from as it was — as with the sequential model."""
+    leaves the state it continued from as it was — as with the sequential model. The
+    continuations: whole segments (lean steps) and a part of one (every step general)."""
     model = live_model(layers=layers)
     ids = random_ids(2, 48, seed=6)
     with torch.no_grad():
         run = model if order == "model" else DiagonalExecutor(model)
         first = run(ids[:, :16]).state
         before = first.is_first.clone()
-        out = run(ids[:, 16:], state=first)
-        out.state.is_first[:, 0] = True
-        assert torch.equal(first.is_first, before)
-        again = DiagonalExecutor(model)(ids[:, 16:], state=first)
-        assert_same(model(ids[:, 16:], state=first), again, 1e-5)
+        for rest in (ids[:, 16:], ids[:, 16:21]):
+            out = run(rest, state=first)
+            out.state.is_first[:, 0] = True
+            assert torch.equal(first.is_first, before)
+            again = DiagonalExecutor(model)(rest, state=first)
+            assert_same(model(rest, state=first), again, 1e-5)
 
 
 def test_a_wrapped_lm_head_needs_no_out_features():
@@ -513,8 +515,8 @@ def _spied_steps(monkeypatch, ex, ids, state=None, attention_mask=None):
 
 def test_plain_calls_take_the_lean_steps_ramps_included(monkeypatch):
     """A call on plain segments runs every step lean (no grouped_cells, no state bookkeeping),
-    the ramp up included: a fresh layer's first segment passes zeroed=True with is_first marking
-    only the top layer, every other step none; a continuation from a settled state is lean from
+    the ramp up included: a fresh layer's first segment passes is_first marking only the top
+    layer, every other step none; a continuation from a settled state is lean from
     the start; the steps a padded segment is in go through grouped_cells."""
     model = live_model(layers=3)
     ex = DiagonalExecutor(model)
@@ -524,10 +526,10 @@ def test_plain_calls_take_the_lean_steps_ramps_included(monkeypatch):
     assert general == [] and len(steps) == L + S - 1
     for t, kw in enumerate(steps):
         if t < L:            # the ramp up: layer t starts on its first segment
-            assert kw["zeroed"] and kw["is_first"].tolist() == [[False, False]] * t + [[True, True]]
+            assert kw["is_first"].tolist() == [[False, False]] * t + [[True, True]]
             assert kw["read"] == (t > 0)
         else:
-            assert kw["is_first"] is None and not kw.get("zeroed", False) and kw["read"]
+            assert kw["is_first"] is None and kw["read"]
     with torch.no_grad():
         assert_same(model(ids), out, 1e-5)
         again, steps, general = _spied_steps(monkeypatch, ex, ids, state=out.state)

@@ -217,17 +217,17 @@ def test_adjacent_runs_split_where_layers_skip():
     from diaglab.schedule import adjacent_runs
     cells = [(0, 1, 4), (1, 1, 3), (3, 2, 0), (4, 2, 1)]
     assert adjacent_runs(cells) == [cells[:2], cells[2:]]
-    ranges = [(0, 2, "a"), (3, 3, "b"), (5, 6, "c")]
-    assert adjacent_runs(ranges, first=lambda r: r[0], last=lambda r: r[1]) == [ranges[:2], ranges[2:]]
+    by_second = [("a", 0), ("b", 1), ("c", 3)]
+    assert adjacent_runs(by_second, layer=lambda r: r[1]) == [by_second[:2], by_second[2:]]
     assert adjacent_runs([(2, 2)]) == [[(2, 2)]]
 
 
 def test_adjacent_runs_refuses_unsorted_items_and_takes_none():
     from diaglab.schedule import adjacent_runs
     assert adjacent_runs([]) == []
-    for bad in ([(2,), (0,), (1,)], [(0, 2), (2, 3)]):
+    for bad in ([(2,), (0,), (1,)], [(0, 2), (0, 3)]):
         with pytest.raises(ValueError, match="sorted by layer"):
-            adjacent_runs(bad, first=lambda r: r[0], last=lambda r: r[-1])
+            adjacent_runs(bad)
 
 
 def test_ramps_over_ideal_by_hand():

@@ -65,44 +65,6 @@ def test_grouped_layer_equals_its_twin(lo, hi, variant):
         assert torch.equal(fast[1][~writes], kept[~writes])
 
 
-@pytest.mark.parametrize("lo,hi", [(0, 0), (0, 3), (1, 2)])
-def test_zeroed_first_segments_need_only_gammas_mask(lo, hi):
-    """zeroed=True (the executor zeroes a fresh layer's memory before its first segment): the read
-    of a zero memory is exactly 0 and the write starts from zeros, so dropping those masks gives
-    the same numbers bit for bit; the twin, which always masks, agrees."""
-    model = live_model(layers=4)
-    X, args = _step_inputs(model, 3, lo, hi, padded=False, partial=False)
-    first = args["is_first"]
-    first[-1] = True                                   # the top layer starts, all rows (as in a ramp)
-    args["W_mem"] = args["W_mem"].masked_fill(first[..., None, None], 0.0)
-    args["z"] = args["z"].masked_fill(first[..., None], 0.0)
-    layers, _ = DiagonalExecutor(model).layer_stack()
-    with torch.no_grad():
-        masked = grouped_layer(X, layers=layers, **args)
-        lean = grouped_layer(X, layers=layers, **args, zeroed=True)
-        ref = grouped_layer_ref(X, layers=layers, **args, zeroed=True)
-        settled = grouped_layer(X, layers=layers, **{**args, "is_first": None})
-    for name, a, b, c in zip(("Y", "W_mem", "z"), lean, masked, ref):
-        assert torch.equal(a, b), name
-        assert rel(a, c) <= 1e-6, (name, rel(a, c))
-    assert not torch.equal(lean[2], settled[2])        # gamma's mask still matters: a first write counts k fully
-
-
-def test_twins_agree_on_zeroed_even_when_the_promise_is_broken():
-    """zeroed=True is the caller's promise that first-segment rows hold a zero memory; on a memory
-    that breaks it, both twins still compute the same (unmasked) numbers — never two answers."""
-    model = live_model(layers=4)
-    X, args = _step_inputs(model, 3, 0, 3, padded=False, partial=False)   # non-zero memory under is_first
-    layers, _ = DiagonalExecutor(model).layer_stack()
-    with torch.no_grad():
-        fast = grouped_layer(X, layers=layers, **args, zeroed=True)
-        ref = grouped_layer_ref(X, layers=layers, **args, zeroed=True)
-        masked = grouped_layer(X, layers=layers, **args)
-    for name, a, b in zip(("Y", "W_mem", "z"), fast, ref):
-        assert rel(a, b) <= 1e-6, (name, rel(a, b))
-    assert rel(fast[1], masked[1]) > 1e-4                  # (the promise matters: these differ)
-
-
 def test_twins_take_the_same_keyword_only_arguments():
     import inspect
     a, b = inspect.signature(grouped_layer), inspect.signature(grouped_layer_ref)
@@ -224,7 +186,7 @@ def _in_place_case(variant, case):
     """A model and one step's (X, arguments) for the in-place tests: `case` picks the step's
     flags — 'read' (a row on its first segment, the read on), 'settled' (is_first=None),
     'first' (every layer on its first segment: no read, so X itself feeds the norms and the
-    first residual sum), 'zeroed' (the same on zeroed memory)."""
+    first residual sum), 'zeroed' (the same on a zero memory)."""
     kw = dict(attention_bias=True, mlp_bias=True) if variant == "bias" else {}
     model = live_model(layers=4, **kw)
     if variant == "bf16":
@@ -236,7 +198,7 @@ def _in_place_case(variant, case):
     elif case in ("first", "zeroed"):
         args.update(read=False, is_first=torch.ones_like(args["is_first"]))
         if case == "zeroed":
-            args.update(zeroed=True, W_mem=torch.zeros_like(args["W_mem"]), z=torch.zeros_like(args["z"]))
+            args.update(W_mem=torch.zeros_like(args["W_mem"]), z=torch.zeros_like(args["z"]))
     return model, X, args
 
 
