@@ -93,19 +93,22 @@ def build(preset: str, dtype: torch.dtype, device: str, **overrides) -> diaglab.
 
 def main(argv: list[str] | None = None) -> int:
     p = diaglab.bench.OneLineParser(prog="python scripts/gpu_checks.py", description=__doc__.split("\n\n")[0])
+    count = diaglab.bench._int
     p.add_argument("out", type=Path)
-    p.add_argument("--preset", default="llama_1b")
+    p.add_argument("--preset", default="llama_1b", choices=sorted(diaglab.PRESETS))
     p.add_argument("--device", default="cuda")
-    p.add_argument("--layers", type=int, help="override the preset's layer count (CPU dry runs)")
-    p.add_argument("--exact-segments", type=float, default=3.5)
-    p.add_argument("--steps-tokens", type=int, default=131072, help="length of the per-step diagonal run")
-    p.add_argument("--profile-tokens", type=int, default=16384, help="length of the torch.profiler run")
-    args = p.parse_args(argv)
+    p.add_argument("--layers", type=count(1), help="override the preset's layer count (CPU dry runs)")
+    p.add_argument("--exact-segments", type=float, default=3.5, help="input length of the exactness checks, > 0")
+    p.add_argument("--steps-tokens", type=count(1, 1 << 24), default=131072, help="length of the per-step diagonal run")
+    p.add_argument("--profile-tokens", type=count(1, 1 << 24), default=16384, help="length of the torch.profiler run")
+    args = p.parse_args(argv)   # every check before the first model is built: one line, exit status 2
+    if not 0 < args.exact_segments <= 1024:
+        p.error(f"--exact-segments: expected a number of segments in (0, 1024], got {args.exact_segments}")
     try:
         diaglab.bench.check_device(args.device)
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
-    args.out.mkdir(parents=True, exist_ok=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, RuntimeError, OSError) as err:
+        p.error(f"{'--device' if not isinstance(err, OSError) else 'out'}: {err}")
     overrides = {"layers": args.layers} if args.layers else {}
     ok = True
 

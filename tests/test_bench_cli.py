@@ -298,6 +298,23 @@ def test_the_command_itself_refuses_a_huge_count_at_once():
     assert "argument --layers: expected an integer from 1 to 1000000" in done.stderr
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--preset", "huge", "--device", "cpu"], "--preset: invalid choice: 'huge'"),
+    (["--steps-tokens", "-5", "--device", "cpu"], "--steps-tokens: expected an integer >= 1"),
+    (["--layers", "0", "--device", "cpu"], "--layers: expected an integer >= 1"),
+    (["--exact-segments", "nan", "--device", "cpu"], "--exact-segments: expected a number of segments"),
+    (["--device", "nope"], "--device: "),
+])
+def test_gpu_checks_bad_flag_is_one_line(rejected, tmp_path, argv, says):
+    """scripts/gpu_checks.py answers a bad flag before building anything (a traceback, or a
+    RuntimeError only after the exactness checks had run, before)."""
+    assert says in rejected(load_script("gpu_checks").main, [str(tmp_path / "out"), *argv])
+    assert not (tmp_path / "out").exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert "out: " in rejected(load_script("gpu_checks").main, [str(a_file), "--device", "cpu", "--layers", "2"])
+
+
 def test_gpu_checks_cudagraph_check_reports_instead_of_raising():
     """scripts/gpu_checks.py's CUDA-graph check records a failure in its report (the other checks
     still run); on a CPU the executor refuses reduce-overhead, which is what the report says."""
