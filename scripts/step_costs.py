@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from diaglab import bench, flops, heap, schedule
+from diaglab import DiagonalExecutor, bench, flops, heap, schedule
 from diaglab.paths import write_json
 
 
@@ -65,7 +65,7 @@ def timed_ms(fn, calls: int) -> float:
 def main(argv=None) -> dict:
     p = bench.OneLineParser(prog="python scripts/step_costs.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=("tiny", "small"), default="tiny")
-    p.add_argument("--threads", type=bench._int(1, 4096), default=2)
+    p.add_argument("--threads", type=bench._int(1, bench.MAX_THREADS), default=2)
     p.add_argument("--repeats", type=bench._int(1), default=7)
     p.add_argument("--calls", type=bench._int(1), default=50, help="steps per timed loop")
     p.add_argument("--json", default=None)
@@ -77,13 +77,13 @@ def main(argv=None) -> dict:
     L = model.num_layers
     floor = bench.live_preset(args.preset, hidden=16, heads=2, kv_heads=1, intermediate=16, d_mem=2,
                               num_mem_tokens=1, segment_size=1)
-    execs = bench.executors(model)
-    cases = {f"G={G}": step_call(model, execs["ideal"], 1, G, True) for G in range(1, L + 1)}
-    cases["full, minimal widths"] = step_call(floor, bench.executors(floor)["ideal"], 1, floor.num_layers, True)
-    cases["full, no inference mode"] = step_call(model, execs["ideal"], 1, L, False)
-    chain = bench.even_load_run(model, execs["ideal"], 1, args.calls)
+    ideal, diagonal = DiagonalExecutor(model), DiagonalExecutor(model)   # (the second adopts the first's stacks)
+    cases = {f"G={G}": step_call(model, ideal, 1, G, True) for G in range(1, L + 1)}
+    cases["full, minimal widths"] = step_call(floor, DiagonalExecutor(floor), 1, floor.num_layers, True)
+    cases["full, no inference mode"] = step_call(model, ideal, 1, L, False)
+    chain = bench.even_load_run(model, ideal, 1, args.calls)
     full = cases[f"G={L}"]
-    diagonal, ids = execs["diagonal"], bench.random_tokens(model, 8 * model.config.segment_size)
+    ids = bench.random_tokens(model, 8 * model.config.segment_size)
     for fn in cases.values():
         fn()
     rounds: dict[str, list[float]] = {k: [] for k in [*cases, "full, back to back (even_load_run)", "full, alone"]}
