@@ -571,6 +571,14 @@ def table(rows: list[dict]) -> str:
             body.append([dtype, *swept, str(S), str(N), mode, f"{r['seconds'] * 1e3:.1f}", peak, ratio, *rate])
     sources = dict.fromkeys(_PEAK_SOURCES.get(torch.device(r["device"]).type, "none") for r in rows)
     notes = [f"a speed-up is x / diagonal; MiB is peak memory measured as {' or '.join(sources)}"]
+    for (dtype, _, _, S, _, B, d), by_mode in by_point(rows).items():   # the schedule mode's split, per point
+        ratio = speedups(by_mode)
+        if "schedule/ideal" in ratio and "diagonal/ideal" in ratio:
+            where = ", ".join([dtype, f"S = {S}", *([f"B = {B}"] if "B" in sweeps else []),
+                               *([f"d = {d}"] if "d" in sweeps else [])])
+            notes.append(f"{where}: diagonal/ideal {ratio['diagonal/ideal']:.3f} = diagonal/schedule "
+                         f"{ratio['diagonal/schedule']:.3f} (executor) x schedule/ideal {ratio['schedule/ideal']:.3f} "
+                         "(ramps)")
     peaks: dict[str, dict[str, list[float]]] = {}   # how the peak was timed -> dtype -> the rows' peaks
     for r in rows:
         if "peak_gflops" in r:   # rows from before PEAK_KEYS put the modes against the run's start-of-run peak

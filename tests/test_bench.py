@@ -177,6 +177,8 @@ def test_schedule_rows_split_diagonal_over_ideal(monkeypatch):
     assert ratios == pytest.approx({"diagonal/ideal": 1.25, "diagonal/schedule": 1.5 / 1.32,
                                     "schedule/ideal": 1.1})
     assert "schedule" in bench.table(rows)
+    assert ("float32, S = 4: diagonal/ideal 1.250 = diagonal/schedule 1.136 (executor) x schedule/ideal 1.100 "
+            "(ramps)") in bench.table(rows).splitlines()   # the split the mode exists for
 
 
 def test_cli_writes_json_csv_html_and_a_table(tmp_path, capsys):

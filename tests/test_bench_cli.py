@@ -76,6 +76,7 @@ def test_unwritable_outputs_are_rejected_before_measuring(rejected, tmp_path):
     a_file.write_text("not a directory")
     assert "--json: " in rejected(bench.main, ["--json", str(tmp_path)])                 # a directory
     assert "is a directory" in rejected(bench.main, ["--json", str(tmp_path)])
+    assert "--json: an empty path: give a file path" in rejected(bench.main, ["--json", ""])
     err = rejected(bench.main, ["--csv", str(a_file / "sub" / "rows.csv")])             # under a file
     assert err.startswith("python -m diaglab.bench: error: --csv: cannot write") and "writable" in err
     if sys.platform == "linux":                                                       # no new dirs in /proc
